@@ -1,0 +1,369 @@
+"""Sub-pixel peak location by a quadratic fit in a fixed box (SPEC §5).
+
+The peak of a correlation map is found in two steps: the (windowed) argmax,
+then a least-squares fit of
+
+.. math::
+
+    f(u, v) = c_0 + c_1 u + c_2 v + c_3 u v + c_4 u^2 + c_5 v^2
+
+to the ``w x w`` values around it, with ``(u, v)`` centred on the box. On a
+full, evenly spaced box the normal equations are diagonal after subtracting
+the mean of ``u**2`` and ``v**2``, so the coefficients are fixed weighted
+sums of the box values (no matrix solve). Every fallback is a
+``jnp.where`` and is reported through :class:`PeakFlag` bits, never by an
+early return or an exception.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class PeakFlag(enum.IntFlag):
+    """Per-source status bits of a peak or displacement measurement.
+
+    ``0`` means a good measurement. The bits may be combined.
+
+    Attributes
+    ----------
+    EDGE
+        The argmax lies on the border of the searched lag window (the true
+        maximum may lie outside it). The fit is still made in a box moved
+        inside the window.
+    NO_MAXIMUM
+        The fitted quadratic has no maximum (not concave); the integer
+        argmax is returned.
+    TOO_FEW_POINTS
+        The window is narrower than the fit box; the integer argmax is
+        returned.
+    NONFINITE
+        Non-finite input pixels or correlation values; the position is NaN.
+    VERTEX_OUTSIDE
+        The fitted vertex lies outside the fit box; the integer argmax is
+        returned.
+    INVALID_INPUT
+        Nothing to correlate: every pixel masked or zero, or a constant
+        image under NCC/ZNCC normalisation; the position is NaN.
+    """
+
+    EDGE = 1
+    NO_MAXIMUM = 2
+    TOO_FEW_POINTS = 4
+    NONFINITE = 8
+    VERTEX_OUTSIDE = 16
+    INVALID_INPUT = 32
+
+
+#: Flags for which no position is reported (NaN).
+FATAL_FLAGS = int(PeakFlag.NONFINITE | PeakFlag.INVALID_INPUT)
+
+
+class Peak(NamedTuple):
+    """Result of :func:`find_peak`.
+
+    Attributes
+    ----------
+    xy : Array, shape (2,)
+        ``(x, y)`` of the peak, 0-based pixel coordinates of the map.
+    flags : Array, shape (), int32
+        :class:`PeakFlag` bits, 0 if good.
+    height : Array, shape ()
+        Value of the fitted quadratic at its vertex (the map value at the
+        argmax when the fit is rejected).
+    hessian : Array, shape (2, 2)
+        Second derivatives of the fitted quadratic, ``[[f_xx, f_xy],
+        [f_xy, f_yy]]`` per map pixel squared.
+    """
+
+    xy: jax.Array
+    flags: jax.Array
+    height: jax.Array
+    hessian: jax.Array
+
+
+def check_fit_box(fit_box: int) -> int:
+    """Validate the fit-box side (odd, >= 3) and return it as an int.
+
+    Parameters
+    ----------
+    fit_box : int
+        Side of the square fit box in map pixels.
+
+    Returns
+    -------
+    int
+        ``fit_box``.
+
+    Raises
+    ------
+    ValueError
+        If ``fit_box`` is not an odd integer >= 3.
+
+    Examples
+    --------
+    >>> check_fit_box(5)
+    5
+    """
+    if isinstance(fit_box, bool) or not isinstance(fit_box, int):
+        msg = f"fit_box must be an odd integer >= 3, got {fit_box!r}"
+        raise ValueError(msg)
+    if fit_box < 3 or fit_box % 2 == 0:
+        msg = f"fit_box must be an odd integer >= 3, got {fit_box!r}"
+        raise ValueError(msg)
+    return fit_box
+
+
+def box_start(peak: jax.Array, lo: jax.Array, hi: jax.Array, width: int) -> jax.Array:
+    """First index of a ``width``-wide box around ``peak`` kept in ``[lo, hi]``.
+
+    Parameters
+    ----------
+    peak, lo, hi : Array of int
+        Peak index and the inclusive window bounds (same shape).
+    width : int
+        Box width (static).
+
+    Returns
+    -------
+    Array of int
+        ``clip(peak - width // 2, lo, hi - width + 1)``; below ``lo`` only
+        when the window is narrower than the box.
+    """
+    return jnp.maximum(jnp.minimum(peak - width // 2, hi - width + 1), lo)
+
+
+def quadratic_coefficients(values: jax.Array) -> jax.Array:
+    """Least-squares quadratic coefficients of a full, odd ``w x w`` box.
+
+    Parameters
+    ----------
+    values : Array, shape (..., w, w)
+        Box values indexed ``[v, u]`` (row, column), ``w`` odd.
+
+    Returns
+    -------
+    Array, shape (..., 6)
+        ``(c0, c1, c2, c3, c4, c5)`` of ``c0 + c1 u + c2 v + c3 u v + c4 u**2
+        + c5 v**2`` with ``u, v`` in ``-(w//2) .. w//2``.
+    """
+    w = values.shape[-1]
+    h = w // 2
+    u = jnp.arange(-h, h + 1, dtype=values.dtype)
+    s2 = float(sum(k * k for k in range(-h, h + 1)))
+    m2 = s2 / w
+    s4 = float(sum((k * k - m2) ** 2 for k in range(-h, h + 1)))
+    q = u * u - m2
+    uu = u[None, :]
+    vv = u[:, None]
+    mean = jnp.mean(values, axis=(-2, -1))
+    c1 = jnp.sum(values * uu, axis=(-2, -1)) / (w * s2)
+    c2 = jnp.sum(values * vv, axis=(-2, -1)) / (w * s2)
+    c3 = jnp.sum(values * (uu * vv), axis=(-2, -1)) / (s2 * s2)
+    c4 = jnp.sum(values * q[None, :], axis=(-2, -1)) / (w * s4)
+    c5 = jnp.sum(values * q[:, None], axis=(-2, -1)) / (w * s4)
+    c0 = mean - m2 * (c4 + c5)
+    return jnp.stack([c0, c1, c2, c3, c4, c5], axis=-1)
+
+
+def refine_box(
+    values: jax.Array,
+    start: jax.Array,
+    guess: jax.Array,
+    guess_value: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    *,
+    exact_original: bool,
+) -> Peak:
+    """Fit the quadratic in one box and apply the acceptance rules.
+
+    Parameters
+    ----------
+    values : Array, shape (w, w)
+        Map values of the box, ``[v, u]``.
+    start : Array, shape (2,), int
+        ``(x, y)`` of the box's first column and row in map pixels.
+    guess : Array, shape (2,), int
+        ``(x, y)`` of the argmax.
+    guess_value : Array, shape ()
+        Map value at the argmax.
+    lo, hi : Array, shape (2,), int
+        Inclusive ``(x, y)`` bounds of the searched window.
+    exact_original : bool
+        Reproduce the original's rules (see :func:`find_peak` Notes).
+
+    Returns
+    -------
+    Peak
+        Position, flags, height and Hessian in map pixels.
+    """
+    w = values.shape[-1]
+    h = w // 2
+    dtype = values.dtype
+    c = quadratic_coefficients(values)
+    c0, c1, c2, c3, c4, c5 = (c[k] for k in range(6))
+    det = 4.0 * c4 * c5 - c3 * c3
+    safe_det = jnp.where(det > 0, det, 1.0)
+    u = (c2 * c3 - 2.0 * c5 * c1) / safe_det
+    v = (c1 * c3 - 2.0 * c4 * c2) / safe_det
+    centre = (start + h).astype(dtype)
+    vertex = centre + jnp.stack([u, v])
+    height = c0 + 0.5 * (c1 * u + c2 * v)
+    hessian = jnp.stack([jnp.stack([2.0 * c4, c3]), jnp.stack([c3, 2.0 * c5])])
+
+    narrow = jnp.any(hi - lo + 1 < w)
+    no_max = (det <= 0) | (c4 >= 0)
+    nonfinite = ~jnp.all(jnp.isfinite(values)) | ~jnp.isfinite(guess_value)
+    edge = jnp.any((guess == lo) | (guess == hi))
+    guess_f = guess.astype(dtype)
+    if exact_original:
+        at_first = jnp.any(guess == lo)
+        inside = jnp.all((vertex > lo) & (vertex < hi))
+        middle = start.astype(dtype) + 0.5 * w
+        fitted = jnp.where(no_max, middle, jnp.where(inside, vertex, guess_f))
+        xy = jnp.where(at_first | narrow, guess_f, fitted)
+        outside = ~no_max & ~inside
+        fit_used = ~(narrow | no_max | outside | at_first)
+    else:
+        outside = (jnp.abs(u) > h) | (jnp.abs(v) > h)
+        fit_used = ~(narrow | no_max | outside)
+        xy = jnp.where(fit_used, vertex, guess_f)
+    height = jnp.where(fit_used, height, guess_value)
+    flags = (
+        jnp.where(edge, int(PeakFlag.EDGE), 0)
+        | jnp.where(~narrow & no_max, int(PeakFlag.NO_MAXIMUM), 0)
+        | jnp.where(narrow, int(PeakFlag.TOO_FEW_POINTS), 0)
+        | jnp.where(~narrow & ~no_max & outside, int(PeakFlag.VERTEX_OUTSIDE), 0)
+        | jnp.where(nonfinite, int(PeakFlag.NONFINITE), 0)
+    ).astype(jnp.int32)
+    xy = jnp.where(nonfinite, jnp.nan, xy)
+    return Peak(xy=xy, flags=flags, height=height, hessian=hessian)
+
+
+def masked_argmax(values: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """First (row-major) flat index of the maximum over ``valid`` entries.
+
+    Uses a max followed by a min-index lookup, which is several times faster
+    than ``jnp.argmax`` on XLA CPU, with the same tie-breaking.
+
+    Parameters
+    ----------
+    values : Array, shape (H, W)
+        Map.
+    valid : Array, shape (H, W), bool
+        Entries that may hold the maximum.
+
+    Returns
+    -------
+    index : Array, shape (), int32
+        Flat index of the maximum (``H * W`` if no entry is valid).
+    value : Array, shape ()
+        The maximum (``-inf`` if no entry is valid).
+    """
+    masked = jnp.where(valid, values, -jnp.inf)
+    top = jnp.max(masked)
+    flat = jnp.arange(values.size, dtype=jnp.int32).reshape(values.shape)
+    index = jnp.min(jnp.where(masked == top, flat, values.size))
+    return index, top
+
+
+@functools.partial(jax.jit, static_argnames=("fit_box", "exact_original"))
+def _find_peak(image, mask, *, fit_box, exact_original):
+    ny, nx = image.shape
+    w = fit_box
+    index, top = masked_argmax(image, mask)
+    index = jnp.minimum(index, image.size - 1)
+    guess = jnp.stack([index % nx, index // nx])
+    lo = jnp.zeros(2, dtype=jnp.int32)
+    hi = jnp.array([nx - 1, ny - 1], dtype=jnp.int32)
+    start = box_start(guess, lo, hi, w)
+    rows = jnp.clip(start[1] + jnp.arange(w), 0, ny - 1)
+    cols = jnp.clip(start[0] + jnp.arange(w), 0, nx - 1)
+    values = image[rows[:, None], cols[None, :]]
+    return refine_box(values, start, guess, top, lo, hi, exact_original=exact_original)
+
+
+def find_peak(
+    image: jax.Array,
+    *,
+    fit_box: int = 5,
+    mask: jax.Array | None = None,
+    exact_original: bool = False,
+) -> Peak:
+    """Locate the maximum of a 2-D map to sub-pixel precision.
+
+    Parameters
+    ----------
+    image : Array, shape (H, W)
+        Map (e.g. an interlaced cross-correlation), float32 or float64.
+    fit_box : int, optional
+        Odd side (>= 3) of the square box of the quadratic fit.
+    mask : Array, shape (H, W), bool, optional
+        ``True`` where the maximum may be; default everywhere. The fit box
+        itself always uses the map values.
+    exact_original : bool, optional
+        Apply the original ``subpixal`` acceptance rules (see Notes).
+
+    Returns
+    -------
+    Peak
+        ``xy`` (x, y) position in map pixels, ``flags`` (:class:`PeakFlag`),
+        the fitted ``height`` and the ``hessian`` of the fitted quadratic.
+
+    Raises
+    ------
+    ValueError
+        If ``image`` is not 2-D, ``mask`` has another shape, or ``fit_box``
+        is not an odd integer >= 3.
+
+    Notes
+    -----
+    Deviations from the original ``centroid.find_peak`` (SPEC §5, §9 item 8),
+    all switched off by ``exact_original=True``:
+
+    * The polynomial is fitted in coordinates centred on the box (the
+      original used absolute coordinates; same function, better
+      conditioned), in closed form.
+    * A peak in the first row or column is fitted in a box moved inside the
+      array like a peak in the last row or column (the original returned
+      the integer position there); both are flagged ``EDGE``.
+    * When the quadratic has no maximum, the integer argmax is returned and
+      flagged ``NO_MAXIMUM``; the original returned the middle of the box,
+      which is biased by half a map pixel.
+    * The vertex is accepted only inside the fit box (the original accepted
+      it anywhere in the array); otherwise the argmax is returned, flagged
+      ``VERTEX_OUTSIDE``.
+
+    ``exact_original=True`` keeps the fit in centred coordinates; the
+    result equals the original's to rounding.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> y, x = jnp.mgrid[0:9, 0:9]
+    >>> peak = find_peak(-((x - 4.3) ** 2) - 2.0 * (y - 3.8) ** 2)
+    >>> [round(float(v), 3) for v in peak.xy], int(peak.flags)
+    ([4.3, 3.8], 0)
+    """
+    image = jnp.asarray(image)
+    if image.ndim != 2:
+        msg = f"image must be 2-D, got shape {image.shape}"
+        raise ValueError(msg)
+    if not jnp.issubdtype(image.dtype, jnp.floating):
+        image = image.astype(jnp.float32)
+    check_fit_box(fit_box)
+    if mask is None:
+        mask = jnp.ones(image.shape, dtype=bool)
+    mask = jnp.asarray(mask)
+    if mask.shape != image.shape:
+        msg = f"mask must have the shape of image {image.shape}, got {mask.shape}"
+        raise ValueError(msg)
+    return _find_peak(
+        image, mask.astype(bool), fit_box=fit_box, exact_original=bool(exact_original)
+    )

@@ -1,0 +1,743 @@
+"""Cross-correlation of image cutouts with half-pixel blots (SPEC §4).
+
+For every source the exposure cutout ``ref`` is correlated with the four
+half-pixel-shifted blots ``B_ab`` of the drizzled reference; the four maps
+interlace into a map on a grid twice as fine, whose peak (SPEC §5, see
+:mod:`subpixal_jax.core.peak`) gives the displacement.
+
+Conventions (as the original, SPEC §4.2–4.3):
+
+* the correlation map has the cutout's shape and ``K[c + tau] = sum_m
+  B[m] R[m - tau]`` with ``c = ((H - 1) // 2, (W - 1) // 2)`` and ``R`` zero
+  outside its array, so ``K`` peaks at ``tau`` when ``B`` is ``R`` shifted
+  by ``+tau``;
+* interlacing: ``I[2p + b, 2q + a] = K_ab[p, q]``;
+* ``(dx, dy)`` = position of the source in ``B_00`` minus its position in
+  ``R``, in image pixels.
+
+Validity masks use ``True`` = good (see :mod:`subpixal_jax.core.batch`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from subpixal_jax.core.batch import HALF_PIXEL_SHIFTS
+from subpixal_jax.core.peak import (
+    FATAL_FLAGS,
+    PeakFlag,
+    box_start,
+    check_fit_box,
+    refine_box,
+)
+
+#: Supported correlation types (SPEC §4.1).
+CC_TYPES: tuple[str, ...] = ("CC", "NCC", "ZNCC")
+
+#: Sources per vmapped chunk inside one compiled call.
+CHUNK = 64
+
+_SIGMA_OK_FLAGS = int(PeakFlag.EDGE)
+
+
+class Displacements(NamedTuple):
+    """Per-source displacements of a batch.
+
+    Attributes
+    ----------
+    dxdy : Array, shape (N, 2)
+        ``(dx, dy)`` in image pixels: source position in blot 00 minus its
+        position in the exposure cutout. NaN where ``flags`` holds
+        ``NONFINITE`` or ``INVALID_INPUT``.
+    flags : Array, shape (N,), int32
+        :class:`~subpixal_jax.core.peak.PeakFlag` bits; 0 = good.
+    sigma : Array, shape (N, 2)
+        Approximate 1-sigma error of ``(dx, dy)`` (image pixels) from the
+        curvature of the fitted peak and the noise of the correlation; NaN
+        when the fit was rejected.
+    peak : Array, shape (N,)
+        Height of the fitted correlation peak (units of ``cc_type``).
+    quality : Array, shape (N,)
+        Peak height over ``sqrt(sum R**2 * sum B**2)`` of the normalised
+        arrays: 1 for a perfect match, near 0 for no match.
+    """
+
+    dxdy: jax.Array
+    flags: jax.Array
+    sigma: jax.Array
+    peak: jax.Array
+    quality: jax.Array
+
+
+class DisplacementMap(NamedTuple):
+    """Full output of :func:`find_displacement_full` for one source.
+
+    Attributes
+    ----------
+    dx, dy : Array, shape ()
+        Displacement in image pixels (see :class:`Displacements`).
+    flags : Array, shape (), int32
+        :class:`~subpixal_jax.core.peak.PeakFlag` bits.
+    sigma : Array, shape (2,)
+        1-sigma errors of ``(dx, dy)``.
+    peak, quality : Array, shape ()
+        As in :class:`Displacements`.
+    icc : Array, shape (2H, 2W)
+        Interlaced correlation map.
+    kmaps : Array, shape (4, H, W)
+        The four correlation maps in blot order ``(00, 10, 01, 11)``.
+    """
+
+    dx: jax.Array
+    dy: jax.Array
+    flags: jax.Array
+    sigma: jax.Array
+    peak: jax.Array
+    quality: jax.Array
+    icc: jax.Array
+    kmaps: jax.Array
+
+
+def _check_cc_type(cc_type: str) -> str:
+    name = cc_type.upper() if isinstance(cc_type, str) else cc_type
+    if name not in CC_TYPES:
+        msg = f"cc_type must be one of {CC_TYPES}, got {cc_type!r}"
+        raise ValueError(msg)
+    return name
+
+
+def _fast_length(n: int) -> int:
+    """Smallest length >= n whose only prime factors are 2, 3 and 5."""
+    m = n
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+def fft_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """Return padded FFT lengths that give every 'same' lag without wrap-around.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(H, W)`` of the cutouts.
+
+    Returns
+    -------
+    tuple of int
+        For each axis the smallest 2-3-5-smooth length ``>= n + (n - 1) // 2``.
+
+    Examples
+    --------
+    >>> fft_shape((25, 41))
+    (40, 64)
+    """
+    return tuple(_fast_length(n + (n - 1) // 2) for n in shape)
+
+
+def _float_dtype(*arrays):
+    dtype = jnp.result_type(*arrays)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.dtype(jnp.float32)
+    return dtype
+
+
+def _safe(x):
+    return jnp.where(x > 0, x, 1.0)
+
+
+def _normalise(ref, blots, ref_valid, blot_valid, cc_type):
+    """SPEC §4.1 normalisation with validity masks; returns (ref, blots, ok)."""
+    if cc_type == "CC":
+        ok = jnp.any(ref != 0) & jnp.any(blots != 0)
+        return ref, blots, ok
+    count = jnp.sum(blot_valid)
+    pool_mean = jnp.sum(jnp.where(blot_valid, blots, 0)) / _safe(count)
+    pool_var = jnp.sum(jnp.where(blot_valid, (blots - pool_mean) ** 2, 0)) / _safe(
+        count
+    )
+    pool_std = jnp.sqrt(pool_var)
+    shift = pool_mean if cc_type == "ZNCC" else 0.0
+    blots = jnp.where(blot_valid, (blots - shift) / _safe(pool_std), 0)
+    union = jnp.any(blot_valid, axis=0) & ref_valid
+    n_ref = jnp.sum(union)
+    ref_mean = jnp.sum(jnp.where(union, ref, 0)) / _safe(n_ref)
+    ref_std = jnp.sqrt(
+        jnp.sum(jnp.where(union, (ref - ref_mean) ** 2, 0)) / _safe(n_ref)
+    )
+    if cc_type == "ZNCC":
+        ref = ref - ref_mean
+    ref = jnp.where(ref_valid, ref / _safe(ref_std), 0)
+    return ref, blots, (pool_std > 0) & (ref_std > 0)
+
+
+def _correlate_same(ref, blots, lengths):
+    """Correlate ``ref`` (H, W) with blots (K, H, W) at the 'same' lags."""
+    h, w = ref.shape
+    ly, lx = lengths
+    cy, cx = (h - 1) // 2, (w - 1) // 2
+    fr = jnp.fft.rfft2(ref, s=(ly, lx))
+    padded = jnp.pad(blots, ((0, 0), (cy, ly - h - cy), (cx, lx - w - cx)))
+    fb = jnp.fft.rfft2(padded)
+    out = jnp.fft.irfft2(fb * jnp.conj(fr)[None], s=(ly, lx))
+    return out[:, :h, :w].astype(ref.dtype)
+
+
+def _interlace(k00, k10, k01, k11):
+    *lead, h, w = k00.shape
+    even = jnp.stack([k00, k10], axis=-1).reshape((*lead, h, 2 * w))
+    odd = jnp.stack([k01, k11], axis=-1).reshape((*lead, h, 2 * w))
+    return jnp.stack([even, odd], axis=-2).reshape((*lead, 2 * h, 2 * w))
+
+
+def _lag_window(n, big, search_radius):
+    """Inclusive fine-grid bounds of the lags of a cutout side ``n`` in ``big``."""
+    centre = (big - 1) // 2
+    lo_p = centre - (n - 1) // 2
+    lo = 2 * lo_p
+    hi = 2 * (lo_p + n - 1) + 1
+    if search_radius is not None:
+        lo = jnp.maximum(lo, -int(-2 * (centre - search_radius) // 1))
+        hi = jnp.minimum(hi, int(2 * (centre + search_radius) // 1))
+    return lo, hi
+
+
+def _measure_one(
+    ref, blots, ref_valid, blot_valid, shape, *, cc_type, fit_box, exact, radius
+):
+    """Displacement of one source; returns (fields..., kmaps)."""
+    h, w = ref.shape
+    dtype = ref.dtype
+    finite = jnp.all(jnp.isfinite(ref) | ~ref_valid) & jnp.all(
+        jnp.isfinite(blots) | ~blot_valid
+    )
+    ref = jnp.where(ref_valid & jnp.isfinite(ref), ref, 0)
+    blots = jnp.where(blot_valid & jnp.isfinite(blots), blots, 0)
+    if exact:
+        blot_valid = blot_valid & (blots != 0)
+    ref_n, blots_n, norm_ok = _normalise(ref, blots, ref_valid, blot_valid, cc_type)
+    kmaps = _correlate_same(ref_n, blots_n, fft_shape((h, w)))
+
+    ny = jnp.clip(shape[0], 0, h)
+    nx = jnp.clip(shape[1], 0, w)
+    lo_y, hi_y = _lag_window(ny, h, radius)
+    lo_x, hi_x = _lag_window(nx, w, radius)
+    lo = jnp.stack([lo_x, lo_y]).astype(jnp.int32)
+    hi = jnp.stack([hi_x, hi_y]).astype(jnp.int32)
+
+    # Argmax on the interlaced grid without building it: fine row 2p + b,
+    # fine column 2q + a of map k = a + 2b.
+    fine_r = 2 * jnp.arange(h)[None, :] + jnp.arange(2)[:, None]
+    fine_c = 2 * jnp.arange(w)[None, :] + jnp.arange(2)[:, None]
+    row_ok = (fine_r >= lo_y) & (fine_r <= hi_y)
+    col_ok = (fine_c >= lo_x) & (fine_c <= hi_x)
+    valid4 = jnp.stack(
+        [row_ok[b][:, None] & col_ok[a][None, :] for a, b in HALF_PIXEL_SHIFTS]
+    )
+    index4 = jnp.stack(
+        [
+            fine_r[b][:, None] * (2 * w) + fine_c[a][None, :]
+            for a, b in HALF_PIXEL_SHIFTS
+        ]
+    ).astype(jnp.int32)
+    masked = jnp.where(valid4, kmaps, -jnp.inf)
+    top = jnp.max(masked)
+    index = jnp.min(jnp.where(masked == top, index4, 4 * h * w - 1))
+    guess = jnp.stack([index % (2 * w), index // (2 * w)]).astype(jnp.int32)
+
+    start = box_start(guess, lo, hi, fit_box)
+    cols = jnp.clip(start[0] + jnp.arange(fit_box), 0, 2 * w - 1)
+    rows = jnp.clip(start[1] + jnp.arange(fit_box), 0, 2 * h - 1)
+    which = (cols % 2)[None, :] + 2 * (rows % 2)[:, None]
+    values = kmaps[which, (rows // 2)[:, None], (cols // 2)[None, :]]
+    pk = refine_box(values, start, guess, top, lo, hi, exact_original=exact)
+
+    centre = jnp.array([(w - 1) // 2, (h - 1) // 2], dtype=dtype)
+    dxdy = 0.5 * pk.xy - centre
+
+    # Error from the curvature: Cov = H^-1 G H^-1 with H the lag Hessian
+    # (image px) and G = v * sum(grad B grad B^T) the covariance of the
+    # correlation gradient for white noise of variance v per pixel.
+    gx = 2.0 * (blots_n[1] - blots_n[0])
+    gy = 2.0 * (blots_n[2] - blots_n[0])
+    both = blot_valid[0] & blot_valid[1] & blot_valid[2]
+    sxx = jnp.sum(jnp.where(both, gx * gx, 0))
+    syy = jnp.sum(jnp.where(both, gy * gy, 0))
+    sxy = jnp.sum(jnp.where(both, gx * gy, 0))
+    r2 = jnp.sum(ref_n * ref_n)
+    b2 = jnp.mean(jnp.sum(blots_n * blots_n, axis=(-2, -1)))
+    n_ref = jnp.sum(ref_valid)
+    noise = jnp.maximum(r2 - pk.height**2 / _safe(b2), 0) / jnp.maximum(n_ref - 1, 1)
+    hxx, hxy, hyy = (
+        4.0 * pk.hessian[0, 0],
+        4.0 * pk.hessian[0, 1],
+        4.0 * pk.hessian[1, 1],
+    )
+    det = hxx * hyy - hxy * hxy
+    ixx, ixy, iyy = hyy / det, -hxy / det, hxx / det
+    var_x = noise * (ixx * ixx * sxx + 2 * ixx * ixy * sxy + ixy * ixy * syy)
+    var_y = noise * (ixy * ixy * sxx + 2 * ixy * iyy * sxy + iyy * iyy * syy)
+    sigma = jnp.sqrt(jnp.stack([var_x, var_y]))
+    quality = pk.height / jnp.sqrt(_safe(r2 * b2))
+
+    empty = ~norm_ok | (ny < 1) | (nx < 1)
+    flags = (
+        pk.flags
+        | jnp.where(empty, int(PeakFlag.INVALID_INPUT), 0)
+        | jnp.where(finite, 0, int(PeakFlag.NONFINITE))
+    ).astype(jnp.int32)
+    fatal = (flags & FATAL_FLAGS) != 0
+    nan = jnp.asarray(jnp.nan, dtype)
+    dxdy = jnp.where(fatal, nan, dxdy).astype(dtype)
+    sigma = jnp.where((flags & ~_SIGMA_OK_FLAGS) != 0, nan, sigma).astype(dtype)
+    peak = jnp.where(fatal, nan, pk.height).astype(dtype)
+    quality = jnp.where(fatal, nan, quality).astype(dtype)
+    return dxdy, flags, sigma, peak, quality, kmaps
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cc_type", "fit_box", "exact_original", "search_radius"),
+)
+def _find_displacements(
+    refs,
+    blots,
+    masks,
+    blot_masks,
+    shapes,
+    *,
+    cc_type,
+    fit_box,
+    exact_original,
+    search_radius,
+):
+    n, h, w = refs.shape
+    inside = (jnp.arange(h)[None, :, None] < shapes[:, 0, None, None]) & (
+        jnp.arange(w)[None, None, :] < shapes[:, 1, None, None]
+    )
+    ref_valid = masks & inside
+    blot_valid = blot_masks & inside[:, None]
+    one = functools.partial(
+        _measure_one,
+        cc_type=cc_type,
+        fit_box=fit_box,
+        exact=exact_original,
+        radius=search_radius,
+    )
+
+    def run(args):
+        return jax.vmap(one)(*args)[:5]
+
+    args = (refs, blots, ref_valid, blot_valid, shapes)
+    if n <= CHUNK:
+        out = run(args)
+    else:
+        n_chunks = -(-n // CHUNK)
+        pad = n_chunks * CHUNK - n
+
+        def split(x):
+            x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+            return x.reshape((n_chunks, CHUNK, *x.shape[1:]))
+
+        out = jax.lax.map(run, tuple(split(x) for x in args))
+        out = tuple(x.reshape((n_chunks * CHUNK, *x.shape[2:]))[:n] for x in out)
+    return Displacements(*out)
+
+
+def find_displacements(
+    refs: jax.Array,
+    blots: jax.Array,
+    masks: jax.Array | None = None,
+    *,
+    blot_masks: jax.Array | None = None,
+    shapes: jax.Array | None = None,
+    cc_type: str = "NCC",
+    fit_box: int = 5,
+    exact_original: bool = False,
+    search_radius: float | None = None,
+) -> Displacements:
+    """Displacements of a batch of sources by interlaced cross-correlation.
+
+    Parameters
+    ----------
+    refs : Array, shape (N, H, W)
+        Exposure cutouts, zero-padded at the high-index end (the original's
+        ``ref_image``).
+    blots : Array, shape (N, 4, H, W)
+        The four half-pixel blots of each source in order ``(00, 10, 01, 11)``;
+        blot ``ab`` samples image position ``(i + a/2, j + b/2)``.
+    masks : Array, shape (N, H, W), bool, optional
+        Validity of ``refs`` pixels (True = good). Default: all good.
+    blot_masks : Array, shape (N, 4, H, W), bool, optional
+        Validity of blot pixels; they define the NCC/ZNCC statistics.
+        Default: all good.
+    shapes : Array, shape (N, 2), int, optional
+        True ``(ny, nx)`` of every cutout before padding; default ``(H, W)``.
+    cc_type : {'CC', 'NCC', 'ZNCC'}, optional
+        Normalisation (SPEC §4.1), case-insensitive.
+    fit_box : int, optional
+        Odd side of the quadratic fit box on the interlaced grid.
+    exact_original : bool, optional
+        Reproduce the original exactly: blot statistics over the nonzero
+        blot pixels (``blot_masks`` is combined with ``B != 0``) and the
+        original peak acceptance rules (see
+        :func:`subpixal_jax.core.peak.find_peak`).
+    search_radius : float, optional
+        Static. Search the peak only among lags with ``|dx|, |dy| <=
+        search_radius`` image pixels (a square window); None searches every
+        lag of each cutout.
+
+    Returns
+    -------
+    Displacements
+        ``dxdy`` (N, 2), ``flags`` (N,), ``sigma`` (N, 2), ``peak`` (N,),
+        ``quality`` (N,).
+
+    Raises
+    ------
+    ValueError
+        For arrays of the wrong ndim or shape, an unknown ``cc_type``, a bad
+        ``fit_box`` or a non-positive ``search_radius``.
+
+    Notes
+    -----
+    Each source is searched only within its own lag window ``tau in [-c,
+    n - 1 - c]``, ``c = (n - 1) // 2`` of its true size (SPEC §11), so
+    padding changes no result. Sources are processed in vmapped chunks of
+    :data:`CHUNK` inside one compiled call; data problems are reported in
+    ``flags`` and never affect other sources. The correlation uses rFFTs of
+    length ``>= n + (n - 1) // 2`` per axis (see :func:`fft_shape`).
+
+    Deviations from the original (``exact_original=False``): validity masks
+    replace the "pixels equal to zero" rule, invalid image pixels are set to
+    zero (ZNCC subtracts the image mean only from valid pixels), and the
+    peak fit fixes the quirks listed in
+    :func:`subpixal_jax.core.peak.find_peak`.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> y, x = jnp.mgrid[0:15, 0:15]
+    >>> def g(x0, y0):
+    ...     return jnp.exp(-((x - x0) ** 2 + (y - y0) ** 2) / 4.0)
+    >>> ref = g(7.3, 6.8)[None]
+    >>> blots = jnp.stack([g(7.0 - a / 2, 7.0 - b / 2)
+    ...                    for a, b in ((0, 0), (1, 0), (0, 1), (1, 1))])[None]
+    >>> out = find_displacements(ref, blots)
+    >>> [round(float(v), 1) for v in out.dxdy[0]], int(out.flags[0])
+    ([-0.3, 0.2], 0)
+    """
+    refs = jnp.asarray(refs)
+    blots = jnp.asarray(blots)
+    if refs.ndim != 3:
+        msg = f"refs must have shape (N, H, W), got {refs.shape}"
+        raise ValueError(msg)
+    n, h, w = refs.shape
+    if blots.shape != (n, 4, h, w):
+        msg = f"blots must have shape {(n, 4, h, w)}, got {blots.shape}"
+        raise ValueError(msg)
+    masks = jnp.ones((n, h, w), bool) if masks is None else jnp.asarray(masks)
+    if masks.shape != (n, h, w):
+        msg = f"masks must have shape {(n, h, w)}, got {masks.shape}"
+        raise ValueError(msg)
+    if blot_masks is None:
+        blot_masks = jnp.ones((n, 4, h, w), bool)
+    blot_masks = jnp.asarray(blot_masks)
+    if blot_masks.shape != (n, 4, h, w):
+        msg = f"blot_masks must have shape {(n, 4, h, w)}, got {blot_masks.shape}"
+        raise ValueError(msg)
+    if shapes is None:
+        shapes = jnp.broadcast_to(jnp.array([h, w], jnp.int32), (n, 2))
+    shapes = jnp.asarray(shapes)
+    if shapes.shape != (n, 2):
+        msg = f"shapes must have shape {(n, 2)}, got {shapes.shape}"
+        raise ValueError(msg)
+    cc_type = _check_cc_type(cc_type)
+    check_fit_box(fit_box)
+    if search_radius is not None:
+        if isinstance(search_radius, bool) or not search_radius > 0:
+            msg = f"search_radius must be positive or None, got {search_radius!r}"
+            raise ValueError(msg)
+        search_radius = float(search_radius)
+    dtype = _float_dtype(refs, blots)
+    return _find_displacements(
+        refs.astype(dtype),
+        blots.astype(dtype),
+        masks.astype(bool),
+        blot_masks.astype(bool),
+        shapes.astype(jnp.int32),
+        cc_type=cc_type,
+        fit_box=fit_box,
+        exact_original=bool(exact_original),
+        search_radius=search_radius,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cc_type",))
+def _cross_correlate(ref, image, ref_mask, image_mask, *, cc_type):
+    lead = ref.shape[:-2]
+    h, w = ref.shape[-2:]
+
+    def one(r, b, rm, bm):
+        r, b, _ = _normalise(
+            jnp.where(rm, r, 0), jnp.where(bm, b, 0)[None], rm, bm[None], cc_type
+        )
+        return _correlate_same(r, b, fft_shape((h, w)))[0]
+
+    flat = [x.reshape((-1, h, w)) for x in (ref, image, ref_mask, image_mask)]
+    return jax.vmap(one)(*flat).reshape((*lead, h, w))
+
+
+def cross_correlate(
+    ref: jax.Array,
+    image: jax.Array,
+    *,
+    cc_type: str = "NCC",
+    ref_mask: jax.Array | None = None,
+    image_mask: jax.Array | None = None,
+) -> jax.Array:
+    """'Same'-size linear cross-correlation map, normalised as in SPEC §4.1.
+
+    Parameters
+    ----------
+    ref : Array, shape (..., H, W)
+        Exposure cutout(s) ``R``.
+    image : Array, shape (..., H, W)
+        Blot(s) ``B`` of the same shape.
+    cc_type : {'CC', 'NCC', 'ZNCC'}, optional
+        Normalisation; for NCC/ZNCC the statistics of ``B`` are over its
+        valid pixels and those of ``R`` over the valid pixels of both.
+    ref_mask, image_mask : Array, shape (..., H, W), bool, optional
+        Validity (True = good); default all good. Invalid pixels count as 0.
+
+    Returns
+    -------
+    Array, shape (..., H, W)
+        ``K[c + tau] = sum_m B[m] R[m - tau]``, ``c = ((H-1)//2, (W-1)//2)``,
+        with ``R`` zero outside its array (zero-padded linear correlation).
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ, the arrays are not at least 2-D, or
+        ``cc_type`` is unknown.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> r = jnp.zeros((5, 5)).at[2, 2].set(1.0)
+    >>> k = cross_correlate(r, jnp.roll(r, 1, axis=1), cc_type="CC")
+    >>> [int(v) for v in jnp.unravel_index(jnp.argmax(k), k.shape)]
+    [2, 3]
+    """
+    ref = jnp.asarray(ref)
+    image = jnp.asarray(image)
+    if ref.ndim < 2:
+        msg = f"ref must be at least 2-D, got shape {ref.shape}"
+        raise ValueError(msg)
+    if image.shape != ref.shape:
+        msg = f"image must have the shape of ref {ref.shape}, got {image.shape}"
+        raise ValueError(msg)
+    masks = []
+    for name, mask in (("ref_mask", ref_mask), ("image_mask", image_mask)):
+        mask = jnp.ones(ref.shape, bool) if mask is None else jnp.asarray(mask)
+        if mask.shape != ref.shape:
+            msg = f"{name} must have shape {ref.shape}, got {mask.shape}"
+            raise ValueError(msg)
+        masks.append(mask.astype(bool))
+    cc_type = _check_cc_type(cc_type)
+    dtype = _float_dtype(ref, image)
+    return _cross_correlate(
+        ref.astype(dtype), image.astype(dtype), *masks, cc_type=cc_type
+    )
+
+
+_interlace_jit = jax.jit(_interlace)
+
+
+def interlace(k00: jax.Array, k10: jax.Array, k01: jax.Array, k11: jax.Array):
+    """Interlace four half-pixel correlation maps into one map twice as fine.
+
+    Parameters
+    ----------
+    k00, k10, k01, k11 : Array, shape (..., H, W)
+        Maps of the blots shifted by ``(a/2, b/2)``; ``ab`` = (x flag, y flag).
+
+    Returns
+    -------
+    Array, shape (..., 2H, 2W)
+        ``I[2p + b, 2q + a] = K_ab[p, q]``.
+
+    Raises
+    ------
+    ValueError
+        If the four shapes differ or the maps are not at least 2-D.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> maps = [jnp.full((1, 2), float(v)) for v in range(4)]
+    >>> interlace(*maps).tolist()
+    [[0.0, 1.0, 0.0, 1.0], [2.0, 3.0, 2.0, 3.0]]
+    """
+    maps = [jnp.asarray(k) for k in (k00, k10, k01, k11)]
+    if maps[0].ndim < 2:
+        msg = f"k00 must be at least 2-D, got shape {maps[0].shape}"
+        raise ValueError(msg)
+    for name, k in zip(("k10", "k01", "k11"), maps[1:], strict=True):
+        if k.shape != maps[0].shape:
+            msg = f"{name} must have the shape of k00 {maps[0].shape}, got {k.shape}"
+            raise ValueError(msg)
+    return _interlace_jit(*maps)
+
+
+@functools.partial(jax.jit, static_argnames=("cc_type", "exact_original"))
+def _find_displacement_full(ref, blots, shape, *, cc_type, exact_original):
+    valid = jnp.ones(ref.shape, bool)
+    inside = (jnp.arange(ref.shape[0])[:, None] < shape[0]) & (
+        jnp.arange(ref.shape[1])[None, :] < shape[1]
+    )
+    dxdy, flags, sigma, peak, quality, kmaps = _measure_one(
+        ref,
+        blots,
+        valid & inside,
+        jnp.broadcast_to(inside, blots.shape),
+        shape,
+        cc_type=cc_type,
+        fit_box=5,
+        exact=exact_original,
+        radius=None,
+    )
+    icc = _interlace(kmaps[0], kmaps[1], kmaps[2], kmaps[3])
+    return DisplacementMap(dxdy[0], dxdy[1], flags, sigma, peak, quality, icc, kmaps)
+
+
+def find_displacement_full(
+    ref: jax.Array,
+    im00: jax.Array,
+    im10: jax.Array,
+    im01: jax.Array,
+    im11: jax.Array,
+    *,
+    cc_type: str = "NCC",
+    exact_original: bool = False,
+    shape: jax.Array | None = None,
+) -> DisplacementMap:
+    """Displacement of one source with the correlation maps (SPEC §4.3).
+
+    Parameters
+    ----------
+    ref : Array, shape (H, W)
+        Exposure cutout.
+    im00, im10, im01, im11 : Array, shape (H, W)
+        The four half-pixel blots (x flag, y flag).
+    cc_type : {'CC', 'NCC', 'ZNCC'}, optional
+        Normalisation (SPEC §4.1).
+    exact_original : bool, optional
+        Reproduce the original exactly (see :func:`find_displacements`).
+    shape : Array, shape (2,), int, optional
+        True ``(ny, nx)`` if the arrays are zero-padded; default ``(H, W)``.
+        The maps keep the padded layout (lag ``tau`` at ``(H-1)//2 + tau``).
+
+    Returns
+    -------
+    DisplacementMap
+        ``dx, dy, flags, sigma, peak, quality, icc, kmaps``.
+
+    Raises
+    ------
+    ValueError
+        If the arrays are not 2-D of one shape or ``cc_type`` is unknown.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> y, x = jnp.mgrid[0:12, 0:12]
+    >>> g = lambda x0, y0: jnp.exp(-((x - x0) ** 2 + (y - y0) ** 2) / 4.0)
+    >>> out = find_displacement_full(g(5.5, 6.0), g(6.0, 6.0), g(5.5, 6.0),
+    ...                              g(6.0, 5.5), g(5.5, 5.5))
+    >>> round(float(out.dx), 2), round(float(out.dy), 2), out.icc.shape
+    (0.5, 0.0, (24, 24))
+    """
+    ref = jnp.asarray(ref)
+    if ref.ndim != 2:
+        msg = f"ref must be 2-D, got shape {ref.shape}"
+        raise ValueError(msg)
+    blots = [jnp.asarray(b) for b in (im00, im10, im01, im11)]
+    for name, b in zip(("im00", "im10", "im01", "im11"), blots, strict=True):
+        if b.shape != ref.shape:
+            msg = f"{name} must have the shape of ref {ref.shape}, got {b.shape}"
+            raise ValueError(msg)
+    shape = jnp.array(ref.shape) if shape is None else jnp.asarray(shape)
+    if shape.shape != (2,):
+        msg = f"shape must be (ny, nx), got an array of shape {shape.shape}"
+        raise ValueError(msg)
+    cc_type = _check_cc_type(cc_type)
+    dtype = _float_dtype(ref, *blots)
+    return _find_displacement_full(
+        ref.astype(dtype),
+        jnp.stack(blots).astype(dtype),
+        shape.astype(jnp.int32),
+        cc_type=cc_type,
+        exact_original=bool(exact_original),
+    )
+
+
+def find_displacement(
+    ref: jax.Array,
+    im00: jax.Array,
+    im10: jax.Array,
+    im01: jax.Array,
+    im11: jax.Array,
+    *,
+    cc_type: str = "NCC",
+    exact_original: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Displacement ``(dx, dy)`` of one source (the original's signature).
+
+    Parameters
+    ----------
+    ref : Array, shape (H, W)
+        Exposure cutout.
+    im00, im10, im01, im11 : Array, shape (H, W)
+        The four half-pixel blots.
+    cc_type : {'CC', 'NCC', 'ZNCC'}, optional
+        Normalisation (SPEC §4.1).
+    exact_original : bool, optional
+        Reproduce the original exactly (see :func:`find_displacements`).
+
+    Returns
+    -------
+    dx, dy : Array, shape ()
+        Source position in ``im00`` minus its position in ``ref`` (image
+        px); NaN for invalid input. Use :func:`find_displacement_full` for
+        flags and maps.
+
+    Raises
+    ------
+    ValueError
+        As :func:`find_displacement_full`.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> y, x = jnp.mgrid[0:12, 0:12]
+    >>> g = lambda x0, y0: jnp.exp(-((x - x0) ** 2 + (y - y0) ** 2) / 4.0)
+    >>> dx, dy = find_displacement(g(6.0, 5.0), g(6.0, 6.0), g(5.5, 6.0),
+    ...                            g(6.0, 5.5), g(5.5, 5.5))
+    >>> round(float(dx), 2), round(float(dy), 2)
+    (0.0, 1.0)
+    """
+    out = find_displacement_full(
+        ref, im00, im10, im01, im11, cc_type=cc_type, exact_original=exact_original
+    )
+    return out.dx, out.dy
