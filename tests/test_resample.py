@@ -1,0 +1,301 @@
+"""Tests of subpixal_jax.resample: grid, flux, leave-one-out, WCS updates, CRs."""
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+from scipy.special import erf
+
+from subpixal_jax.images import read_exposure
+from subpixal_jax.resample import DrizzleResample, Resample, chip_pixmap
+
+RA0, DEC0 = 6.02, -72.08
+SCALE = 0.05 / 3600.0
+CHIP = (48, 80)  # (ny, nx) per chip
+PSF_SIGMA = 1.1
+
+
+def _chip_wcs(dx, dy, rot_deg, k):
+    """Chip k (0-based) of an exposure dithered by (dx, dy) px and rotated."""
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [RA0, DEC0]
+    w.wcs.crpix = [CHIP[1] / 2 + 0.5 + dx, CHIP[0] + 0.5 + dy - k * CHIP[0]]
+    t = np.radians(rot_deg)
+    w.wcs.cd = SCALE * np.array([[-np.cos(t), np.sin(t)], [np.sin(t), np.cos(t)]])
+    w.wcs.set()
+    return w
+
+
+def _scene(n=40, seed=3):
+    rng = np.random.default_rng(seed)
+    half = 0.8 * SCALE * np.array([CHIP[1] / 2, CHIP[0]])
+    ra = RA0 + rng.uniform(-half[0], half[0], n) / np.cos(np.radians(DEC0))
+    dec = DEC0 + rng.uniform(-half[1], half[1], n)
+    flux = rng.uniform(2e3, 2e4, n)  # electrons per second
+    return ra, dec, flux
+
+
+def _render(w, shape, ra, dec, flux_counts):
+    """Pixel-integrated Gaussian stars (exact flux per pixel)."""
+    img = np.zeros(shape)
+    x, y = w.all_world2pix(ra, dec, 0)
+    edges_x = np.arange(shape[1] + 1) - 0.5
+    edges_y = np.arange(shape[0] + 1) - 0.5
+    s = np.sqrt(2) * PSF_SIGMA
+    for xi, yi, f in zip(x, y, flux_counts, strict=True):
+        px = np.diff(0.5 * erf((edges_x - xi) / s))
+        py = np.diff(0.5 * erf((edges_y - yi) / s))
+        img += f * np.outer(py, px)
+    return img
+
+
+def _exposure(
+    dx,
+    dy,
+    rot,
+    *,
+    scene,
+    n_chips=2,
+    units="counts",
+    exptime=100.0,
+    sky=20.0,
+    noise=0.0,
+    seed=0,
+    crs=(),
+):
+    ra, dec, flux = scene
+    rng = np.random.default_rng(seed)
+    prim = fits.PrimaryHDU()
+    prim.header["EXPTIME"] = exptime
+    hdus = [prim]
+    for k in range(n_chips):
+        w = _chip_wcs(dx, dy, rot, k)
+        counts = _render(w, CHIP, ra, dec, flux * exptime) + sky * exptime
+        counts += rng.normal(0, noise, CHIP) if noise else 0
+        for y, x, v in crs:
+            if k == 0:
+                counts[y, x] += v
+        data = counts if units == "counts" else counts / exptime
+        hdr = w.to_header()
+        hdr["BUNIT"] = "ELECTRONS" if units == "counts" else "ELECTRONS/S"
+        sci = fits.ImageHDU(data.astype(np.float32), hdr, name="SCI")
+        err_c = np.sqrt(np.maximum(counts, 0) + noise**2)
+        err = err_c if units == "counts" else err_c / exptime
+        errh = fits.ImageHDU(err.astype(np.float32), name="ERR")
+        for h in (sci, errh):
+            h.header["EXTVER"] = k + 1
+        hdus += [sci, errh]
+    return fits.HDUList(hdus)
+
+
+DITHERS = [(0.0, 0.0, 0.0), (3.3, -2.6, 0.0), (-4.1, 1.7, 0.05), (1.2, 5.4, -0.05)]
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return _scene()
+
+
+@pytest.fixture(scope="module")
+def exposures(scene):
+    return [
+        read_exposure(_exposure(dx, dy, r, scene=scene, seed=i))
+        for i, (dx, dy, r) in enumerate(DITHERS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def resample(exposures):
+    return DrizzleResample(exposures)
+
+
+def test_protocol_grid_and_units(resample, exposures):
+    assert isinstance(resample, Resample)
+    assert resample.n_drizzles == 8  # 4 exposures x 2 chips
+    ny, nx = resample.output_shape
+    assert resample.sci.shape == resample.wht.shape == (ny, nx)
+    assert resample.sci.dtype == resample.wht.dtype == np.float32
+    w = resample.output_wcs
+    assert not w.has_distortion
+    assert list(w.wcs.ctype) == ["RA---TAN", "DEC--TAN"]
+    # north up, east left, first chip's scale
+    np.testing.assert_allclose(
+        w.pixel_scale_matrix, [[-SCALE, 0], [0, SCALE]], atol=1e-12
+    )
+    # both chips of every exposure land in the one output
+    for i in range(4):
+        _, wt = resample.contribution(i)
+        for c in exposures[i].chips:
+            pm = chip_pixmap(c.wcs, w, c.shape)
+            x, y = np.rint(pm[c.shape[0] // 2, c.shape[1] // 2]).astype(int)
+            assert wt[y, x] > 0
+    # uncovered pixels: sci 0, wht 0
+    assert resample.wht[0, 0] == 0
+    assert resample.sci[0, 0] == 0
+    # sky 'auto' finds the injected sky (20 e-/s x 100 s), native units
+    for d in resample.sky:
+        assert set(d) == {1, 2}
+        for v in d.values():
+            assert abs(v - 2000.0) < 15.0
+
+
+def test_callers_exposures_untouched(exposures):
+    before = [c.valid.copy() for c in exposures[0].chips]
+    r = DrizzleResample(exposures[:2], sky=[0.0, {1: 0.0, 2: 0.0}])
+    r.exposures[0].chips[0].valid[:] = False
+    assert r.exposures[0] is not exposures[0]
+    for b, c in zip(before, exposures[0].chips, strict=True):
+        np.testing.assert_array_equal(b, c.valid)
+
+
+def test_flux_conserved():
+    """Noise-free stars, coarser rotated output grid: total flux within 0.1%."""
+    ra, dec, flux = _scene(n=12, seed=5)
+    # keep stars >= 10 px away from every chip edge of both exposures
+    keep = np.abs(dec - DEC0) < SCALE * (CHIP[0] - 12)
+    keep &= np.abs((ra - RA0) * np.cos(np.radians(DEC0))) < SCALE * (CHIP[1] / 2 - 12)
+    scene = (ra[keep], dec[keep], flux[keep])
+    exps = [
+        _exposure(dx, dy, r, scene=scene, seed=i)
+        for i, (dx, dy, r) in enumerate(DITHERS[:2])
+    ]
+    r = DrizzleResample(exps, pixel_scale=0.07, rotation=30.0, sky=[2000.0, 2000.0])
+    total = float(np.sum(r.sci, dtype=np.float64))
+    np.testing.assert_allclose(total, scene[2].sum(), rtol=1e-3)
+    for i in range(2):
+        one = float(np.sum(r.contribution(i)[0], dtype=np.float64))
+        np.testing.assert_allclose(one, scene[2].sum(), rtol=1e-3)
+
+
+def test_leave_one_out_equals_redrizzle(resample, exposures):
+    n0 = resample.n_drizzles
+    for i in range(len(exposures)):
+        sci, wht = resample.leave_one_out(i)
+        assert resample.n_drizzles == n0  # O(1): no drizzle at all
+        others = [e for j, e in enumerate(exposures) if j != i]
+        sky = [d for j, d in enumerate(resample.sky) if j != i]
+        direct = DrizzleResample(others, output_wcs=resample.output_wcs, sky=sky)
+        np.testing.assert_allclose(wht, direct.wht, rtol=2e-6, atol=1e-3)
+        scale = np.abs(direct.sci).max()
+        np.testing.assert_allclose(sci, direct.sci, rtol=1e-5, atol=1e-6 * scale)
+        # pixels only exposure i covers are 0 in the reference
+        own = resample.contribution(i)[1] > 0
+        only_i = own & (wht == 0)
+        assert np.all(sci[only_i] == 0)
+
+
+def test_update_wcs_redrizzles_one_exposure(exposures):
+    r = DrizzleResample(exposures, sky=None)
+    n0 = r.n_drizzles
+    shifted = {}
+    for c in r.exposures[2].chips:
+        w = c.wcs.deepcopy()
+        w.wcs.crpix = w.wcs.crpix + np.array([0.4, -0.3])
+        shifted[c.extver] = w
+    r.update_wcs(2, shifted)
+    assert r.n_drizzles == n0 + 2  # only exposure 2's two chips
+    assert r.exposures[2].chips[0].wcs.wcs.crpix[0] == shifted[1].wcs.crpix[0]
+    shifted[1].wcs.crpix = [0, 0]  # the resampler keeps its own copy
+    assert r.exposures[2].chips[0].wcs.wcs.crpix[0] != 0
+    # identical to building from scratch with the new WCS
+    fresh = DrizzleResample(r.exposures, output_wcs=r.output_wcs, sky=None)
+    scale = np.abs(fresh.sci).max()
+    np.testing.assert_allclose(r.sci, fresh.sci, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(r.wht, fresh.wht, rtol=1e-6)
+    for i in (0, 2):
+        a, _ = r.leave_one_out(i)
+        b, _ = fresh.leave_one_out(i)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+    with pytest.raises(ValueError, match="extver"):
+        r.update_wcs(0, {7: shifted[2]})
+    with pytest.raises(ValueError, match="exposure index"):
+        r.leave_one_out(9)
+
+
+def test_counts_and_rate_inputs_agree(scene):
+    a = _exposure(0, 0, 0, scene=scene, units="counts")
+    b = _exposure(0, 0, 0, scene=scene, units="rate")
+    c = _exposure(2.5, 1.5, 0, scene=scene)
+    ra = DrizzleResample([a, c], sky=None)
+    rb = DrizzleResample([b, c], sky=None, output_wcs=ra.output_wcs)
+    np.testing.assert_allclose(ra.sci, rb.sci, rtol=1e-5, atol=1e-3)
+
+
+def test_ivm_weights(exposures):
+    r = DrizzleResample(exposures[:2], weight="ivm")
+    assert np.all(np.isfinite(r.sci))
+    assert r.wht.max() > 0
+    # inverse variance of the rate: exptime^2 / err^2 at most ~ 100^2 / 2000
+    assert r.wht.max() < 2 * 100.0**2 / 2000.0 * 4
+
+
+def test_cosmic_ray_rejection(scene):
+    crs = [(10, 15, 5e4), (30, 60, 2e4), (35, 25, 2e3)]  # star-free pixels
+    exps = [
+        _exposure(dx, dy, r, scene=scene, seed=i, noise=5.0, crs=crs if i == 1 else ())
+        for i, (dx, dy, r) in enumerate(DITHERS)
+    ]
+    plain = DrizzleResample(exps)
+    clean = DrizzleResample(exps, cr_reject=True)
+    assert clean.n_drizzles == 16  # separate drizzle + final drizzle
+    valid = clean.exposures[1].chips[0].valid
+    for y, x, _ in crs:
+        assert not valid[y - 1 : y + 2, x - 1 : x + 2].any()  # grown by 1 px
+    # only the CRs (and their 3x3 growth), not star cores, are flagged elsewhere
+    flagged = sum(int((~c.valid).sum()) for e in clean.exposures for c in e.chips)
+    assert flagged <= 3 * 9 + 20
+    # the CR is gone from the combined image
+    w = clean.exposures[1].chips[0].wcs
+    for y, x, v in crs:
+        ox, oy = np.rint(chip_pixmap(w, clean.output_wcs, CHIP)[y, x]).astype(int)
+        box = np.s_[oy - 1 : oy + 2, ox - 1 : ox + 2]
+        assert plain.sci[box].max() > 0.1 * v / 100.0 / 4
+        cleaned = np.abs(clean.sci[box] - plain.sci[box]).max()
+        assert cleaned > 0.05 * v / 100.0 / 4
+
+
+def test_bad_input(scene, exposures):
+    far = _exposure(0, 0, 0, scene=scene)
+    for h in far[1:]:
+        if "CRVAL1" in h.header:
+            h.header["CRVAL1"] = RA0 + 0.5
+    with pytest.raises(ValueError, match="overlap"):
+        DrizzleResample([exposures[0], far])
+    far2 = _exposure(0, 0, 0, scene=scene)
+    for h in far2[1:]:
+        if "CRVAL1" in h.header:
+            h.header["CRVAL1"] = RA0 + 60
+    with pytest.raises(ValueError, match="overlap"):
+        DrizzleResample([exposures[0], far2])
+    r = DrizzleResample(exposures[:2])
+    other = r.output_wcs.deepcopy()
+    other.wcs.crval = [RA0 + 1, DEC0]
+    with pytest.raises(ValueError, match="outside the output grid"):
+        DrizzleResample(exposures[:2], output_wcs=other)
+    no_err = _exposure(0, 0, 0, scene=scene)
+    for h in list(no_err):
+        if h.name == "ERR":
+            no_err.remove(h)
+    with pytest.raises(ValueError, match="ivm"):
+        DrizzleResample([no_err, exposures[1]], weight="ivm")
+    for kw, match in [
+        ({"kernel": "sinc"}, "kernel"),
+        ({"pixfrac": 0.0}, "pixfrac"),
+        ({"weight": "wht"}, "weight"),
+        ({"sky": "median"}, "sky"),
+        ({"sky": [1.0]}, "sky"),
+        ({"sky": [{1: 0.0}, 0.0]}, "extver"),
+        ({"cr_reject": True}, "cr_reject"),
+        ({"pixel_scale": -1.0}, "pixel_scale"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DrizzleResample(exposures[:2], **kw)
+    with pytest.raises(ValueError, match="at least one"):
+        DrizzleResample([])
+    with pytest.raises(ValueError, match="exposures must be"):
+        DrizzleResample([1.0, 2.0])
+    nan = _exposure(0, 0, 0, scene=scene, n_chips=1)
+    nan[1].data[:] = np.nan
+    with pytest.raises(ValueError, match="no valid"):
+        DrizzleResample([nan, exposures[0]])
