@@ -640,11 +640,14 @@ def _updated_header(
 
 
 def _copy_with_headers(
-    source: Path, hdul: fits.HDUList, headers: Mapping[int, fits.Header], out: Any
+    source: Path,
+    hdul: fits.HDUList,
+    headers: Mapping[int, fits.Header],
+    out: Any,
+    *,
+    gz: bool,
 ) -> None:
     """Write ``source`` to ``out`` with some headers replaced, data bytes verbatim."""
-    with source.open("rb") as probe:
-        gz = probe.read(2) == b"\x1f\x8b"
     opener = gzip.open if gz else open
     with opener(source, "rb") as src:
         for i in range(len(hdul)):
@@ -798,6 +801,7 @@ def update_exposure_wcs(
             raise FileNotFoundError(msg)
 
     in_memory = isinstance(image, fits.HDUList)
+    gz = False
     if in_memory:
         hdul = image
         source = Path(image.filename()) if image.filename() else None
@@ -814,6 +818,7 @@ def update_exposure_wcs(
         if magic[:3] == b"BZh" or magic == b"PK\x03\x04":
             msg = f"image {os.fspath(image)!r}: only plain or gzip files are supported"
             raise ValueError(msg)
+        gz = magic[:2] == b"\x1f\x8b"
         if out_dir is None and not dry_run:
             for p in (source, source.parent):
                 if not os.access(p, os.W_OK):
@@ -865,16 +870,16 @@ def update_exposure_wcs(
             else:
                 _atomic_write(
                     target,
-                    lambda f: _copy_with_headers(source, hdul, headers, f),
-                    gz=source.suffix == ".gz",
+                    lambda f: _copy_with_headers(source, hdul, headers, f, gz=gz),
+                    gz=gz,
                     mode=mode,
                 )
             path = target
         elif not dry_run and not in_memory and changes:
             _atomic_write(
                 source,
-                lambda f: _copy_with_headers(source, hdul, headers, f),
-                gz=source.suffix == ".gz",
+                lambda f: _copy_with_headers(source, hdul, headers, f, gz=gz),
+                gz=gz,
                 mode=source.stat().st_mode & 0o777,
             )
             path = source
