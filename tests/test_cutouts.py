@@ -1,0 +1,738 @@
+"""Tests of the host-side cutouts, pixmaps, batches and fit points."""
+
+import importlib.resources
+import math
+import warnings
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from subpixal_jax.core.batch import CUTOUT_BUCKETS, CutoutBatch
+from subpixal_jax.cutouts import (
+    PIXMAP_OUTSIDE,
+    Cutout,
+    _pixmap_nodes,
+    build_batches,
+    create_cutouts,
+    create_primary_cutouts,
+    reference_points,
+)
+from subpixal_jax.errors import NoOverlapError, PartialOverlapError
+from subpixal_jax.images import Chip, Exposure, read_exposure
+from subpixal_jax.simulate import WcsError, simulate_exposures
+
+REF_SHAPE = (260, 300)  # (ny, nx) of the synthetic reference
+REF_SCALE = 0.05 / 3600
+CHIP_SCALE = 0.06 / 3600
+CRVAL = (150.1, 2.2)
+EXPTIME = 400.0
+SKY = {1: 30.0, 2: 25.0}
+
+
+def _tan(crval, crpix, scale, angle_deg, shape):
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = crval
+    w.wcs.crpix = crpix
+    a = math.radians(angle_deg)
+    w.wcs.cd = scale * np.array(
+        [[-math.cos(a), math.sin(a)], [math.sin(a), math.cos(a)]]
+    )
+    w.wcs.set()
+    w.pixel_shape = shape[::-1]
+    return w
+
+
+def _tan_sip(crval, crpix, scale, angle_deg, shape, amplitude):
+    header = _tan(crval, crpix, scale, angle_deg, shape).to_header()
+    header["CTYPE1"] = "RA---TAN-SIP"
+    header["CTYPE2"] = "DEC--TAN-SIP"
+    header["A_ORDER"] = header["B_ORDER"] = 3
+    norm = max(shape) / 2.0  # displacement ~ amplitude px at the chip edge
+    header["A_2_0"] = amplitude / norm**2
+    header["A_1_1"] = -0.5 * amplitude / norm**2
+    header["B_0_2"] = 0.7 * amplitude / norm**2
+    header["A_3_0"] = 0.3 * amplitude / norm**3
+    header["B_1_2"] = -0.4 * amplitude / norm**3
+    w = WCS(header)
+    w.pixel_shape = shape[::-1]
+    return w
+
+
+def _gauss_image(shape, xy, flux, sigma):
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    img = np.zeros(shape)
+    for (x, y), f in zip(xy, flux, strict=True):
+        img += f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+    return img / (2 * np.pi * sigma**2)
+
+
+def _disc_segmentation(shape, xy, ids, radius):
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    seg = np.zeros(shape, dtype=np.int32)
+    for (x, y), i in zip(xy, ids, strict=True):
+        seg[(xx - x) ** 2 + (yy - y) ** 2 <= radius**2] = i
+    return seg
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """Reference frame, two SIP chips, sources, segmentation, exposure."""
+    rng = np.random.default_rng(42)
+    ref_wcs = _tan(CRVAL, (150.5, 130.5), REF_SCALE, 0.0, REF_SHAPE)
+    chip_shape = (100, 220)
+    # Two chips stacked in y with a 6 px gap, in the reference frame.
+    chips = []
+    for extver, dy in ((1, -53.0), (2, 53.0)):
+        centre = ref_wcs.wcs_pix2world(
+            [[150.0, 130.0 + dy * CHIP_SCALE / REF_SCALE]], 0
+        )
+        w = _tan_sip(tuple(centre[0]), (110.5, 50.5), CHIP_SCALE, 3.0, chip_shape, 1.5)
+        chips.append((extver, w))
+
+    # Sources on a grid (some near chip borders and in the gap).
+    gx, gy = np.meshgrid(np.arange(20, 281, 26.0), np.arange(18, 245, 22.0))
+    xy = np.stack([gx.ravel(), gy.ravel()], -1) + rng.uniform(-3, 3, (gx.size, 2))
+    xy = np.concatenate([xy, [[2.0, 100.0], [150.0, 257.0]]])  # touch the border
+    n = len(xy)
+    ids = np.arange(1, n + 1) * 3  # sparse ids
+    flux = rng.uniform(500, 5000, n)
+    seg = _disc_segmentation(REF_SHAPE, xy, ids, 4.0)
+    ref_data = _gauss_image(REF_SHAPE, xy, flux, 1.3).astype(np.float32)
+    ref_valid = np.ones(REF_SHAPE, bool)
+    ref_valid[:, 270:] = False  # an uncovered strip
+    ref_data[~ref_valid] = 0.0
+    sky_pos = ref_wcs.wcs_pix2world(xy, 0)
+
+    exp_chips = []
+    for extver, w in chips:
+        pix = w.all_world2pix(sky_pos, 0, quiet=True)
+        back = w.all_pix2world(pix, 0)
+        ok = np.all(np.abs(back - sky_pos) < 1e-9, axis=1)  # converged points
+        data = _gauss_image(chip_shape, pix[ok], flux[ok] * EXPTIME, 1.3 / 1.2)
+        data += SKY[extver] + rng.normal(0, 4.0, chip_shape)
+        valid = np.ones(chip_shape, bool)
+        valid[:, 100] = False
+        err = np.full(chip_shape, 4.0, np.float32)
+        exp_chips.append(
+            Chip(
+                extver=extver,
+                data=data.astype(np.float32),
+                valid=valid,
+                err=err if extver == 1 else None,
+                wcs=w,
+                header=fits.Header(),
+            )
+        )
+    exposure = Exposure(
+        name="synthetic", path=None, chips=exp_chips, units="counts", exptime=EXPTIME
+    )
+    catalog = Table({"id": ids, "x": xy[:, 0], "y": xy[:, 1], "weight": flux / 100})
+    return {
+        "ref_wcs": ref_wcs,
+        "ref_data": ref_data,
+        "ref_valid": ref_valid,
+        "seg": seg,
+        "catalog": catalog,
+        "sky_pos": sky_pos,
+        "exposure": exposure,
+    }
+
+
+@pytest.fixture(scope="module")
+def primaries(scene):
+    return create_primary_cutouts(
+        scene["catalog"], scene["seg"], ref_valid=scene["ref_valid"]
+    )
+
+
+@pytest.fixture(scope="module")
+def cutouts(scene, primaries):
+    return create_cutouts(
+        primaries,
+        scene["seg"],
+        scene["ref_data"],
+        scene["ref_valid"],
+        scene["ref_wcs"],
+        scene["exposure"],
+        sky=SKY,
+    )
+
+
+# ---------------------------------------------------------------------------
+# primary cutouts
+
+
+def test_primary_boxes_match_brute_force(scene, primaries):
+    seg, cat, valid = scene["seg"], scene["catalog"], scene["ref_valid"]
+    ny, nx = seg.shape
+    expected = {}
+    for row in cat:
+        ys, xs = np.nonzero(seg == row["id"])
+        if xs.size == 0 or xs.min() <= 0 or ys.min() <= 0:
+            continue
+        if xs.max() >= nx - 1 or ys.max() >= ny - 1:
+            continue
+        if not valid[ys, xs].any():
+            continue
+        expected[int(row["id"])] = (
+            (int(xs.min()) - 1, int(ys.min()) - 1),
+            (int(xs.max()) + 1, int(ys.max()) + 1),
+            (float(row["x"]), float(row["y"])),
+            float(row["weight"]),
+        )
+    got = {p.src_id: (p.blc, p.trc, p.src_pos, p.weight) for p in primaries}
+    assert got == expected
+    # Both skip rules fired in this scene.
+    assert len(expected) < len(cat)
+    assert all(p.src_pos[0] < 274 for p in primaries)
+
+
+def test_primary_id_intersection_pad_and_no_weight():
+    seg = np.zeros((30, 30), dtype=np.int64)
+    seg[5:9, 5:10] = 7
+    seg[15:20, 15:18] = 9
+    cat = Table({"id": [7, 8], "x": [7.0, 1.0], "y": [6.5, 1.0]})
+    (p,) = create_primary_cutouts(cat, seg, pad=3)
+    assert (p.src_id, p.blc, p.trc, p.weight) == (7, (2, 2), (12, 11), None)
+    # A pad pushing the box out of the image skips the source.
+    assert create_primary_cutouts(cat, seg, pad=6) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"catalog": Table({"id": [1], "x": [1.0]})}, "catalog"),
+        ({"segmentation": np.zeros((4, 4, 2), int)}, "segmentation"),
+        ({"segmentation": np.zeros((4, 4))}, "segmentation"),
+        ({"ref_valid": np.ones((5, 4), bool)}, "ref_valid"),
+        ({"pad": -1}, "pad"),
+        ({"catalog": Table({"id": [1, 1], "x": [1.0, 2], "y": [1.0, 2]})}, "catalog"),
+        (
+            {"catalog": Table({"id": [1], "x": [1.0], "y": [1.0], "weight": [-1]})},
+            "catalog",
+        ),
+    ],
+)
+def test_primary_bad_input(kwargs, name):
+    args = {
+        "catalog": Table({"id": [1], "x": [1.0], "y": [1.0]}),
+        "segmentation": np.zeros((4, 4), int),
+        "ref_valid": None,
+        "pad": 1,
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        create_primary_cutouts(
+            args["catalog"],
+            args["segmentation"],
+            ref_valid=args["ref_valid"],
+            pad=args["pad"],
+        )
+
+
+# ---------------------------------------------------------------------------
+# source cutouts
+
+
+def test_every_chip_used_and_straddlers_once(cutouts, primaries):
+    extvers = {c.extver for c in cutouts}
+    assert extvers == {1, 2}
+    ids_per_chip = {e: {c.src_id for c in cutouts if c.extver == e} for e in (1, 2)}
+    # A source fits on at most one chip here (the chips do not overlap).
+    assert not ids_per_chip[1] & ids_per_chip[2]
+    assert len(cutouts) < len(primaries)  # off-chip / gap sources skipped
+
+
+def test_image_boxes_follow_spec(scene, primaries, cutouts):
+    by_id = {p.src_id: p for p in primaries}
+    exposure = scene["exposure"]
+    ref_wcs = scene["ref_wcs"]
+    for c in cutouts:
+        chip = exposure.chip(c.extver)
+        p = by_id[c.src_id]
+        (x1, y1), (x2, y2) = p.blc, p.trc
+        outer = np.array(
+            [
+                [x1 - 0.5, y1 - 0.5],
+                [x1 - 0.5, y2 + 0.5],
+                [x2 + 0.5, y2 + 0.5],
+                [x2 + 0.5, y1 - 0.5],
+            ]
+        )
+        pix = chip.wcs.all_world2pix(ref_wcs.wcs_pix2world(outer, 0), 0, tolerance=1e-9)
+        assert c.blc == tuple(np.floor(pix.min(0) - 2).astype(int))
+        assert c.trc == tuple(np.ceil(pix.max(0) + 2).astype(int))
+        ny, nx = chip.shape
+        assert 0 <= c.blc[0] <= c.trc[0] <= nx - 1
+        assert 0 <= c.blc[1] <= c.trc[1] <= ny - 1
+        # Image cutout: data minus sky, zero where invalid, DQ column masked.
+        sl = (slice(c.blc[1], c.trc[1] + 1), slice(c.blc[0], c.trc[0] + 1))
+        good = chip.valid[sl]
+        np.testing.assert_array_equal(c.image_valid, good)
+        np.testing.assert_allclose(c.image[good], chip.data[sl][good] - SKY[c.extver])
+        assert np.all(c.image[~good] == 0)
+        assert c.image.dtype == np.float32
+
+
+def test_reference_boxes_and_masks(scene, primaries, cutouts):
+    ref_wcs, seg = scene["ref_wcs"], scene["seg"]
+    exposure = scene["exposure"]
+    ref_pad = math.ceil(2 * CHIP_SCALE / REF_SCALE)
+    assert ref_pad == 3
+    for c in cutouts:
+        chip = exposure.chip(c.extver)
+        (x1, y1), (x2, y2) = c.blc, c.trc
+        outer = np.array(
+            [
+                [x1 - 0.5, y1 - 0.5],
+                [x1 - 0.5, y2 + 0.5],
+                [x2 + 0.5, y2 + 0.5],
+                [x2 + 0.5, y1 - 0.5],
+            ]
+        )
+        rp = ref_wcs.wcs_world2pix(chip.wcs.all_pix2world(outer, 0), 0)
+        assert c.ref_blc == tuple(np.floor(rp.min(0) - ref_pad).astype(int))
+        assert c.ref_trc == tuple(np.ceil(rp.max(0) + ref_pad).astype(int))
+        (rx1, ry1), (rx2, ry2) = c.ref_blc, c.ref_trc
+        assert c.ref.shape == (ry2 - ry1 + 1, rx2 - rx1 + 1)
+        # Segment masking on: exactly the covered pixels of the own segment.
+        own = np.zeros(c.ref.shape, bool)
+        yy, xx = np.mgrid[ry1 : ry2 + 1, rx1 : rx2 + 1]
+        inside = (xx >= 0) & (yy >= 0) & (xx < seg.shape[1]) & (yy < seg.shape[0])
+        own[inside] = (seg[yy[inside], xx[inside]] == c.src_id) & scene["ref_valid"][
+            yy[inside], xx[inside]
+        ]
+        np.testing.assert_array_equal(c.ref_valid, own)
+        assert np.all(c.ref[~c.ref_valid] == 0)
+        np.testing.assert_array_equal(c.ref[own], scene["ref_data"][yy[own], xx[own]])
+
+
+def test_segment_mask_off_keeps_neighbours(scene, primaries, cutouts):
+    loose = create_cutouts(
+        primaries,
+        scene["seg"],
+        scene["ref_data"],
+        scene["ref_valid"],
+        scene["ref_wcs"],
+        scene["exposure"],
+        sky=SKY,
+        combine_seg_mask=False,
+    )
+    assert [(c.src_id, c.extver) for c in loose] == [
+        (c.src_id, c.extver) for c in cutouts
+    ]
+    for a, b in zip(cutouts, loose, strict=True):
+        assert b.ref_valid.sum() > a.ref_valid.sum()
+        assert np.all(b.ref_valid[a.ref_valid])
+
+
+def test_predicted_positions(scene, cutouts):
+    """Predicted positions satisfy the full forward WCS to < 1e-8 px."""
+    exposure, ref_wcs = scene["exposure"], scene["ref_wcs"]
+    for extver in (1, 2):
+        chip = exposure.chip(extver)
+        cs = [c for c in cutouts if c.extver == extver]
+        absolute = np.array([np.add(c.blc, c.predicted) for c in cs])
+        sky = chip.wcs.all_pix2world(absolute, 0)
+        back = ref_wcs.wcs_world2pix(sky, 0)
+        cat = np.array([c.src_pos for c in cs])
+        np.testing.assert_allclose(back, cat, atol=1e-8 * CHIP_SCALE / REF_SCALE)
+
+
+def test_variance_models(scene, cutouts):
+    for c in cutouts:
+        v = c.variance[c.image_valid]
+        if c.extver == 1:  # from ERR
+            np.testing.assert_allclose(v, 16.0)
+        else:  # Poisson + read noise estimated from the sky (true sigma 4)
+            expected = np.maximum(c.image[c.image_valid], 0) + SKY[2]
+            rn2 = v - expected
+            assert np.all(np.abs(rn2 - max(16 - SKY[2], 0)) < 4.0)
+        assert np.all(c.variance[~c.image_valid] == 1)
+
+
+def test_iscale_is_exptime_times_local_area(scene, cutouts):
+    exposure, ref_wcs = scene["exposure"], scene["ref_wcs"]
+    for c in cutouts[:10]:
+        chip = exposure.chip(c.extver)
+        q = np.add(c.blc, c.predicted)
+        h = 1e-3
+        steps = np.array([[h, 0], [-h, 0], [0, h], [0, -h]])
+        pts = q + steps
+        r = ref_wcs.wcs_world2pix(chip.wcs.all_pix2world(pts, 0), 0)
+        jac = np.stack([(r[0] - r[1]) / (2 * h), (r[2] - r[3]) / (2 * h)], -1)
+        area = abs(np.linalg.det(jac))
+        assert abs(area / (CHIP_SCALE / REF_SCALE) ** 2 - 1) < 0.05
+        np.testing.assert_allclose(c.iscale, EXPTIME * area, rtol=1e-4)
+
+
+def test_caller_arrays_unchanged(scene, primaries):
+    copies = {k: scene[k].copy() for k in ("ref_data", "ref_valid", "seg")}
+    chip_copies = [(c.data.copy(), c.valid.copy()) for c in scene["exposure"].chips]
+    cat = scene["catalog"].copy()
+    create_primary_cutouts(scene["catalog"], scene["seg"], ref_valid=scene["ref_valid"])
+    out = create_cutouts(
+        primaries,
+        scene["seg"],
+        scene["ref_data"],
+        scene["ref_valid"],
+        scene["ref_wcs"],
+        scene["exposure"],
+        sky=SKY,
+    )
+    dxdy = np.ones((len(out), 2))
+    dcopy = dxdy.copy()
+    reference_points(out, dxdy, scene["exposure"], scene["ref_wcs"])
+    for k, v in copies.items():
+        np.testing.assert_array_equal(scene[k], v)
+    for chip, (d, v) in zip(scene["exposure"].chips, chip_copies, strict=True):
+        np.testing.assert_array_equal(chip.data, d)
+        np.testing.assert_array_equal(chip.valid, v)
+    np.testing.assert_array_equal(dxdy, dcopy)
+    assert all(np.all(cat[c] == scene["catalog"][c]) for c in cat.colnames)
+
+
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [
+        ({"segmentation": np.zeros((5, 5), int)}, "ref_data"),
+        ({"ref_valid": np.ones((5, 5), bool)}, "ref_valid"),
+        ({"pad": -2}, "pad"),
+        ({"sky": 3.0}, "sky"),
+        ({"primaries": [1, 2]}, "primaries"),
+    ],
+)
+def test_create_cutouts_bad_input(scene, primaries, change, name):
+    args = {
+        "primaries": primaries,
+        "segmentation": scene["seg"],
+        "ref_valid": scene["ref_valid"],
+        "pad": 2,
+        "sky": None,
+    }
+    args.update(change)
+    with pytest.raises(ValueError, match=name):
+        create_cutouts(
+            args["primaries"],
+            args["segmentation"],
+            scene["ref_data"],
+            args["ref_valid"],
+            scene["ref_wcs"],
+            scene["exposure"],
+            sky=args["sky"],
+            pad=args["pad"],
+        )
+
+
+def test_distorted_reference_rejected(scene, primaries):
+    chip_wcs = scene["exposure"].chips[0].wcs
+    with pytest.raises(ValueError, match="ref_wcs"):
+        create_cutouts(
+            primaries,
+            scene["seg"],
+            scene["ref_data"],
+            scene["ref_valid"],
+            chip_wcs,
+            scene["exposure"],
+        )
+
+
+# ---------------------------------------------------------------------------
+# pixmaps
+
+
+def test_pixmap_exact_path_matches_node_by_node(scene, cutouts):
+    """The exact pixmap is the full WCS chain at every half-pixel node."""
+    exposure, ref_wcs = scene["exposure"], scene["ref_wcs"]
+    c = cutouts[0]
+    chip = exposure.chip(c.extver)
+    h, w = c.shape
+    rows, cols = np.mgrid[0 : 2 * h + 1, 0 : 2 * w + 1]
+    cut = Cutout.from_array(chip.data, chip.wcs, c.blc, c.trc)
+    ra, dec = cut.pix2world(cols / 2.0, rows / 2.0)
+    x, y = ref_wcs.wcs_world2pix(ra, dec, 0)
+    exact = np.stack([x - c.ref_blc[0], y - c.ref_blc[1]], -1)
+    np.testing.assert_allclose(c.pixmap, exact, atol=1e-7)
+    assert c.pixmap.shape == (2 * h + 1, 2 * w + 1, 2)
+    assert c.pixmap.dtype == np.float64
+
+
+def test_pixmap_fast_vs_exact_synthetic(scene, primaries, cutouts):
+    exact = create_cutouts(
+        primaries,
+        scene["seg"],
+        scene["ref_data"],
+        scene["ref_valid"],
+        scene["ref_wcs"],
+        scene["exposure"],
+        sky=SKY,
+        exact_pixmaps=True,
+    )
+    err = max(
+        np.abs(a.pixmap - b.pixmap).max() for a, b in zip(cutouts, exact, strict=True)
+    )
+    assert err < 1e-7
+
+
+def _real_wcs(package, name, ext):
+    path = importlib.resources.files(package).joinpath("tests", "data", name)
+    with fits.open(path) as hdul, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return WCS(hdul[ext].header, hdul)
+
+
+@pytest.mark.parametrize(
+    ("package", "name", "ext"),
+    [
+        ("spherical_geometry", "2chipA.fits.gz", 1),
+        ("spherical_geometry", "2chipA.fits.gz", 4),
+        ("astropy.wcs", "dist_lookup.fits.gz", 1),  # real NPOL + D2IM tables
+    ],
+)
+def test_pixmap_fast_vs_exact_real_headers(package, name, ext):
+    """Fast pixmaps vs every node through the full ACS/WFC WCS (measured ~1e-8)."""
+    chip_wcs = _real_wcs(package, name, ext)
+    if name.startswith("dist"):
+        assert chip_wcs.cpdis1 is not None
+        assert chip_wcs.det2im1 is not None
+    centre = chip_wcs.all_pix2world([[2048.0, 1024.0]], 0)[0]
+    ref_wcs = _tan(
+        tuple(centre + np.array([0.01, -0.01])),
+        (3000, 3000),
+        0.04 / 3600,
+        17.0,
+        (6000, 6000),
+    )
+    rng = np.random.default_rng(5)
+    k = 120
+    shapes = rng.integers(6, 48, (k, 2))
+    blcs = np.stack([rng.integers(0, 4000, k), rng.integers(0, 2000, k)], -1)
+    fast = _pixmap_nodes(chip_wcs, ref_wcs, blcs, shapes, exact=False)
+    exact = _pixmap_nodes(chip_wcs, ref_wcs, blcs, shapes, exact=True)
+    err = max(np.abs(a - b).max() for a, b in zip(fast, exact, strict=True))
+    assert err < 1e-7
+
+
+# ---------------------------------------------------------------------------
+# batches
+
+
+def test_build_batches_invariants(cutouts):
+    image_index = [i % 3 for i in range(len(cutouts))]
+    batches = build_batches(cutouts, image_index)
+    shapes = {(b.image.shape[1:], b.ref.shape[1:]) for b, _ in batches}
+    assert len(shapes) == len(batches) <= 3
+    seen = []
+    for batch, index in batches:
+        assert isinstance(batch, CutoutBatch)
+        n, side, _ = batch.image.shape
+        rside = batch.ref.shape[1]
+        assert side in CUTOUT_BUCKETS
+        assert rside in CUTOUT_BUCKETS
+        assert batch.pixmap.shape == (n, 2 * side + 1, 2 * side + 1, 2)
+        assert batch.image.dtype == np.float32
+        assert batch.pixmap.dtype == np.float64
+        assert batch.shape.dtype == np.int32
+        assert batch.image_index.dtype == np.int32
+        assert np.array_equal(batch.valid, index >= 0)
+        pad = ~batch.valid
+        assert not batch.image[pad].any()
+        assert not batch.ref[pad].any()
+        assert not batch.image_valid[pad].any()
+        assert not batch.ref_valid[pad].any()
+        assert np.all(batch.weight[pad] == 0)
+        assert np.all(batch.iscale[pad] == 0)
+        assert np.all(batch.pixmap[pad] == (rside - 1) / 2)
+        assert np.all(batch.variance[pad] == 1)
+        for row in np.flatnonzero(batch.valid):
+            c = cutouts[index[row]]
+            h, w = c.shape
+            hr, wr = c.ref_shape
+            assert tuple(batch.shape[row]) == (h, w)
+            np.testing.assert_array_equal(batch.image[row, :h, :w], c.image)
+            assert not batch.image_valid[row, h:].any()
+            assert not batch.image_valid[row, :, w:].any()
+            np.testing.assert_array_equal(batch.ref[row, :hr, :wr], c.ref)
+            np.testing.assert_array_equal(
+                batch.pixmap[row, : 2 * h + 1, : 2 * w + 1], c.pixmap
+            )
+            assert np.all(batch.pixmap[row, 2 * h + 1 :] == PIXMAP_OUTSIDE)
+            assert batch.image_index[row] == image_index[index[row]]
+            assert batch.weight[row] == c.weight
+            np.testing.assert_array_equal(batch.predicted[row], c.predicted)
+            seen.append(int(index[row]))
+    assert sorted(seen) == list(range(len(cutouts)))
+
+
+def test_padded_pixmap_nodes_blot_to_zero(cutouts):
+    """Nodes beyond a source's true grid sample nothing (fill value)."""
+    from subpixal_jax.core.blot import blot
+
+    batch, _index = build_batches(cutouts, [0] * len(cutouts))[0]
+    row = 0
+    h, w = batch.shape[row]
+    ones = np.ones(batch.ref.shape[1:], np.float32)
+    out = np.asarray(blot(ones, batch.pixmap[row, ::2, ::2][:-1, :-1], interp="linear"))
+    # Integer node h (one past the last pixel) is still a real node.
+    assert np.all(out[h + 1 :] == 0)
+    assert np.all(out[:, w + 1 :] == 0)
+    assert np.all(out[:h, :w] == 1)
+
+
+def test_build_batches_bad_input(cutouts):
+    with pytest.raises(ValueError, match="image_index"):
+        build_batches(cutouts, [0])
+
+
+# ---------------------------------------------------------------------------
+# Cutout record
+
+
+def test_cutout_record_overlap_modes(scene):
+    chip = scene["exposure"].chips[0]
+    _ny, nx = chip.shape
+    with pytest.raises(PartialOverlapError):
+        Cutout.from_array(chip.data, chip.wcs, (-2, 5), (4, 9))
+    with pytest.raises(NoOverlapError):
+        Cutout.from_array(chip.data, chip.wcs, (nx, 0), (nx + 3, 4))
+    with pytest.raises(ValueError, match="trc"):
+        Cutout.from_array(chip.data, chip.wcs, (5, 5), (4, 9))
+    c = Cutout.from_array(
+        chip.data,
+        chip.wcs,
+        (-2, 5),
+        (4, 9),
+        mode="fill",
+        valid=chip.valid,
+        src_pos=(1.0, 7.0),
+        units="counts",
+        exptime=EXPTIME,
+    )
+    assert c.shape == (5, 7)
+    assert not c.valid[:, :2].any()
+    assert c.valid[:, 2:].all()
+    assert np.all(c.data[:, :2] == 0)
+    assert c.cutout_src_pos == (3.0, 2.0)
+    x = np.array([0.0, 1.5])
+    y = np.array([2.0, 3.0])
+    xc, yc = x.copy(), y.copy()
+    ra, dec = c.pix2world(x, y)
+    np.testing.assert_array_equal(x, xc)
+    np.testing.assert_array_equal(y, yc)
+    xb, yb = c.world2pix(ra, dec)
+    np.testing.assert_allclose(xb, x, atol=1e-7)
+    np.testing.assert_allclose(yb, y, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# fit points
+
+
+def test_reference_points_sign_synthetic(scene, cutouts):
+    """With the measured d = predicted - true, the §7 correction restores truth."""
+    exposure, ref_wcs = scene["exposure"], scene["ref_wcs"]
+    shift = np.array([0.37, -0.21])  # true position = header position - shift
+    dxdy = np.tile(shift, (len(cutouts), 1))
+    xy, uv = reference_points(cutouts, dxdy, exposure, ref_wcs)
+    s = (xy - uv).mean(0)
+    jac_scale = CHIP_SCALE / REF_SCALE
+    # xy - uv ≈ -J d: opposite to d, scaled to reference pixels.
+    assert s @ shift < -0.95 * jac_scale * shift @ shift
+    np.testing.assert_allclose(
+        np.linalg.norm(s), np.linalg.norm(shift) * jac_scale, rtol=0.05
+    )
+    # Corrected WCS (SPEC §7, pure shift): W'(p) = L(L^-1(W(p)) - s); the true
+    # position predicted - d must land on the catalog position.
+    for c, x_cat in zip(cutouts, xy, strict=True):
+        chip = exposure.chip(c.extver)
+        true = np.add(c.blc, c.predicted) - shift
+        moved = ref_wcs.wcs_world2pix(chip.wcs.all_pix2world([true], 0), 0)[0] - s
+        assert np.linalg.norm(moved - x_cat) < 0.02
+        np.testing.assert_allclose(x_cat, c.src_pos, atol=1e-7)
+
+
+def test_reference_points_bad_input(scene, cutouts):
+    with pytest.raises(ValueError, match="dxdy"):
+        reference_points(cutouts, np.zeros((1, 2)), scene["exposure"], scene["ref_wcs"])
+
+
+# ---------------------------------------------------------------------------
+# simulator: two-chip exposures with a known injected error
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("sim")
+    error = WcsError(shift=(0.7, -0.4))
+    sim = simulate_exposures(
+        outdir, n_exposures=1, chip_shape=(128, 256), errors=[error], seed=3
+    )
+    frame = sim.frame_wcs[0]
+    ny, nx = frame.pixel_shape[::-1]
+    xy = frame.wcs_world2pix(np.stack([sim.sources["ra"], sim.sources["dec"]], -1), 0)
+    ids = np.asarray(sim.sources["id"])
+    seg = _disc_segmentation((ny, nx), xy, ids, 3.0)
+    ref = _gauss_image((ny, nx), xy, np.asarray(sim.sources["flux"]) / sim.exptime, 1.0)
+    catalog = Table({"id": ids, "x": xy[:, 0], "y": xy[:, 1]})
+    prim = create_primary_cutouts(catalog, seg)
+    header_exp = read_exposure(sim.paths[0])
+    true_exp = read_exposure(sim.paths[0])
+    for chip in true_exp.chips:
+        chip.wcs = sim.true_wcs[0][chip.extver]
+    args = (prim, seg, ref.astype(np.float32), np.ones((ny, nx), bool), frame)
+    return {
+        "sim": sim,
+        "error": error,
+        "frame": frame,
+        "header": create_cutouts(*args, header_exp, sky=dict.fromkeys((1, 2), sim.sky)),
+        "true": create_cutouts(*args, true_exp, sky=dict.fromkeys((1, 2), sim.sky)),
+        "header_exp": header_exp,
+        "true_exp": true_exp,
+    }
+
+
+def test_simulated_predicted_positions_with_true_wcs(simulated):
+    sim = simulated["sim"]
+    radec = {int(r["id"]): (r["ra"], r["dec"]) for r in sim.sources}
+    cs = simulated["true"]
+    assert {c.extver for c in cs} == {1, 2}
+    for c in cs:
+        true_pix = sim.true_wcs[0][c.extver].all_world2pix(
+            [radec[c.src_id]], 0, tolerance=1e-10
+        )[0]
+        assert np.linalg.norm(np.add(c.blc, c.predicted) - true_pix) < 1e-4
+        # The variance came from ERR (SCI/ERR/DQ files).
+        assert np.all(c.variance[c.image_valid] > 0)
+
+
+def test_simulated_both_chips_in_one_batch(simulated):
+    cs = simulated["header"]
+    batches = build_batches(cs, [0] * len(cs))
+    assert any(
+        len({cs[i].extver for i in index[index >= 0]}) == 2 for _, index in batches
+    )
+
+
+def test_simulated_reference_points_recover_injected_shift(simulated):
+    """d = predicted(header) - true gives xy - uv = the restoring fit shift -s."""
+    header, true = simulated["header"], simulated["true"]
+    by_key = {(c.src_id, c.extver): c for c in true}
+    pairs = [
+        (h, by_key[(h.src_id, h.extver)])
+        for h in header
+        if (h.src_id, h.extver) in by_key
+    ]
+    assert len(pairs) > 5
+    hs = [h for h, _ in pairs]
+    d = np.array(
+        [np.add(h.blc, h.predicted) - np.add(t.blc, t.predicted) for h, t in pairs]
+    )
+    xy, uv = reference_points(hs, d, simulated["header_exp"], simulated["frame"])
+    s_fit = (xy - uv).mean(0)
+    # Restoring fit F = T^-1: s_F = -s (simulate.py docstring).
+    np.testing.assert_allclose(s_fit, -np.array(simulated["error"].shift), atol=2e-3)
+    np.testing.assert_allclose(xy - uv, np.broadcast_to(s_fit, xy.shape), atol=5e-3)
