@@ -52,7 +52,8 @@ Taps beyond the array edge are synthesised, never fetched from outside:
   ``f(-k) = 2 f(0) - f(k)`` and ``f(n - 1 + k) = 2 f(n - 1) - f(n - 1 - k)``, on both
   axes. drizzle does the same except for an upstream quirk at the top edge of
   the poly kernels (one reflected row is replaced by a raw data row), which is
-  not copied, so results differ from drizzle within 3 pixels of the top edge.
+  not copied, so results differ from drizzle for ``y > H - 3`` (poly5) and
+  ``y > H - 1`` (poly3), and agree to rounding everywhere else.
   drizzle 3.0's Lanczos kernels come from a look-up table that is not
   interpolating (weight 8e-4 at distance 1 for lanczos3) and deviates from the
   exact kernel by up to about 3e-3; the kernels here are exact.
