@@ -180,6 +180,8 @@ def refine_box(
     hi: jax.Array,
     *,
     exact_original: bool,
+    search_lo: jax.Array | None = None,
+    search_hi: jax.Array | None = None,
 ) -> Peak:
     """Fit the quadratic in one box and apply the acceptance rules.
 
@@ -194,9 +196,12 @@ def refine_box(
     guess_value : Array, shape ()
         Map value at the argmax.
     lo, hi : Array, shape (2,), int
-        Inclusive ``(x, y)`` bounds of the searched window.
+        Inclusive ``(x, y)`` bounds of the window the box must stay in.
     exact_original : bool
         Reproduce the original's rules (see :func:`find_peak` Notes).
+    search_lo, search_hi : Array, shape (2,), int, optional
+        Bounds of the (smaller) window the argmax was searched in, for the
+        ``EDGE`` flag; default ``lo`` and ``hi``.
 
     Returns
     -------
@@ -220,7 +225,9 @@ def refine_box(
     narrow = jnp.any(hi - lo + 1 < w)
     no_max = (det <= 0) | (c4 >= 0)
     nonfinite = ~jnp.all(jnp.isfinite(values)) | ~jnp.isfinite(guess_value)
-    edge = jnp.any((guess == lo) | (guess == hi))
+    search_lo = lo if search_lo is None else search_lo
+    search_hi = hi if search_hi is None else search_hi
+    edge = jnp.any((guess == search_lo) | (guess == search_hi))
     guess_f = guess.astype(dtype)
     if exact_original:
         at_first = jnp.any(guess == lo)

@@ -21,6 +21,7 @@ Validity masks use ``True`` = good (see :mod:`subpixal_jax.core.batch`).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -134,14 +135,20 @@ def fft_shape(shape: tuple[int, int]) -> tuple[int, int]:
     Returns
     -------
     tuple of int
-        For each axis the smallest 2-3-5-smooth length ``>= n + (n - 1) // 2``.
+        For each axis the smallest 2-3-5-smooth length ``>= n + n // 2``.
+
+    Notes
+    -----
+    Lag ``tau`` in ``[-c, n - 1 - c]``, ``c = (n - 1) // 2``, is free of
+    wrap-around when ``L >= max(n + c, 2 n - 1 - c) = n + n // 2``. For even
+    ``n`` this is one more than ``n + (n - 1) // 2``.
 
     Examples
     --------
     >>> fft_shape((25, 41))
     (40, 64)
     """
-    return tuple(_fast_length(n + (n - 1) // 2) for n in shape)
+    return tuple(_fast_length(n + n // 2) for n in shape)
 
 
 def _float_dtype(*arrays):
@@ -199,16 +206,77 @@ def _interlace(k00, k10, k01, k11):
     return jnp.stack([even, odd], axis=-2).reshape((*lead, 2 * h, 2 * w))
 
 
-def _lag_window(n, big, search_radius):
+def _lag_window(n, big):
     """Inclusive fine-grid bounds of the lags of a cutout side ``n`` in ``big``."""
+    lo_p = (big - 1) // 2 - (n - 1) // 2
+    return 2 * lo_p, 2 * (lo_p + n - 1) + 1
+
+
+def _search_window(lo, hi, big, radius):
+    """Bounds ``lo, hi`` restricted to lags within ``radius`` image px."""
+    if radius is None:
+        return lo, hi
     centre = (big - 1) // 2
-    lo_p = centre - (n - 1) // 2
-    lo = 2 * lo_p
-    hi = 2 * (lo_p + n - 1) + 1
-    if search_radius is not None:
-        lo = jnp.maximum(lo, -int(-2 * (centre - search_radius) // 1))
-        hi = jnp.minimum(hi, int(2 * (centre + search_radius) // 1))
-    return lo, hi
+    return (
+        jnp.maximum(lo, math.ceil(2 * (centre - radius))),
+        jnp.minimum(hi, math.floor(2 * (centre + radius))),
+    )
+
+
+def _peak_error(ref, blots, ref_valid, blot_valid, pk, lo, hi):
+    """1-sigma error of the peak lag (image px) from its curvature.
+
+    Linearising the peak condition gives ``Cov = A^-1 G A^-1`` with ``A`` the
+    Hessian of the correlation in the lag (image px) and ``G = sum_m g g^T
+    var(m)`` the covariance of its gradient, ``g`` the gradient of the
+    matched blot. ``var(m)`` is estimated per pixel by the squared residual
+    of the exposure against the blot at the peak, moved by the sub-grid
+    offset to first order (a sandwich estimate: it follows Poisson noise).
+    """
+    h, w = ref.shape
+    # Central differences (1 px apart) on the interlaced half-pixel grid give
+    # the gradient of each blot at its own sample positions.
+    fine = jnp.pad(_interlace(blots[0], blots[1], blots[2], blots[3]), 1)
+
+    def sample(a, b, dx, dy):
+        return fine[1 + b + dy :: 2, 1 + a + dx :: 2][:h, :w]
+
+    grad_x = jnp.stack(
+        [sample(a, b, 1, 0) - sample(a, b, -1, 0) for a, b in HALF_PIXEL_SHIFTS]
+    )
+    grad_y = jnp.stack(
+        [sample(a, b, 0, 1) - sample(a, b, 0, -1) for a, b in HALF_PIXEL_SHIFTS]
+    )
+    both = jnp.all(blot_valid, axis=0)
+    near = jnp.clip(jnp.round(jnp.nan_to_num(pk.xy)).astype(jnp.int32), lo, hi)
+    offset = 0.5 * (pk.xy - near)
+    lag = near // 2 - jnp.array([(w - 1) // 2, (h - 1) // 2])
+    which = near[0] % 2 + 2 * (near[1] % 2)
+    gx, gy = grad_x[which], grad_y[which]
+    corner = (h - lag[1], w - lag[0])
+    moved = jax.lax.dynamic_slice(jnp.pad(ref, ((h, h), (w, w))), corner, (h, w))
+    moved_ok = jax.lax.dynamic_slice(
+        jnp.pad(ref_valid, ((h, h), (w, w))), corner, (h, w)
+    )
+    template = blots[which] + offset[0] * gx + offset[1] * gy
+    use = moved_ok & both
+    scale = jnp.sum(jnp.where(use, template * moved, 0)) / _safe(
+        jnp.sum(jnp.where(use, template * template, 0))
+    )
+    var = jnp.where(use, (moved - scale * template) ** 2, 0)
+    sxx = jnp.sum(gx * gx * var)
+    syy = jnp.sum(gy * gy * var)
+    sxy = jnp.sum(gx * gy * var)
+    axx, axy, ayy = (
+        4.0 * pk.hessian[0, 0],
+        4.0 * pk.hessian[0, 1],
+        4.0 * pk.hessian[1, 1],
+    )
+    det = axx * ayy - axy * axy
+    ixx, ixy, iyy = ayy / det, -axy / det, axx / det
+    var_x = ixx * ixx * sxx + 2 * ixx * ixy * sxy + ixy * ixy * syy
+    var_y = ixy * ixy * sxx + 2 * ixy * iyy * sxy + iyy * iyy * syy
+    return jnp.sqrt(jnp.stack([var_x, var_y]))
 
 
 def _measure_one(
@@ -229,10 +297,14 @@ def _measure_one(
 
     ny = jnp.clip(shape[0], 0, h)
     nx = jnp.clip(shape[1], 0, w)
-    lo_y, hi_y = _lag_window(ny, h, radius)
-    lo_x, hi_x = _lag_window(nx, w, radius)
+    lo_y, hi_y = _lag_window(ny, h)
+    lo_x, hi_x = _lag_window(nx, w)
     lo = jnp.stack([lo_x, lo_y]).astype(jnp.int32)
     hi = jnp.stack([hi_x, hi_y]).astype(jnp.int32)
+    lo_y, hi_y = _search_window(lo_y, hi_y, h, radius)
+    lo_x, hi_x = _search_window(lo_x, hi_x, w, radius)
+    search_lo = jnp.stack([lo_x, lo_y]).astype(jnp.int32)
+    search_hi = jnp.stack([hi_x, hi_y]).astype(jnp.int32)
 
     # Argmax on the interlaced grid without building it: fine row 2p + b,
     # fine column 2q + a of map k = a + 2b.
@@ -259,34 +331,24 @@ def _measure_one(
     rows = jnp.clip(start[1] + jnp.arange(fit_box), 0, 2 * h - 1)
     which = (cols % 2)[None, :] + 2 * (rows % 2)[:, None]
     values = kmaps[which, (rows // 2)[:, None], (cols // 2)[None, :]]
-    pk = refine_box(values, start, guess, top, lo, hi, exact_original=exact)
+    pk = refine_box(
+        values,
+        start,
+        guess,
+        top,
+        lo,
+        hi,
+        exact_original=exact,
+        search_lo=search_lo,
+        search_hi=search_hi,
+    )
 
     centre = jnp.array([(w - 1) // 2, (h - 1) // 2], dtype=dtype)
     dxdy = 0.5 * pk.xy - centre
 
-    # Error from the curvature: Cov = H^-1 G H^-1 with H the lag Hessian
-    # (image px) and G = v * sum(grad B grad B^T) the covariance of the
-    # correlation gradient for white noise of variance v per pixel.
-    gx = 2.0 * (blots_n[1] - blots_n[0])
-    gy = 2.0 * (blots_n[2] - blots_n[0])
-    both = blot_valid[0] & blot_valid[1] & blot_valid[2]
-    sxx = jnp.sum(jnp.where(both, gx * gx, 0))
-    syy = jnp.sum(jnp.where(both, gy * gy, 0))
-    sxy = jnp.sum(jnp.where(both, gx * gy, 0))
+    sigma = _peak_error(ref_n, blots_n, ref_valid, blot_valid, pk, lo, hi)
     r2 = jnp.sum(ref_n * ref_n)
     b2 = jnp.mean(jnp.sum(blots_n * blots_n, axis=(-2, -1)))
-    n_ref = jnp.sum(ref_valid)
-    noise = jnp.maximum(r2 - pk.height**2 / _safe(b2), 0) / jnp.maximum(n_ref - 1, 1)
-    hxx, hxy, hyy = (
-        4.0 * pk.hessian[0, 0],
-        4.0 * pk.hessian[0, 1],
-        4.0 * pk.hessian[1, 1],
-    )
-    det = hxx * hyy - hxy * hxy
-    ixx, ixy, iyy = hyy / det, -hxy / det, hxx / det
-    var_x = noise * (ixx * ixx * sxx + 2 * ixx * ixy * sxy + ixy * ixy * syy)
-    var_y = noise * (ixy * ixy * sxx + 2 * ixy * iyy * sxy + iyy * iyy * syy)
-    sigma = jnp.sqrt(jnp.stack([var_x, var_y]))
     quality = pk.height / jnp.sqrt(_safe(r2 * b2))
 
     empty = ~norm_ok | (ny < 1) | (nx < 1)
@@ -415,7 +477,7 @@ def find_displacements(
     padding changes no result. Sources are processed in vmapped chunks of
     :data:`CHUNK` inside one compiled call; data problems are reported in
     ``flags`` and never affect other sources. The correlation uses rFFTs of
-    length ``>= n + (n - 1) // 2`` per axis (see :func:`fft_shape`).
+    length ``>= n + n // 2`` per axis (see :func:`fft_shape`).
 
     Deviations from the original (``exact_original=False``): validity masks
     replace the "pixels equal to zero" rule, invalid image pixels are set to

@@ -1,0 +1,88 @@
+"""Known sub-pixel shifts recovered at the standard conditions (ACCURACY.md)."""
+
+import numpy as np
+import pytest
+
+from subpixal_jax.accuracy import KINDS, cramer_rao_bound, make_case
+from subpixal_jax.core.xcorr import find_displacements
+
+SIZE = 25
+TRIALS = 200
+#: Required per-axis RMS error (px) at each peak S/N.
+LIMITS = {20: 0.030, 100: 0.0075, 1000: 0.0045}
+#: Two standard errors of an RMS estimated from 2 * TRIALS samples.
+SAMPLING = 2.0 / np.sqrt(4 * TRIALS)
+
+
+@pytest.fixture(scope="module")
+def results():
+    """One batched call per (kind, S/N) case, all in one bucket shape."""
+    table = {}
+    for kind in KINDS:
+        for snr in LIMITS:
+            rng = np.random.default_rng(2024 + snr)
+            cases = [make_case(kind, snr, SIZE, rng) for _ in range(TRIALS)]
+            refs = np.stack([c.image for c in cases]).astype(np.float32)
+            blots = np.stack([c.refs for c in cases]).astype(np.float32)
+            out = find_displacements(refs, blots)
+            err = np.asarray(out.dxdy) + np.stack([c.shift for c in cases])
+            crb = np.stack([cramer_rao_bound(c.params, SIZE) for c in cases])
+            table[kind, snr] = {
+                "flags": np.asarray(out.flags),
+                "rms": float(np.sqrt(np.mean(err**2))),
+                "rms_xy": np.sqrt(np.mean(err**2, axis=0)),
+                "crb": float(np.sqrt(np.mean(crb**2))),
+                "sigma": float(np.sqrt(np.mean(np.asarray(out.sigma) ** 2))),
+            }
+    print(f"\nper-axis RMS error, {SIZE}x{SIZE}, {TRIALS} trials per case")
+    print("kind      S/N   RMS(x, y)          CRB      RMS/CRB  sigma")
+    for (kind, snr), r in table.items():
+        print(
+            f"{kind:9s} {snr:4d}  {r['rms_xy'][0]:.4f} {r['rms_xy'][1]:.4f}  "
+            f"{r['crb']:.4f}  {r['rms'] / r['crb']:6.2f}  {r['sigma']:.4f}"
+        )
+    return table
+
+
+@pytest.mark.parametrize("snr", sorted(LIMITS))
+def test_known_shifts_recovered(results, snr):
+    rms = [results[kind, snr]["rms"] for kind in KINDS]
+    # Mean over the source types (as in ACCURACY.md) within the limit ...
+    assert np.sqrt(np.mean(np.square(rms))) <= LIMITS[snr]
+    for kind in KINDS:
+        r = results[kind, snr]
+        assert np.all(r["flags"] == 0)
+        # ... and every type within it up to the sampling error of 200 trials.
+        assert r["rms"] <= LIMITS[snr] * (1 + SAMPLING)
+        # Never better than the Cramér–Rao bound (a sanity check of both).
+        assert r["rms"] >= 0.9 * r["crb"]
+
+
+@pytest.mark.parametrize("snr", sorted(LIMITS))
+def test_sigma_tracks_measured_error(results, snr):
+    for kind in KINDS:
+        r = results[kind, snr]
+        assert 0.7 < r["sigma"] / r["rms"] < 1.5
+
+
+def test_crb_matches_accuracy_notes():
+    # ACCURACY.md: mean bound 0.0258 / 0.0044 / 0.0004 px over kinds and sizes.
+    rng = np.random.default_rng(0)
+    for snr, expected in ((20, 0.0258), (100, 0.0044)):
+        crb = [
+            cramer_rao_bound(make_case(kind, snr, n, rng).params, n)
+            for kind in KINDS
+            for n in (25, 41)
+            for _ in range(10)
+        ]
+        assert np.sqrt(np.mean(np.square(crb))) == pytest.approx(expected, rel=0.15)
+
+
+def test_make_case_validates():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="kind"):
+        make_case("airy", 20, 25, rng)
+    with pytest.raises(ValueError, match="snr"):
+        make_case("gaussian", 0, 25, rng)
+    with pytest.raises(ValueError, match="n must"):
+        make_case("gaussian", 20, 3, rng)
