@@ -26,7 +26,8 @@ def results():
             blots = np.stack([c.refs for c in cases]).astype(np.float32)
             out = find_displacements(refs, blots)
             err = np.asarray(out.dxdy) + np.stack([c.shift for c in cases])
-            crb = np.stack([cramer_rao_bound(c.params, SIZE) for c in cases])
+            # The bound varies smoothly between cases: 50 of them suffice.
+            crb = np.stack([cramer_rao_bound(c.params, SIZE) for c in cases[:50]])
             table[kind, snr] = {
                 "flags": np.asarray(out.flags),
                 "rms": float(np.sqrt(np.mean(err**2))),

@@ -256,6 +256,8 @@ def test_jit_equals_eager_and_vmap_equals_loop(source_batch):
     np.testing.assert_allclose(eager.dxdy, batch.dxdy[:1], atol=1e-5)
     loop = np.array([find_displacement(refs[k], *blots[k]) for k in range(N)])
     np.testing.assert_allclose(loop, batch.dxdy, atol=1e-6)
+    vmapped = jax.vmap(find_displacement)(refs, *np.moveaxis(blots, 1, 0))
+    np.testing.assert_allclose(np.stack(vmapped, axis=1), loop, atol=1e-6)
 
 
 def test_no_recompilation_for_same_bucket(source_batch):

@@ -187,16 +187,52 @@ def _normalise(ref, blots, ref_valid, blot_valid, cc_type):
     return ref, blots, (pool_std > 0) & (ref_std > 0)
 
 
-def _correlate_same(ref, blots, lengths):
-    """Correlate ``ref`` (H, W) with blots (K, H, W) at the 'same' lags."""
+def _lag_extent(big, radius, fit_box):
+    """Return the static ``(first, count)`` of the 'same'-layout lags needed.
+
+    With a search radius only the lags within ``ceil(radius)`` plus the
+    reach of the fit box are needed.
+    """
+    if radius is None:
+        return 0, big
+    centre = (big - 1) // 2
+    reach = math.ceil(radius) + fit_box // 2
+    first = max(0, centre - reach)
+    return first, min(big - 1, centre + reach) - first + 1
+
+
+def _inverse_dft_rows(first, count, length, dtype, half=False):
+    """Matrix evaluating an inverse DFT of ``length`` at ``count`` outputs."""
+    k = jnp.arange(length // 2 + 1 if half else length)
+    j = jnp.arange(first, first + count)
+    phase = (jnp.outer(k, j) % length).astype(dtype) * (2 * math.pi / length)
+    weight = jnp.ones(k.shape, dtype) / length
+    if half:  # Hermitian half spectrum: interior bins count twice
+        weight = jnp.where((k == 0) | (2 * k == length), weight, 2 * weight)
+    return jax.lax.complex(jnp.cos(phase), jnp.sin(phase)) * weight[:, None]
+
+
+def _correlate_same(ref, blots, lengths, extent=None):
+    """Correlate ``ref`` (H, W) with blots (K, H, W) at the 'same' lags.
+
+    ``extent = ((first_y, count_y), (first_x, count_x))`` (static) returns
+    only that window of the 'same' map, evaluated by a partial inverse DFT.
+    """
     h, w = ref.shape
     ly, lx = lengths
     cy, cx = (h - 1) // 2, (w - 1) // 2
     fr = jnp.fft.rfft2(ref, s=(ly, lx))
     padded = jnp.pad(blots, ((0, 0), (cy, ly - h - cy), (cx, lx - w - cx)))
-    fb = jnp.fft.rfft2(padded)
-    out = jnp.fft.irfft2(fb * jnp.conj(fr)[None], s=(ly, lx))
-    return out[:, :h, :w].astype(ref.dtype)
+    product = jnp.fft.rfft2(padded) * jnp.conj(fr)[None]
+    if extent is None or extent == ((0, h), (0, w)):
+        out = jnp.fft.irfft2(product, s=(ly, lx))[:, :h, :w]
+    else:
+        (fy, my), (fx, mx) = extent
+        rows = _inverse_dft_rows(fy, my, ly, ref.dtype)
+        cols = _inverse_dft_rows(fx, mx, lx, ref.dtype, half=True)
+        out = jnp.einsum("ky,bkl->byl", rows, product)
+        out = jnp.real(jnp.einsum("byl,lx->byx", out, cols))
+    return out.astype(ref.dtype)
 
 
 def _interlace(k00, k10, k01, k11):
@@ -293,7 +329,11 @@ def _measure_one(
     if exact:
         blot_valid = blot_valid & (blots != 0)
     ref_n, blots_n, norm_ok = _normalise(ref, blots, ref_valid, blot_valid, cc_type)
-    kmaps = _correlate_same(ref_n, blots_n, fft_shape((h, w)))
+    (fy, my), (fx, mx) = extent = (
+        _lag_extent(h, radius, fit_box),
+        _lag_extent(w, radius, fit_box),
+    )
+    kmaps = _correlate_same(ref_n, blots_n, fft_shape((h, w)), extent)
 
     ny = jnp.clip(shape[0], 0, h)
     nx = jnp.clip(shape[1], 0, w)
@@ -307,9 +347,10 @@ def _measure_one(
     search_hi = jnp.stack([hi_x, hi_y]).astype(jnp.int32)
 
     # Argmax on the interlaced grid without building it: fine row 2p + b,
-    # fine column 2q + a of map k = a + 2b.
-    fine_r = 2 * jnp.arange(h)[None, :] + jnp.arange(2)[:, None]
-    fine_c = 2 * jnp.arange(w)[None, :] + jnp.arange(2)[:, None]
+    # fine column 2q + a of map k = a + 2b ('same'-layout p, q; the maps
+    # hold rows fy .. fy + my - 1 and columns fx .. fx + mx - 1).
+    fine_r = 2 * jnp.arange(fy, fy + my)[None, :] + jnp.arange(2)[:, None]
+    fine_c = 2 * jnp.arange(fx, fx + mx)[None, :] + jnp.arange(2)[:, None]
     row_ok = (fine_r >= lo_y) & (fine_r <= hi_y)
     col_ok = (fine_c >= lo_x) & (fine_c <= hi_x)
     valid4 = jnp.stack(
@@ -327,10 +368,10 @@ def _measure_one(
     guess = jnp.stack([index % (2 * w), index // (2 * w)]).astype(jnp.int32)
 
     start = box_start(guess, lo, hi, fit_box)
-    cols = jnp.clip(start[0] + jnp.arange(fit_box), 0, 2 * w - 1)
-    rows = jnp.clip(start[1] + jnp.arange(fit_box), 0, 2 * h - 1)
+    cols = jnp.clip(start[0] + jnp.arange(fit_box), 2 * fx, 2 * (fx + mx) - 1)
+    rows = jnp.clip(start[1] + jnp.arange(fit_box), 2 * fy, 2 * (fy + my) - 1)
     which = (cols % 2)[None, :] + 2 * (rows % 2)[:, None]
-    values = kmaps[which, (rows // 2)[:, None], (cols // 2)[None, :]]
+    values = kmaps[which, (rows // 2 - fy)[:, None], (cols // 2 - fx)[None, :]]
     pk = refine_box(
         values,
         start,
@@ -456,7 +497,10 @@ def find_displacements(
     search_radius : float, optional
         Static. Search the peak only among lags with ``|dx|, |dy| <=
         search_radius`` image pixels (a square window); None searches every
-        lag of each cutout.
+        lag of each cutout. Only the lags within ``ceil(search_radius) +
+        fit_box // 2`` are computed (a partial inverse DFT instead of the
+        full inverse FFT); within the radius the results equal those of a
+        full search.
 
     Returns
     -------
