@@ -348,7 +348,10 @@ def find_peak(
       ``VERTEX_OUTSIDE``.
 
     ``exact_original=True`` keeps the fit in centred coordinates; the
-    result equals the original's to rounding.
+    result equals the original's to rounding. In both modes a map (or lag
+    window) narrower than ``fit_box`` returns the integer argmax flagged
+    ``TOO_FEW_POINTS``; the original fitted the truncated box when it held
+    at least 6 points (only possible for cutouts under 3 px).
 
     Examples
     --------

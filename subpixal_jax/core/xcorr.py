@@ -221,11 +221,16 @@ def _correlate_same(ref, blots, lengths, extent=None):
     h, w = ref.shape
     ly, lx = lengths
     cy, cx = (h - 1) // 2, (w - 1) // 2
-    fr = jnp.fft.rfft2(ref, s=(ly, lx))
-    padded = jnp.pad(blots, ((0, 0), (cy, ly - h - cy), (cx, lx - w - cx)))
-    product = jnp.fft.rfft2(padded) * jnp.conj(fr)[None]
+    # Separable transforms that skip the all-zero padded rows: rfft along x
+    # on the H data rows, then the full FFT along y; inverse along y first,
+    # keeping only the H 'same' rows before the inverse along x.
+    fr = jnp.fft.fft(jnp.fft.rfft(ref, n=lx, axis=-1), n=ly, axis=-2)
+    fb = jnp.fft.rfft(jnp.pad(blots, ((0, 0), (0, 0), (cx, lx - w - cx))), axis=-1)
+    fb = jnp.fft.fft(jnp.pad(fb, ((0, 0), (cy, ly - h - cy), (0, 0))), axis=-2)
+    product = fb * jnp.conj(fr)[None]
     if extent is None or extent == ((0, h), (0, w)):
-        out = jnp.fft.irfft2(product, s=(ly, lx))[:, :h, :w]
+        out = jnp.fft.ifft(product, axis=-2)[:, :h]
+        out = jnp.fft.irfft(out, n=lx, axis=-1)[:, :, :w]
     else:
         (fy, my), (fx, mx) = extent
         rows = _inverse_dft_rows(fy, my, ly, ref.dtype)
