@@ -58,8 +58,10 @@ class Displacements(NamedTuple):
         :class:`~subpixal_jax.core.peak.PeakFlag` bits; 0 = good.
     sigma : Array, shape (N, 2)
         Approximate 1-sigma error of ``(dx, dy)`` (image pixels) from the
-        curvature of the fitted peak and the noise of the correlation; NaN
-        when the fit was rejected.
+        curvature of the fitted peak and per-pixel residuals of the exposure
+        against the matched blot (noise plus model mismatch); NaN when the
+        fit was rejected. On the standard cases it is 1.0–1.3x the measured
+        RMS error.
     peak : Array, shape (N,)
         Height of the fitted correlation peak (units of ``cc_type``).
     quality : Array, shape (N,)
