@@ -133,6 +133,7 @@ def test_batch_matches_tweakwcs(geom):
                     sigma_stat=sigma_stat,
                     clip_accum=clip_accum,
                 )
+                fits = jax.tree.map(np.asarray, fits)
                 for b, (cxy, cuv, cw) in enumerate(cases):
                     ref = twl.iter_linear_fit(
                         cxy,
@@ -143,7 +144,7 @@ def test_batch_matches_tweakwcs(geom):
                         sigma=(2.5, sigma_stat),
                         clip_accum=clip_accum,
                     )
-                    ours = jax.tree.map(lambda a, b=b: np.asarray(a)[b], fits)
+                    ours = jax.tree.map(lambda a, b=b: a[b], fits)
                     ctx = f"{geom} nclip={nclip} accum={clip_accum} w={weighted} b={b}"
                     _assert_matches_tweakwcs(ours, ref, len(cxy), ctx)
                     checked += ref["eff_nclip"] > 0

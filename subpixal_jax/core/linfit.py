@@ -180,8 +180,10 @@ class _Solution(NamedTuple):
 
     params: jax.Array  # (P,)
     flip: jax.Array  # () +1 proper, -1 reflected (rshift/rscale only)
-    resids: jax.Array  # (N, 2)
+    resids: jax.Array  # (2, N)
     stats: jax.Array  # (3,) in SIGMA_STATS order
+    moments: jax.Array  # (5,) Σŵu, Σŵv, Σŵu², Σŵuv, Σŵv² of the fitted uv
+    npts: jax.Array  # () number of fitted points
     status: jax.Array  # () int32
 
 
@@ -265,51 +267,47 @@ def _matrix(fitgeom: str, params: jax.Array, flip: jax.Array) -> jax.Array:
     return mag * jnp.stack([jnp.stack([c, s]), jnp.stack([-flip * s, flip * c])])
 
 
-def _predict(
-    fitgeom: str, params: jax.Array, flip: jax.Array, uv: jax.Array
-) -> jax.Array:
-    """Model positions ``M uv + s`` (both frames centred on ``c``)."""
-    return uv @ _matrix(fitgeom, params, flip).T + params[None, :2]
-
-
 def _solve(
-    fitgeom: str, xy: jax.Array, uv: jax.Array, w: jax.Array, weighted: jax.Array
+    fitgeom: str,
+    pts: jax.Array,
+    w: jax.Array,
+    finite: jax.Array,
+    weighted: jax.Array,
 ) -> _Solution:
-    """Fit points with ``w > 0``; ``xy``/``uv`` are centred on ``c``."""
+    """Fit the points with ``w > 0``.
+
+    ``pts`` has shape (4, N) with rows ``x, y, u, v`` (a planar layout keeps
+    every sum one contiguous, stacked reduction), centred on ``c`` and
+    finite; ``finite`` marks the points whose input was. ``w`` is 0 for every
+    point left out.
+    """
     use = w > 0
     npts = jnp.sum(use)
-    w = jnp.where(use, w, 0.0)
     sw = jnp.sum(w)
     wn = w / jnp.where(sw > 0, sw, 1.0)
-    xyf = jnp.where(use[:, None], xy, 0.0)
-    uvf = jnp.where(use[:, None], uv, 0.0)
-    mxy = wn @ xyf
-    muv = wn @ uvf
-    dx = xyf - mxy[None, :]
-    du = uvf - muv[None, :]
-    wdu = du * wn[:, None]
-    cuu = wdu.T @ du  # [[Σŵu², Σŵuv], [Σŵuv, Σŵv²]]
-    cux = wdu.T @ dx  # cux[i, j] = Σ ŵ du_i dx_j
-    spread = wn @ jnp.sum(uvf * uvf, axis=1)
-    trace = cuu[0, 0] + cuu[1, 1]
-    flip = jnp.ones((), dtype=xy.dtype)
+    mx, my, mu, mv = jnp.sum(pts * wn[None, :], axis=1)
+    # Centred again on the weighted means before forming second moments.
+    dx, dy, du, dv = pts - jnp.stack([mx, my, mu, mv])[:, None]
+    products = jnp.stack(
+        [du * du, du * dv, dv * dv, dx * du, dx * dv, dy * du, dy * dv]
+    )
+    suu, suv, svv, sxu, sxv, syu, syv = jnp.sum(products * wn[None, :], axis=1)
+    x, y, u, v = pts
+    spread = suu + svv + mu * mu + mv * mv  # Σ ŵ‖uv‖²
+    trace = suu + svv
+    flip = jnp.ones((), dtype=pts.dtype)
 
     if fitgeom == "shift":
-        shift = mxy - muv
-        params = shift
+        mat = jnp.eye(2, dtype=pts.dtype)
         singular = jnp.zeros((), dtype=bool)
     elif fitgeom == "general":
-        det = cuu[0, 0] * cuu[1, 1] - cuu[0, 1] * cuu[1, 0]
+        det = suu * svv - suv * suv
         singular = (trace <= SINGULAR_RTOL * spread) | (det <= SINGULAR_RTOL * trace**2)
-        adj = jnp.stack(
-            [jnp.stack([cuu[1, 1], -cuu[0, 1]]), jnp.stack([-cuu[1, 0], cuu[0, 0]])]
-        )
-        mat = (adj @ cux).T / det
-        shift = mxy - mat @ muv
-        params = jnp.concatenate([shift, mat.reshape(4)])
+        # Rows of M solve [[suu, suv], [suv, svv]] · row = (s?u, s?v).
+        p0, p1 = (svv * sxu - suv * sxv) / det, (suu * sxv - suv * sxu) / det
+        q0, q1 = (svv * syu - suv * syv) / det, (suu * syv - suv * syu) / det
+        mat = jnp.stack([jnp.stack([p0, p1]), jnp.stack([q0, q1])])
     else:
-        sxu, syu = cux[0, 0], cux[0, 1]
-        sxv, syv = cux[1, 0], cux[1, 1]
         reflected = sxu * syv - sxv * syu < 0
         flip = jnp.where(reflected, -1.0, 1.0)
         num = jnp.where(reflected, sxv + syu, sxv - syu)
@@ -320,43 +318,64 @@ def _solve(
         if fitgeom == "rscale":
             rad = jnp.deg2rad(theta)
             angle.append((den * jnp.cos(rad) + num * jnp.sin(rad)) / trace)
-        partial = jnp.concatenate([jnp.zeros(2, dtype=xy.dtype), jnp.stack(angle)])
+        partial = jnp.concatenate([jnp.zeros(2, dtype=pts.dtype), jnp.stack(angle)])
         mat = _matrix(fitgeom, partial, flip)
-        shift = mxy - mat @ muv
+    shift = jnp.stack(
+        [
+            mx - mat[0, 0] * mu - mat[0, 1] * mv,
+            my - mat[1, 0] * mu - mat[1, 1] * mv,
+        ]
+    )
+    if fitgeom == "general":
+        params = jnp.concatenate([shift, mat.reshape(4)])
+    elif fitgeom == "shift":
+        params = shift
+    else:
         params = partial.at[:2].set(shift)
 
-    resids = xy - _predict(fitgeom, params, flip, uv)
-    stats = _statistics(resids, use, wn, npts, weighted)
-    finite = jnp.all(jnp.isfinite(params))
-    status = jnp.where(
-        npts < FITGEOM_MIN_POINTS[fitgeom],
-        FitStatus.NOT_ENOUGH_POINTS,
-        jnp.where(
+    rx = x - (mat[0, 0] * u + mat[0, 1] * v + shift[0])
+    ry = y - (mat[1, 0] * u + mat[1, 1] * v + shift[1])
+    # Points left out may be anywhere (even overflow): keep them out of sums.
+    stats = _statistics(
+        jnp.where(use, rx, 0.0), jnp.where(use, ry, 0.0), wn, npts, weighted
+    )
+    status = jnp.select(
+        [
+            npts < FITGEOM_MIN_POINTS[fitgeom],
+            jnp.any(use & ~finite),
             singular,
+            ~jnp.all(jnp.isfinite(params)),
+        ],
+        [
+            FitStatus.NOT_ENOUGH_POINTS,
+            FitStatus.NON_FINITE,
             FitStatus.SINGULAR,
-            jnp.where(finite, FitStatus.OK, FitStatus.NON_FINITE),
-        ),
+            FitStatus.NON_FINITE,
+        ],
+        FitStatus.OK,
     ).astype(jnp.int32)
-    return _Solution(params, flip, resids, stats, status)
+    resids = jnp.where(finite[None, :], jnp.stack([rx, ry]), jnp.nan)
+    moments = jnp.stack([mu, mv, suu + mu * mu, suv + mu * mv, svv + mv * mv])
+    return _Solution(params, flip, resids, stats, moments, npts, status)
 
 
 def _statistics(
-    resids: jax.Array,
-    use: jax.Array,
+    rx: jax.Array,
+    ry: jax.Array,
     wn: jax.Array,
     npts: jax.Array,
     weighted: jax.Array,
 ) -> jax.Array:
-    """``(rmse, mae, std)`` of the fitted residuals (SPEC §6.3)."""
-    r = jnp.where(use[:, None], resids, 0.0)
-    norm2 = jnp.sum(r * r, axis=1)
-    rmse = jnp.sqrt(wn @ norm2)
-    mae = wn @ jnp.sqrt(norm2)
-    dev = r - (wn @ r)[None, :]
-    var = wn @ jnp.sum(dev * dev, axis=1)
+    """``(rmse, mae, std)`` of the residuals, ``wn`` summing to 1 (SPEC §6.3)."""
+    norm2 = rx * rx + ry * ry
+    terms = jnp.stack([norm2, jnp.sqrt(norm2), rx, ry, wn])
+    ms, mae, mrx, mry, v2 = jnp.sum(terms * wn[None, :], axis=1)
+    rmse = jnp.sqrt(ms)
+    # One pass: the weighted mean residual of a fit with a free shift is ~0.
+    var = jnp.maximum(ms - mrx * mrx - mry * mry, 0.0)
     # Reliability-weights correction (tweakwcs), 0 for a single point.
     several = npts > 1
-    corr = jnp.where(several, 1.0 - jnp.sum(wn * wn), 1.0)
+    corr = jnp.where(several, 1.0 - v2, 1.0)
     std_w = jnp.where(several, jnp.sqrt(var / corr), 0.0)
     std = jnp.where(weighted, std_w, jnp.sqrt(var))
     return jnp.stack([rmse, mae, std])
@@ -374,25 +393,59 @@ def _rot_scale(matrix: jax.Array) -> jax.Array:
     )
 
 
+def _spd_inverse(a: jax.Array) -> jax.Array:
+    """Invert a small symmetric positive-definite matrix (Gauss-Jordan).
+
+    Unrolled over the (static, <= 6) size with whole-row updates; no pivoting
+    is needed for a positive-definite matrix. Much cheaper under ``vmap`` on
+    XLA:CPU than the batched LAPACK path of :func:`jax.numpy.linalg.inv`.
+    """
+    n = a.shape[0]
+    aug = jnp.concatenate([a, jnp.eye(n, dtype=a.dtype)], axis=1)
+    for k in range(n):
+        row = aug[k] / aug[k, k]
+        aug = (aug - aug[:, k : k + 1] * row[None, :]).at[k].set(row)
+    return aug[:, n:]
+
+
 def _covariance(
-    fitgeom: str, sol: _Solution, uv: jax.Array, w: jax.Array
+    fitgeom: str, sol: _Solution
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Parameter covariance and the 1-sigma shift, rotation and scale errors."""
-    use = w > 0
-    npts = jnp.sum(use)
-    w = jnp.where(use, w, 0.0)
-    wn = w / jnp.where(jnp.sum(w) > 0, jnp.sum(w), 1.0)
-    uvf = jnp.where(use[:, None], uv, 0.0)
-    jac = jax.jacfwd(lambda p: _predict(fitgeom, p, sol.flip, uvf))(sol.params)
-    normal = jnp.einsum("k,kip,kiq->pq", wn, jac, jac)
+    """Parameter covariance and the 1-sigma shift, rotation and scale errors.
+
+    The model ``M(p)·uv + s`` is linear in ``uv``, so its Jacobian for point
+    ``k`` is ``J_k = E + D·uv_k`` with ``E`` selecting the shift and ``D =
+    ∂M/∂p``; ``Σ w_k J_kᵀ J_k`` then needs only the weighted first and
+    second moments of ``uv``, which the fit already computed.
+    """
+    m1 = sol.moments[:2]
+    m2 = jnp.stack(
+        [
+            jnp.stack([sol.moments[2], sol.moments[3]]),
+            jnp.stack([sol.moments[3], sol.moments[4]]),
+        ]
+    )
     nparams = FITGEOM_NPARAMS[fitgeom]
-    dof = 2 * npts - nparams
+    # Tiny products are written as broadcasts and sums: under vmap, XLA:CPU
+    # runs batched dot_generals of 2x2..6x6 matrices one image at a time.
+    dmat = jax.jacfwd(lambda p: _matrix(fitgeom, p, sol.flip))(sol.params)  # (2,2,P)
+    dm1 = jnp.sum(dmat * m1[None, :, None], axis=1)  # (2, P): D_j · m1
+    cross = jnp.zeros((nparams, nparams), dtype=m1.dtype).at[:2].set(dm1)
+    dm2 = jnp.sum(dmat[:, :, None, :] * m2[None, :, :, None], axis=1)  # (2, 2, P)
+    normal = (
+        jnp.sum(dm2[:, :, :, None] * dmat[:, :, None, :], axis=(0, 1))
+        + cross
+        + cross.T
+        + jnp.diag((jnp.arange(nparams) < 2).astype(m1.dtype))
+    )
+    dof = 2 * sol.npts - nparams
     variance = jnp.where(dof > 0, sol.stats[0] ** 2 / jnp.maximum(dof, 1), jnp.nan)
-    cov = variance * jnp.linalg.inv(normal)
+    # Σ ŵ‖r‖² = rmse²; with weights normalised to 1 this is σ̂²·(2n − P).
+    cov = variance * _spd_inverse(normal)
     derived = jax.jacfwd(lambda p: _rot_scale(_matrix(fitgeom, p, sol.flip)))(
         sol.params
     )
-    dvar = jnp.einsum("ip,pq,iq->i", derived, cov, derived)
+    dvar = jnp.sum(derived[:, :, None] * cov[None, :, :] * derived[:, None, :], (1, 2))
     errs = jnp.sqrt(jnp.maximum(dvar, 0.0))
     shift_err = jnp.sqrt(jnp.maximum(jnp.diagonal(cov)[:2], 0.0))
     return cov, shift_err, errs[:2], errs[2:]
@@ -460,11 +513,18 @@ def _iter_fit(
     """Run the clipping loop of SPEC §6.4 on one image, in fixed shapes."""
     minobj = FITGEOM_MIN_POINTS[fitgeom]
     wmask = valid & (weights > 0)
-    xyc = jnp.where(valid[:, None], xy - center[None, :], 0.0)
-    uvc = jnp.where(valid[:, None], uv - center[None, :], 0.0)
+    xyc = xy - center[None, :]
+    uvc = uv - center[None, :]
+    # Non-finite input is zeroed once here; a fit that uses it is NON_FINITE.
+    finite = jnp.all(jnp.isfinite(xyc) & jnp.isfinite(uvc), axis=1) | ~valid
+    ok_in = (valid & finite)[:, None]
+    pts = jnp.where(ok_in, jnp.concatenate([xyc, uvc], axis=1), 0.0).T
+    # Materialise the planar copy once, rather than let XLA fuse the
+    # transpose into (and repeat it in) every reduction of every pass.
+    pts = jax.lax.optimization_barrier(pts)
 
     def fit(mask: jax.Array) -> _Solution:
-        return _solve(fitgeom, xyc, uvc, jnp.where(mask, weights, 0.0), weighted)
+        return _solve(fitgeom, pts, jnp.where(mask, weights, 0.0), finite, weighted)
 
     # With exactly the minimum number of points there is nothing to clip.
     limit = jnp.where(jnp.sum(wmask) == minobj, 0, nclip)
@@ -475,7 +535,7 @@ def _iter_fit(
         i, trial, _, _, eff, _ = state
         sol = fit(trial)
         cutoff = nsigma * sol.stats[stat_index]
-        keep = jnp.sqrt(jnp.sum(sol.resids * sol.resids, axis=1)) < cutoff
+        keep = jnp.sqrt(sol.resids[0] ** 2 + sol.resids[1] ** 2) < cutoff
         stop = (
             (i >= limit)
             | (sol.status != FitStatus.OK)
@@ -495,8 +555,7 @@ def _iter_fit(
     state = (zero, wmask, wmask, blank, zero, jnp.zeros((), bool))
     _, _, mask, sol, eff, _ = jax.lax.while_loop(lambda s: ~s[-1], body, state)
 
-    fitw = jnp.where(mask, weights, 0.0)
-    cov, shift_err, rot_err, scale_err = _covariance(fitgeom, sol, uvc, fitw)
+    cov, shift_err, rot_err, scale_err = _covariance(fitgeom, sol)
     matrix = _matrix(fitgeom, sol.params, sol.flip)
     ok = sol.status == FitStatus.OK
 
@@ -517,7 +576,7 @@ def _iter_fit(
         rmse=nan_unless_ok(sol.stats[0]),
         mae=nan_unless_ok(sol.stats[1]),
         std=nan_unless_ok(sol.stats[2]),
-        resids=jnp.where(valid[:, None], nan_unless_ok(sol.resids), 0.0),
+        resids=jnp.where(valid[:, None], nan_unless_ok(sol.resids.T), 0.0),
         fitmask=mask,
         center=center,
         eff_nclip=eff,
@@ -526,7 +585,7 @@ def _iter_fit(
         rot_err=nan_unless_ok(rot_err),
         scale_err=nan_unless_ok(scale_err),
         status=sol.status,
-        npoints=jnp.sum(mask).astype(jnp.int32),
+        npoints=sol.npts.astype(jnp.int32),
     )
 
 
