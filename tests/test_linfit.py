@@ -421,6 +421,16 @@ def test_bad_data_gives_status_not_silent_nan():
     np.testing.assert_array_equal(fits.npoints[:2], [2, 0])
 
 
+@pytest.mark.parametrize("geom", ["rshift", "rscale"])
+def test_coincident_points_are_singular_for_rotations(geom):
+    xy, uv, w, valid, center = _standard_batch(seed=8)
+    uv[0] = 123.25  # every point at one place: no rotation can be found
+    fits = iter_linear_fit_batch(xy, uv, w, valid, center, fitgeom=geom)
+    assert int(fits.status[0]) == FitStatus.SINGULAR
+    assert np.isnan(fits.rot[0]).all()
+    np.testing.assert_array_equal(fits.status[1:], FitStatus.OK)
+
+
 def test_exactly_min_points_disables_clipping_and_has_nan_covariance():
     uv = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     xy = uv + np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 0.0]])

@@ -122,7 +122,7 @@ class LinearFit(NamedTuple):
         weights were given).
     resids : Array, shape (N, 2)
         ``xy − (M (uv − c) + c + s)`` for every valid point, clipped ones
-        included; 0 for padding.
+        included; NaN for a point with non-finite input; 0 for padding.
     fitmask : Array of bool, shape (N,)
         Points used in the final fit.
     center : Array, shape (2,)
