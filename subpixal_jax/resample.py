@@ -401,10 +401,15 @@ class DrizzleResample:
         self._wht: list[np.ndarray | None] = [None] * n
         self._S = np.zeros(self.output_shape, dtype=np.float64)
         self._W = np.zeros(self.output_shape, dtype=np.float64)
+        # DQ-only masks, so that cosmic-ray rejection can be redone from scratch
+        # once the WCSs are better aligned.
+        self._dq_valid = [[c.valid.copy() for c in e.chips] for e in self.exposures]
+        self._cr_options = (cr_sigma, cr_scale, read_noise)
+        self.cr_reject = bool(cr_reject)
         for i in range(n):
             self._set_contribution(i, *self._drizzle_exposure(i))
         if cr_reject:
-            self._reject_cosmic_rays(cr_sigma, cr_scale, read_noise)
+            self._reject_cosmic_rays(*self._cr_options)
         self._check_contributions()
         self._refresh()
 
@@ -615,7 +620,20 @@ class DrizzleResample:
         wht.flags.writeable = False
         self._sci, self._wht_total = sci, wht
 
-    def _reject_cosmic_rays(self, cr_sigma, cr_scale, read_noise):
+    def median_image(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the per-pixel median of the single-exposure drizzles.
+
+        Free of cosmic rays wherever at least 3 exposures cover a pixel, so
+        it is the image to detect sources in (AstroDrizzle's median step).
+
+        Returns
+        -------
+        median : numpy.ndarray
+            ``(ny, nx)`` float32, rate units, 0 where fewer than 3 exposures
+            cover.
+        covered : numpy.ndarray
+            ``(ny, nx)`` bool, True where at least 3 exposures cover.
+        """
         n = len(self.exposures)
         stack = np.full((n, *self.output_shape), np.nan, dtype=np.float32)
         for i in range(n):
@@ -629,7 +647,10 @@ class DrizzleResample:
             lo = np.take_along_axis(block, (c - 1) // 2, axis=0)[0]
             hi = np.take_along_axis(block, c // 2, axis=0)[0]
             median[r0 : r0 + 256] = np.where(enough[r0 : r0 + 256], 0.5 * (lo + hi), 0)
-        del stack
+        return median, enough
+
+    def _reject_cosmic_rays(self, cr_sigma, cr_scale, read_noise):
+        median, enough = self.median_image()
         cover = enough.astype(np.float32)
         struct = np.ones((3, 3), dtype=bool)
         total = 0
@@ -660,10 +681,54 @@ class DrizzleResample:
                     int(bad.sum()),
                 )
         log.info("cosmic-ray rejection flagged %d pixels in all", total)
-        for i in range(n):
+        for i in range(len(self.exposures)):
             self._set_contribution(i, *self._drizzle_exposure(i))
 
     # ---------------------------------------------------------------- API
+    def reject_cosmic_rays(self) -> None:
+        """Redo cosmic-ray rejection from the DQ masks with the current WCSs.
+
+        Rejection compares every exposure with the median of the others, so
+        it flags star cores when the exposures are misaligned by a pixel or
+        more. The alignment loop therefore reruns it after the WCSs have been
+        corrected. Needs at least 3 exposures.
+        """
+        if len(self.exposures) < 3:
+            msg = "cosmic-ray rejection needs at least 3 exposures, "
+            msg += f"got {len(self.exposures)}"
+            raise ValueError(msg)
+        for e, masks in zip(self.exposures, self._dq_valid, strict=True):
+            for c, mask in zip(e.chips, masks, strict=True):
+                c.valid = mask.copy()
+        for i in range(len(self.exposures)):
+            self._set_contribution(i, *self._drizzle_exposure(i))
+        self._reject_cosmic_rays(*self._cr_options)
+        self._refresh()
+
+    def leave_out(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Return the combination without the exposures ``indices``.
+
+        Parameters
+        ----------
+        indices : iterable of int
+            Exposures to leave out (duplicates are ignored).
+
+        Returns
+        -------
+        sci, wht : numpy.ndarray
+            ``(ny, nx)`` float32 image (rate units, 0 where no remaining
+            exposure covers) and weight of the remaining exposures.
+        """
+        w = self._W.copy()
+        s = self._S.copy()
+        for i in sorted({self._check_index(i) for i in indices}):
+            w -= self._wht[i]
+            s -= self._img[i].astype(np.float64) * self._wht[i]
+        good = w > 0
+        sci = np.zeros(self.output_shape, dtype=np.float32)
+        sci[good] = s[good] / w[good]
+        return sci, np.where(good, w, 0).astype(np.float32)
+
     @property
     def sci(self) -> np.ndarray:
         """Combined image ``(ny, nx)`` float32, rate units, 0 where uncovered.
@@ -714,13 +779,7 @@ class DrizzleResample:
             ``(ny, nx)`` float32 image (rate units, 0 where no other exposure
             covers) and weight of all the other exposures.
         """
-        i = self._check_index(i)
-        w = self._W - self._wht[i]
-        s = self._S - self._img[i].astype(np.float64) * self._wht[i]
-        good = w > 0
-        sci = np.zeros(self.output_shape, dtype=np.float32)
-        sci[good] = s[good] / w[good]
-        return sci, np.where(good, w, 0).astype(np.float32)
+        return self.leave_out([i])
 
     def update_wcs(self, i: int, wcs: Mapping[int, WCS]) -> None:
         """Give exposure *i*'s chips new WCSs and re-drizzle exposure *i* only.

@@ -221,7 +221,7 @@ def summary_row(iteration: int, image: ImageFit) -> dict[str, Any]:
         "dy_err": float(shift_err[1]),
         "rot_x": float(rot[0]),
         "rot_y": float(rot[1]),
-        "rot_err": float(fit.get("rot_err", math.nan)),
+        "rot_err": float(np.mean(fit.get("rot_err", math.nan))),
         "scale_x": float(scale[0]),
         "scale_y": float(scale[1]),
         "skew": float(fit.get("skew", math.nan)),
