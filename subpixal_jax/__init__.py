@@ -17,4 +17,27 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+from subpixal_jax.align import (
+    align_files,
+    align_images,
+    apply_solution,
+    find_linear_fit,
+    write_corrections,
+)
+from subpixal_jax.result import AlignmentResult, ImageFit, IterationResult
+from subpixal_jax.wcs import correct_wcs, update_exposure_wcs, update_image_wcs
+
+__all__ = [
+    "AlignmentResult",
+    "ImageFit",
+    "IterationResult",
+    "__version__",
+    "align_files",
+    "align_images",
+    "apply_solution",
+    "correct_wcs",
+    "find_linear_fit",
+    "update_exposure_wcs",
+    "update_image_wcs",
+    "write_corrections",
+]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -181,6 +182,11 @@ class AlignmentResult:
     final_wcs: list[dict[int, WCS]]
     names: list[str]
     summary: list[dict[str, Any]]
+    corrections: list[tuple[np.ndarray, np.ndarray] | None] = dataclasses.field(
+        default_factory=list
+    )
+    wcslin: WCS | None = None
+    center: np.ndarray | None = None
 
     @property
     def converged(self) -> bool:
@@ -188,10 +194,27 @@ class AlignmentResult:
         return self.status == "CONVERGED"
 
     def to_table(self) -> Table:
-        """Return the per-image, per-iteration summary as an astropy Table."""
+        """Return the per-image, per-iteration summary as an astropy Table.
+
+        The metadata holds the run's status and the solution: every image's
+        total correction (``matrix``, ``shift`` about ``center`` in the fit
+        frame, whose WCS header is ``wcslin``), so that it can be applied
+        again later (:func:`subpixal_jax.align.apply_solution`).
+        """
         table = Table(rows=self.summary) if self.summary else Table()
         table.meta["status"] = self.status
         table.meta["n_iterations"] = self.n_iterations
+        if self.wcslin is not None:
+            table.meta["wcslin"] = self.wcslin.to_header_string(relax=True)
+            table.meta["center"] = [float(v) for v in self.center]
+            table.meta["solution"] = {
+                Path(name).name: {
+                    "matrix": np.asarray(c[0], dtype=float).tolist(),
+                    "shift": np.asarray(c[1], dtype=float).tolist(),
+                }
+                for name, c in zip(self.names, self.corrections, strict=True)
+                if c is not None
+            }
         return table
 
     def write_summary(self, path) -> None:
@@ -229,3 +252,39 @@ def summary_row(iteration: int, image: ImageFit) -> dict[str, Any]:
         "mae": float(fit.get("mae", math.nan)),
         "irmse": float(image.irmse),
     }
+
+
+def read_solution(path) -> tuple[WCS, np.ndarray, dict]:
+    """Read the solution stored in a summary ECSV.
+
+    Parameters
+    ----------
+    path : path
+        An ECSV written by :meth:`AlignmentResult.write_summary`.
+
+    Returns
+    -------
+    wcslin : WCS
+        The fit frame.
+    center : ndarray, shape (2,)
+        Centre of the corrections (fit-frame pixels, 0-based).
+    corrections : dict
+        File name -> (matrix, shift).
+
+    Raises
+    ------
+    ValueError
+        If the file holds no solution.
+    """
+    meta = Table.read(path, format="ascii.ecsv").meta
+    if "solution" not in meta or "wcslin" not in meta:
+        msg = f"{path} holds no alignment solution (no 'solution'/'wcslin' metadata)"
+        raise ValueError(msg)
+    corrections = {
+        name: (
+            np.asarray(v["matrix"], dtype=float),
+            np.asarray(v["shift"], dtype=float),
+        )
+        for name, v in meta["solution"].items()
+    }
+    return WCS(meta["wcslin"]), np.asarray(meta["center"], dtype=float), corrections

@@ -18,6 +18,7 @@ def test_demo_writes_files_and_prints_errors(tmp_path, capsys):
             "64x128",
             "--n-exposures",
             "3",
+            "--simulate-only",
         ]
     )
     out = capsys.readouterr().out

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from subpixal_jax.core.batch import CutoutBatch
 from subpixal_jax.core.blot import half_pixel_blots_batch
+from subpixal_jax.core.refine import RefinedDisplacements, refine_displacements
 from subpixal_jax.core.xcorr import Displacements, find_displacements
 
 
@@ -72,3 +73,62 @@ def measure_batch(
         search_radius=search_radius,
     )
     return result, jnp.asarray(blots)
+
+
+def _centre_jacobian(pixmap: jax.Array, shape: jax.Array) -> jax.Array:
+    """Local derivative of a half-grid pixmap at each cutout's centre node.
+
+    Nodes are half a pixel apart, so the difference across two nodes is the
+    derivative per image pixel. Returns ``(N, 2, 2)`` with columns
+    ``d/dx`` and ``d/dy``.
+    """
+    rows = 2 * (shape[:, 0] // 2)
+    cols = 2 * (shape[:, 1] // 2)
+    # Keep the four neighbours inside the grid even for 1-pixel cutouts.
+    rows = jnp.clip(rows, 1, pixmap.shape[1] - 2)
+    cols = jnp.clip(cols, 1, pixmap.shape[2] - 2)
+    k = jnp.arange(pixmap.shape[0])
+    d_dx = pixmap[k, rows, cols + 1] - pixmap[k, rows, cols - 1]
+    d_dy = pixmap[k, rows + 1, cols] - pixmap[k, rows - 1, cols]
+    return jnp.stack([d_dx, d_dy], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("interp", "n_iter"))
+def refine_batch(
+    batch: CutoutBatch, dxdy0: jax.Array, *, interp: str = "poly5", n_iter: int = 10
+) -> RefinedDisplacements:
+    """Refine a batch's displacements by least squares through the blot.
+
+    Parameters
+    ----------
+    batch : CutoutBatch
+        Cutouts of one bucket shape.
+    dxdy0 : Array, shape (N, 2)
+        Starting displacements (the cross-correlation's), image pixels; NaN
+        rows are refined from 0 and flagged by the caller.
+    interp : str, optional
+        Blot interpolation kernel.
+    n_iter : int, optional
+        Levenberg-Marquardt iterations.
+
+    Returns
+    -------
+    RefinedDisplacements
+        See :func:`subpixal_jax.core.refine.refine_displacements`.
+    """
+    _, h, w = batch.image.shape
+    pixmap = batch.pixmap[:, 0::2, 0::2][:, :h, :w]
+    start = jnp.where(jnp.isfinite(dxdy0), dxdy0, 0.0).astype(batch.pixmap.dtype)
+    return refine_displacements(
+        batch.image,
+        batch.variance,
+        batch.image_valid & batch.valid[:, None, None],
+        batch.ref,
+        jnp.ones(batch.ref.shape, dtype=bool),
+        pixmap,
+        _centre_jacobian(batch.pixmap, batch.shape),
+        batch.iscale,
+        start,
+        interp=interp,
+        n_iter=n_iter,
+    )
