@@ -31,8 +31,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
-from subpixal_jax.core.interp import check_kind, sample
+from subpixal_jax.core.interp import (
+    KERNELS,
+    _pad,
+    _weights,
+    _window_all,
+    check_kind,
+    sample,
+)
 
 #: Bit flags of a refined source (0 = good).
 FLAG_NO_PIXELS = 1  #: fewer usable pixels than parameters
@@ -87,13 +95,89 @@ def _solve_linear(template, image, weight):
     return scale, background, det
 
 
+def _sample_with_gradient(data, x, y, data_valid, kind):
+    """Interpolated values and their ``x`` and ``y`` derivatives in one pass.
+
+    The same samples as :func:`subpixal_jax.core.interp.sample` (0 where
+    invalid), with the derivatives taken from the derivatives of the 1-D tap
+    weights, so the 36 taps of poly5 are gathered once for all three outputs.
+    """
+    kernel = KERNELS[kind]
+    height, width = data.shape
+    good = jnp.isfinite(data) & data_valid
+    clean = jnp.where(good, data, jnp.zeros((), data.dtype))
+    padded, pvalid = _pad(clean, good, kernel)
+    footprint_ok = _window_all(pvalid, kernel.taps)
+    pwidth = padded.shape[1]
+    inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+    xs = jnp.where(inside, x, jnp.zeros((), x.dtype))
+    ys = jnp.where(inside, y, jnp.zeros((), y.dtype))
+    fx = jnp.floor(xs + kernel.shift)
+    fy = jnp.floor(ys + kernel.shift)
+    ix = fx.astype(jnp.int32)
+    iy = fy.astype(jnp.int32)
+    valid = inside & footprint_ok.reshape(-1).at[
+        (iy * footprint_ok.shape[1] + ix).reshape(-1)
+    ].get(mode="promise_in_bounds").reshape(x.shape)
+
+    def weights_and_slopes(frac):
+        frac = frac.astype(data.dtype)
+        return jax.jvp(
+            functools.partial(_weights, kind), (frac,), (jnp.ones_like(frac),)
+        )
+
+    wx, dwx = weights_and_slopes(xs - fx)
+    wy, dwy = weights_and_slopes(ys - fy)
+    flat = padded.reshape(-1)
+    base = (iy * pwidth + ix).reshape(-1)
+    value = d_x = d_y = jnp.zeros(x.shape, data.dtype)
+    for ty in range(kernel.taps):
+        row = row_dx = jnp.zeros(x.shape, data.dtype)
+        for tx in range(kernel.taps):
+            tap = flat.at[base + (ty * pwidth + tx)].get(mode="promise_in_bounds")
+            tap = tap.reshape(x.shape)
+            row = row + wx[tx] * tap
+            row_dx = row_dx + dwx[tx] * tap
+        value = value + wy[ty] * row
+        d_x = d_x + wy[ty] * row_dx
+        d_y = d_y + dwy[ty] * row
+    zero = jnp.zeros((), data.dtype)
+    return (
+        jnp.where(valid, value, zero),
+        jnp.where(valid, d_x, zero),
+        jnp.where(valid, d_y, zero),
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _blot_values(ref, ref_valid, x, y, kind):
+    """Interpolated reference (0 where invalid), with a one-pass derivative."""
+    return sample(ref, x, y, ref_valid, kind)[0]
+
+
+def _blot_values_jvp(kind, primals, tangents):
+    ref, ref_valid, x, y = primals
+    ref_dot, _, x_dot, y_dot = tangents
+    values, d_x, d_y = _sample_with_gradient(ref, x, y, ref_valid, kind)
+    out = jnp.zeros_like(values)
+    if not isinstance(x_dot, SymbolicZero):
+        out = out + (d_x * x_dot).astype(values.dtype)
+    if not isinstance(y_dot, SymbolicZero):
+        out = out + (d_y * y_dot).astype(values.dtype)
+    if not isinstance(ref_dot, SymbolicZero):
+        out = out + sample(ref_dot, x, y, ref_valid, kind)[0]
+    return values, out
+
+
+_blot_values.defjvp(_blot_values_jvp, symbolic_zeros=True)
+
+
 def _template(shift, ref, ref_valid, pixmap, jacobian, iscale, kind):
     """Interpolate the reference at the pixmap displaced by ``J @ shift``."""
     offset = jacobian @ shift
-    values, valid = sample(
-        ref, pixmap[..., 0] + offset[0], pixmap[..., 1] + offset[1], ref_valid, kind
-    )
-    return values * iscale, valid
+    x = pixmap[..., 0] + offset[0]
+    y = pixmap[..., 1] + offset[1]
+    return _blot_values(ref, ref_valid, x, y, kind) * iscale
 
 
 def _projected_residuals(
@@ -105,7 +189,7 @@ def _projected_residuals(
     output, so one pass gives both the residuals and their Jacobian) and the
     best ``(scale, background, det)``.
     """
-    template, _ = _template(shift, ref, ref_valid, pixmap, jacobian, iscale, kind)
+    template = _template(shift, ref, ref_valid, pixmap, jacobian, iscale, kind)
     template = template.astype(shift.dtype)
     scale, background, det = _solve_linear(template, image, weight)
     r = (jnp.sqrt(weight) * (image - scale * template - background)).reshape(-1)
@@ -119,7 +203,10 @@ def _refine_one(
     image = image.astype(dtype)
     # Pixels usable at the start stay the only ones used: a mask that changed
     # with d would make the loss discontinuous.
-    _, template_ok = _template(d0, ref, ref_valid, pixmap, jacobian, iscale, kind)
+    offset = jacobian @ d0
+    _, template_ok = sample(
+        ref, pixmap[..., 0] + offset[0], pixmap[..., 1] + offset[1], ref_valid, kind
+    )
     usable = valid & template_ok & (variance > 0) & jnp.isfinite(image)
     weight = jnp.where(usable, 1.0 / jnp.where(usable, variance, 1.0), 0.0)
     weight = weight.astype(dtype)
@@ -133,24 +220,28 @@ def _refine_one(
 
     linearise = jax.jacfwd(residuals, has_aux=True)
 
+    # The state carries the linearisation at the current point, so the
+    # residual function is traced once in the loop (at the trial point).
     def levenberg_marquardt(_, state):
-        d, damping = state
-        jac, (r, *_) = linearise(d)
+        d, damping, jac, aux = state
+        r = aux[0]
         normal = jac.T @ jac
         damped = normal + damping * jnp.diag(jnp.diag(normal) + 1e-12)
         step = -jnp.linalg.solve(damped, jac.T @ r)
         step = step * jnp.minimum(1.0, _MAX_STEP / (jnp.linalg.norm(step) + 1e-30))
         trial = d + step
-        better = jnp.sum(residuals(trial)[0] ** 2) <= jnp.sum(r * r)
-        return (
-            jnp.where(better, trial, d),
-            jnp.where(better, damping / 3.0, damping * 4.0),
+        trial_jac, trial_aux = linearise(trial)
+        better = jnp.sum(trial_aux[0] ** 2) <= jnp.sum(r * r)
+        return jax.tree.map(
+            lambda new, old: jnp.where(better, new, old),
+            (trial, damping / 3.0, trial_jac, trial_aux),
+            (d, damping * 4.0, jac, aux),
         )
 
-    start = (d0, jnp.asarray(1e-3, dtype))
-    d, _ = jax.lax.fori_loop(0, n_iter, levenberg_marquardt, start)
-
-    jac, (r, scale, background, det) = linearise(d)
+    start = (d0, jnp.asarray(1e-3, dtype), *linearise(d0))
+    d, _, jac, (r, scale, background, det) = jax.lax.fori_loop(
+        0, n_iter, levenberg_marquardt, start
+    )
     covariance = jnp.linalg.inv(jac.T @ jac)
     chi2 = jnp.sum(r * r)
     # Converged when the undamped Gauss-Newton step from the final point is
@@ -356,8 +447,10 @@ def _inverse_matrix(params, fitgeom):
 def _source_residuals(a, t, center, source, kind):
     """Profiled residuals of one source when image pixels map through ``T⁻¹``."""
     image, weight, ref, ref_valid, pixmap, origin, iscale = source
-    q = (pixmap + origin - center) @ a.T + center + t - origin
-    values, _ = sample(ref, q[..., 0], q[..., 1], ref_valid, kind)
+    q = (pixmap + (origin - center)[None, None]) @ a.T + (center + t - origin)[
+        None, None
+    ]
+    values = _blot_values(ref, ref_valid, q[..., 0], q[..., 1], kind)
     template = (values * iscale).astype(t.dtype)
     scale, background, _ = _solve_linear(template, image, weight)
     return (jnp.sqrt(weight) * (image - scale * template - background)).reshape(-1)
@@ -403,66 +496,73 @@ def _refine_transform_one(
     def all_residuals(params):
         a = _inverse_matrix(params, fitgeom)
         one = functools.partial(_source_residuals, a, params[:2], center, kind=kind)
-        return jax.vmap(one)(sources)
+        r = jax.vmap(one)(sources)
+        return r, r
 
     # Each source's own best chi-square, the floor its chi-square under the
     # transform is compared with: locally the transform is a shift, so a few
-    # Gauss-Newton steps in the shift alone, source by source, find it.
+    # Gauss-Newton steps in the shift alone, source by source, find it. The
+    # loop linearises once per pass; its last pass only reads the chi-square.
     def own_floor(source):
         def residuals(t):
-            return _source_residuals(a0, t, center, source, kind)
+            r = _source_residuals(a0, t, center, source, kind)
+            return r, r
 
-        def step(_, t):
-            jac = jax.jacfwd(residuals)(t)
+        def step(_, state):
+            t, _ = state
+            jac, r = jax.jacfwd(residuals, has_aux=True)(t)
             normal = jac.T @ jac + 1e-9 * jnp.eye(2, dtype=dtype)
-            delta = -jnp.linalg.solve(normal, jac.T @ residuals(t))
-            return t + delta * jnp.minimum(
+            delta = -jnp.linalg.solve(normal, jac.T @ r)
+            delta = delta * jnp.minimum(
                 1.0, _MAX_STEP / (jnp.linalg.norm(delta) + 1e-30)
             )
+            return t + delta, jnp.sum(r * r)
 
-        t = jax.lax.fori_loop(0, 4, step, params0[:2])
-        return jnp.sum(residuals(t) ** 2)
+        start = (params0[:2], jnp.zeros((), dtype))
+        return jax.lax.fori_loop(0, 5, step, start)[1]
 
     floor = jax.vmap(own_floor)(sources)
+    linearise = jax.jacfwd(all_residuals, has_aux=True)
 
-    def excess(params):
-        chi2 = jnp.sum(all_residuals(params) ** 2, axis=1)
-        return jnp.maximum(chi2 - floor, 0.0)
+    def robust_terms(res):
+        """Source weights and the robust loss from the per-source residuals."""
+        excess = jnp.maximum(jnp.sum(res * res, axis=1) - floor, 0.0)
+        u = jnp.where(source_valid, 1.0 / (1.0 + excess / cauchy_scale**2), 0.0)
+        loss = jnp.log1p(excess / cauchy_scale**2)
+        return u, jnp.sum(jnp.where(source_valid, loss, 0.0))
 
-    def robust_loss(params):
-        loss = jnp.log1p(excess(params) / cauchy_scale**2)
-        return jnp.sum(jnp.where(source_valid, loss, 0.0))
+    def weighted(u, jac, res):
+        """Residuals (and Jacobian) weighted by the fixed source weights."""
+        w = jnp.sqrt(u)
+        return (w[:, None, None] * jac).reshape(-1, jac.shape[-1]), (
+            w[:, None] * res
+        ).reshape(-1)
 
-    def weighted_residuals(params, u):
-        return (jnp.sqrt(u)[:, None] * all_residuals(params)).reshape(-1)
-
-    def source_weights(params):
-        u = 1.0 / (1.0 + excess(params) / cauchy_scale**2)
-        return jnp.where(source_valid, u, 0.0)
-
-    # Iteratively reweighted Levenberg-Marquardt on the Cauchy loss.
+    # Iteratively reweighted Levenberg-Marquardt on the Cauchy loss. The state
+    # carries the linearisation at the current point, so the residuals are
+    # traced once in the loop (at the trial point).
     def iteration(_, state):
-        params, damping, loss = state
-        u = source_weights(params)
-        jac = jax.jacfwd(weighted_residuals)(params, u)
-        r = weighted_residuals(params, u)
+        params, damping, loss, jac_all, res = state
+        jac, r = weighted(robust_terms(res)[0], jac_all, res)
         normal = jac.T @ jac
         damped = normal + damping * jnp.diag(jnp.diag(normal) + 1e-12)
         trial = params - jnp.linalg.solve(damped, jac.T @ r)
-        trial_loss = robust_loss(trial)
+        trial_jac, trial_res = linearise(trial)
+        trial_loss = robust_terms(trial_res)[1]
         better = trial_loss <= loss
-        return (
-            jnp.where(better, trial, params),
-            jnp.where(better, damping / 3.0, damping * 4.0),
-            jnp.where(better, trial_loss, loss),
+        return jax.tree.map(
+            lambda new, old: jnp.where(better, new, old),
+            (trial, damping / 3.0, trial_loss, trial_jac, trial_res),
+            (params, damping * 4.0, loss, jac_all, res),
         )
 
-    state = (params0, jnp.asarray(1e-3, dtype), robust_loss(params0))
-    params, _, _ = jax.lax.fori_loop(0, n_iter, iteration, state)
-    u = source_weights(params)
-    jac = jax.jacfwd(weighted_residuals)(params, u)
+    jac0, res0 = linearise(params0)
+    state = (params0, jnp.asarray(1e-3, dtype), robust_terms(res0)[1], jac0, res0)
+    params, _, _, jac_all, res = jax.lax.fori_loop(0, n_iter, iteration, state)
+    u = robust_terms(res)[0]
+    jac, r = weighted(u, jac_all, res)
     covariance = jnp.linalg.inv(jac.T @ jac)
-    final_step = covariance @ (jac.T @ weighted_residuals(params, u))
+    final_step = covariance @ (jac.T @ r)
 
     matrix = jnp.linalg.inv(_inverse_matrix(params, fitgeom))
     shift = -matrix @ params[:2]
