@@ -87,7 +87,7 @@ def _add_align_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--refine",
-        choices=("sources",),
+        choices=("sources", "transform"),
         help="refine by least squares through the blot (Cramér-Rao-limited)",
     )
     parser.add_argument(

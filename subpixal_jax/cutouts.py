@@ -1094,7 +1094,10 @@ def _chip_cutouts(
 
 
 def build_batches(
-    cutouts: Sequence[SourceCutouts], image_index: Sequence[int]
+    cutouts: Sequence[SourceCutouts],
+    image_index: Sequence[int],
+    *,
+    single: bool = False,
 ) -> list[tuple[CutoutBatch, np.ndarray]]:
     """Pad source cutouts into a few bucket-shaped batches.
 
@@ -1116,6 +1119,9 @@ def build_batches(
         Source cutouts, possibly from many exposures.
     image_index : sequence of int
         Index of the exposure each cutout belongs to (same length).
+    single : bool, optional
+        Put every cutout into one batch of the largest bucket shapes (for
+        kernels that need all sources of an image together).
 
     Returns
     -------
@@ -1140,6 +1146,9 @@ def build_batches(
     for i, c in enumerate(cutouts):
         key = (cutout_bucket(max(c.shape)), cutout_bucket(max(c.ref_shape)))
         groups.setdefault(key, []).append(i)
+    if single and groups:
+        largest = (max(k[0] for k in groups), max(k[1] for k in groups))
+        groups = {largest: list(range(len(cutouts)))}
 
     batches = []
     for (side, rside), members in sorted(groups.items()):
