@@ -16,7 +16,7 @@ $(VENV)/.installed-base: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test,plot]'
+	$(PY) -m pip install --quiet -e '.[test,plot,distributed]'
 	touch $@ $(VENV)/.installed-base
 
 demo: $(VENV)/.installed-base
