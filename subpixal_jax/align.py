@@ -26,6 +26,7 @@ from astropy.wcs import WCS
 
 from subpixal_jax import result as res
 from subpixal_jax.core.batch import source_bucket
+from subpixal_jax.core.interp import check_kind
 from subpixal_jax.core.linfit import FITGEOM_MIN_POINTS, iter_linear_fit_batch
 from subpixal_jax.core.measure import measure_batch, refine_batch
 from subpixal_jax.core.refine import FLAG_NOT_CONVERGED, refine_transform
@@ -160,6 +161,7 @@ def make_options(
     if update not in WCSUPDATES:
         msg = f"wcsupdate must be one of {WCSUPDATES}, got {wcsupdate!r}"
         raise ValueError(msg)
+    check_kind(interp, name="interp")
     if refine not in REFINES:
         msg = f"refine must be one of {REFINES}, got {refine!r}"
         raise ValueError(msg)

@@ -203,7 +203,6 @@ def _error(command: str, exc: Exception) -> int:
 
 
 def _print_result(result) -> None:
-    table = result.to_table()
     print(f"status: {result.status} after {result.n_iterations} iteration(s)")
     last = [row for row in result.summary if row["iteration"] == result.n_iterations]
     for row in last:
@@ -212,7 +211,6 @@ def _print_result(result) -> None:
             f"n_fit={row['n_fit']:>4d} dx={row['dx']:+.4f} dy={row['dy']:+.4f} "
             f"irmse={row['irmse']:.4f}"
         )
-    del table
 
 
 def _all_ok(result) -> bool:
