@@ -1037,6 +1037,7 @@ def _run_loop(catalog, resample, wcslin, options, on_iteration, throw, progress)
         corrections=[totals.get(i) for i in range(n_images)],
         wcslin=wcslin,
         center=np.asarray(wcslin.wcs.crpix, dtype=float) - 1.0,
+        fitgeom=options.fitgeom,
     )
 
 
@@ -1110,7 +1111,9 @@ def write_corrections(
             for r in result.summary
             if r["image"] == name and r["status"] == res.SUCCESS
         ]
-        fit_info = {"nmatches": int(rows[-1]["n_fit"])} if rows else {}
+        fit_info = {"fitgeom": result.fitgeom} if result.fitgeom else {}
+        if rows:
+            fit_info["nmatches"] = int(rows[-1]["n_fit"])
         if rows and math.isfinite(rows[-1]["rmse"]):
             fit_info["rmse"] = float(rows[-1]["rmse"])
             fit_info["mae"] = float(rows[-1]["mae"])

@@ -187,6 +187,7 @@ class AlignmentResult:
     )
     wcslin: WCS | None = None
     center: np.ndarray | None = None
+    fitgeom: str = ""
 
     @property
     def converged(self) -> bool:
@@ -204,6 +205,7 @@ class AlignmentResult:
         table = Table(rows=self.summary) if self.summary else Table()
         table.meta["status"] = self.status
         table.meta["n_iterations"] = self.n_iterations
+        table.meta["fitgeom"] = self.fitgeom
         if self.wcslin is not None:
             table.meta["wcslin"] = self.wcslin.to_header_string(relax=True)
             table.meta["center"] = [float(v) for v in self.center]
