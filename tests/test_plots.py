@@ -29,7 +29,12 @@ def aligned(tmp_path_factory):
     )
     resample = DrizzleResample(sim.paths)
     result = align_images(
-        PhotutilsCatalog(), resample, nmax=2, keep_diagnostics=True, history="all"
+        PhotutilsCatalog(),
+        resample,
+        nmax=2,
+        keep_diagnostics=True,
+        history="all",
+        cr_reject=True,
     )
     return result
 
