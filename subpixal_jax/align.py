@@ -795,7 +795,7 @@ def align_images(
     interp: str = "poly5",
     search_radius: int | None = None,
     keep_diagnostics: bool = False,
-    cr_reject: bool = False,
+    cr_reject: bool | None = None,
     joint: bool = True,
     refine: str | None = None,
     throw: bool = False,
@@ -865,9 +865,12 @@ def align_images(
     keep_diagnostics : bool, optional
         Keep cutouts and blots in the history (memory-hungry).
     cr_reject : bool, optional
-        Redo cosmic-ray rejection (``resample.reject_cosmic_rays()``) at every
-        full resample after the first, once the images are roughly aligned:
-        rejection against misaligned images flags star cores.
+        Cosmic-ray handling: detect sources in the median of the single
+        drizzles (``resample.median_image()``), and redo cosmic-ray rejection
+        (``resample.reject_cosmic_rays()``) at every full resample after the
+        first, once the images are roughly aligned (rejection against
+        misaligned images flags star cores). Default: on when there are at
+        least 3 images and the resample supports it.
     joint : bool, optional
         In 'batch' mode, turn the fits of all images into corrections by
         solving jointly for every image's error (each fit measures an image
@@ -893,6 +896,8 @@ def align_images(
     AlignmentResult
         Status, history, summary table and the corrected WCSs.
     """
+    if cr_reject is None:
+        cr_reject = len(resample.exposures) >= 3 and hasattr(resample, "median_image")
     options = make_options(
         fitgeom=fitgeom,
         nclip=nclip,
@@ -1197,8 +1202,6 @@ def align_files(
         msg = f"files not found: {missing}"
         raise ValueError(msg)
     out = _check_writing(in_place, output_dir, dry_run)
-    if cr_reject is None:
-        cr_reject = len(files) >= 3
     resample = DrizzleResample(files, dq_bits=dq_bits, pixel_scale=pixel_scale)
     result = align_images(
         catalog if catalog is not None else PhotutilsCatalog(),
@@ -1244,7 +1247,8 @@ def apply_solution(
     Returns
     -------
     list of UpdateReport
-        One per corrected file.
+        One per corrected file; files the alignment left unchanged (the fixed
+        reference, failed images) are not rewritten.
     """
     from subpixal_jax.images import read_exposure
 
@@ -1256,6 +1260,9 @@ def apply_solution(
         raise ValueError(msg)
     reports = []
     for path in files:
+        if stored[Path(path).name] is None:
+            log.info("%s: left unchanged by the alignment, not rewritten", path)
+            continue
         matrix, shift = stored[Path(path).name]
         exposure = read_exposure(path, extname=extname)
         new = {

@@ -209,13 +209,14 @@ class AlignmentResult:
         if self.wcslin is not None:
             table.meta["wcslin"] = self.wcslin.to_header_string(relax=True)
             table.meta["center"] = [float(v) for v in self.center]
+            # Images never corrected (the fixed reference, or failed ones)
+            # are listed with null entries: applying leaves them unchanged.
             table.meta["solution"] = {
                 Path(name).name: {
-                    "matrix": np.asarray(c[0], dtype=float).tolist(),
-                    "shift": np.asarray(c[1], dtype=float).tolist(),
+                    "matrix": None if c is None else np.asarray(c[0], float).tolist(),
+                    "shift": None if c is None else np.asarray(c[1], float).tolist(),
                 }
                 for name, c in zip(self.names, self.corrections, strict=True)
-                if c is not None
             }
         return table
 
@@ -271,7 +272,8 @@ def read_solution(path) -> tuple[WCS, np.ndarray, dict]:
     center : ndarray, shape (2,)
         Centre of the corrections (fit-frame pixels, 0-based).
     corrections : dict
-        File name -> (matrix, shift).
+        File name -> (matrix, shift), or None for an image the alignment
+        left unchanged.
 
     Raises
     ------
@@ -283,10 +285,9 @@ def read_solution(path) -> tuple[WCS, np.ndarray, dict]:
         msg = f"{path} holds no alignment solution (no 'solution'/'wcslin' metadata)"
         raise ValueError(msg)
     corrections = {
-        name: (
-            np.asarray(v["matrix"], dtype=float),
-            np.asarray(v["shift"], dtype=float),
-        )
+        name: None
+        if v["matrix"] is None
+        else (np.asarray(v["matrix"], dtype=float), np.asarray(v["shift"], dtype=float))
         for name, v in meta["solution"].items()
     }
     return WCS(meta["wcslin"]), np.asarray(meta["center"], dtype=float), corrections
