@@ -8,6 +8,7 @@ marked slow.
 
 import math
 import os
+import signal
 import threading
 import time
 
@@ -248,7 +249,7 @@ def test_worker_killed_mid_visit(tmp_path):
             time.sleep(0.2)
         assert victim is not None
         time.sleep(3.0)  # well inside the first visit (the worker is compiling)
-        dask_client.run(os._exit, 1, workers=[victim], wait=False)
+        os.kill(dask_client.run(os.getpid)[victim], signal.SIGKILL)
         thread.join(timeout=540)
         assert not thread.is_alive()
     finally:
