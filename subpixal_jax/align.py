@@ -39,6 +39,7 @@ from subpixal_jax.cutouts import (
 )
 from subpixal_jax.errors import AlignmentError
 from subpixal_jax.images import Exposure
+from subpixal_jax.sharding import shard_batch
 from subpixal_jax.wcs import correct_wcs, update_exposure_wcs
 
 log = logging.getLogger(__name__)
@@ -256,8 +257,10 @@ def measure_displacements(
     if n:
         with jax.enable_x64(True):
             for batch, index in build_batches(flat, owner):
+                # One device: a plain transfer; several: split the sources.
+                batch = shard_batch(batch)
                 found, batch_blots = measure_batch(
-                    jax.device_put(batch),
+                    batch,
                     interp=interp,
                     cc_type=cc_type,
                     search_radius=search_radius,
@@ -268,9 +271,7 @@ def measure_displacements(
                 found_sigma = np.asarray(found.sigma)
                 found_flags = np.asarray(found.flags).astype(np.int64)
                 if refine:
-                    refined = refine_batch(
-                        jax.device_put(batch), found.dxdy, interp=interp
-                    )
+                    refined = refine_batch(batch, found.dxdy, interp=interp)
                     ok = (np.asarray(refined.flags) & ~FLAG_NOT_CONVERGED) == 0
                     ok &= np.all(np.isfinite(np.asarray(refined.dxdy)), axis=1)
                     found_dxdy = np.where(ok[:, None], np.asarray(refined.dxdy), np.nan)

@@ -159,6 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("files", nargs="+", help="FITS files to correct")
     _add_output_options(apply)
 
+    many = sub.add_parser(
+        "align-many",
+        help="align many visits on a Dask cluster",
+        description=(
+            "One task per visit on a Dask cluster (a local one by default); "
+            "VISITS is a CSV/ECSV table with columns 'visit' and 'path'. "
+            "Needs the 'distributed' extra."
+        ),
+    )
+    many.add_argument("visits", help="CSV/ECSV table with columns visit, path")
+    _add_align_options(many)
+    target = many.add_mutually_exclusive_group()
+    target.add_argument(
+        "--output-dir", metavar="DIR", help="write corrected copies to DIR/<visit>/"
+    )
+    target.add_argument("--in-place", action="store_true", help="update the files")
+    many.add_argument("--wcsname", default="SUBPIXAL", help="name of the new WCS")
+    many.add_argument(
+        "--summary", metavar="FILE.ecsv", help="summary; re-runs skip finished visits"
+    )
+    many.add_argument(
+        "--scheduler", metavar="ADDRESS", help="connect to this scheduler"
+    )
+    many.add_argument(
+        "--workers", type=int, default=2, help="local worker processes (default 2)"
+    )
+
     plot = sub.add_parser(
         "plot",
         help="redraw figures from a saved summary",
@@ -264,6 +291,35 @@ def _run_align(args: argparse.Namespace) -> int:
         for path in write_figures(result, args.plots):
             print(f"wrote {path}")
     return EXIT_OK if _all_ok(result) else EXIT_PARTIAL
+
+
+def _run_align_many(args: argparse.Namespace) -> int:
+    try:
+        from subpixal_jax.distributed import align_visits
+
+        table = align_visits(
+            args.visits,
+            client=args.scheduler,
+            n_workers=args.workers,
+            output_dir=args.output_dir,
+            summary=args.summary,
+            progress=args.progress,
+            in_place=args.in_place,
+            wcsname=args.wcsname,
+            fitgeom=args.fitgeom,
+            cc_type=args.cc_type,
+            nmax=args.nmax,
+            eps_shift=args.eps_shift,
+            wcsupdate=args.wcsupdate,
+            nclip=args.nclip,
+            sigma=args.sigma,
+            refine=args.refine,
+        )
+    except (ValueError, OSError, ImportError) as exc:
+        return _error("align-many", exc)
+    table["visit", "image", "status", "dx", "dy", "error"].pprint_all()
+    done = ("SUCCESS", "REFERENCE", "SKIPPED")
+    return EXIT_OK if all(s in done for s in table["status"]) else EXIT_PARTIAL
 
 
 def _run_apply(args: argparse.Namespace) -> int:
@@ -380,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = {
         "align": _run_align,
+        "align-many": _run_align_many,
         "apply": _run_apply,
         "plot": _run_plot,
         "demo": _run_demo,
