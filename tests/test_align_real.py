@@ -96,3 +96,36 @@ def test_perturbed_copy_is_realigned(pair):
     assert after <= 0.01
     # The reference copy is held fixed.
     assert _rms_error(truth, result.final_wcs[0][1]) < 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:cdelt will be ignored")
+@pytest.mark.xfail(
+    reason="wcs.correct_wcs writes the corrected matrix to wcs.cd whenever "
+    "has_cd(); for a header with both CDi_j and PCi_j wcslib uses PC, so the "
+    "rotation/scale part of the correction is silently dropped (only CRVAL "
+    "moves)",
+    strict=True,
+)
+def test_correction_applies_to_a_header_with_cd_and_pc():
+    from subpixal_jax.wcs import correct_wcs
+
+    header = fits.Header()
+    header["CTYPE1"], header["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    header["CRVAL1"], header["CRVAL2"] = 6.0, -72.0
+    header["CRPIX1"], header["CRPIX2"] = 256.0, 256.0
+    for key, value in (("1_1", -7e-6), ("1_2", 0.0), ("2_1", 0.0), ("2_2", 7e-6)):
+        header[f"CD{key}"] = value
+        header[f"PC{key}"] = 1.001 * value
+    both = WCS(header)
+    frame = WCS(naxis=2)
+    frame.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    frame.wcs.crval = [6.0, -72.0]
+    frame.wcs.crpix = [256.0, 256.0]
+    frame.wcs.cd = [[-7e-6, 0.0], [0.0, 7e-6]]
+    rotation = WcsError((0.0, 0.0), rotation=0.05)
+    new = correct_wcs(both, frame, rotation.matrix, [0.0, 0.0])
+    corner = np.array([[0.0, 0.0]])
+    moved = frame.wcs_world2pix(new.wcs_pix2world(corner, 0), 0)
+    before = frame.wcs_world2pix(both.wcs_pix2world(corner, 0), 0)
+    # A 0.05 deg rotation moves a corner 255 px from CRPIX by ~0.3 px.
+    assert float(np.hypot(*(moved - before)[0])) > 0.2
