@@ -1024,7 +1024,11 @@ def _run_loop(catalog, resample, wcslin, options, on_iteration, throw, progress)
         if max_shift < options.eps_shift:
             status = "CONVERGED"
             break
-        growing = growing + 1 if max_shift > previous_max else 0
+        # Divergence: the largest shift grows markedly twice in a row and is
+        # well above the threshold (tiny oscillations around a noise floor
+        # just above eps_shift are not divergence).
+        grew = max_shift > 1.5 * previous_max and max_shift > 10 * options.eps_shift
+        growing = growing + 1 if grew else 0
         previous_max = max_shift
         if growing >= 2:
             status = "DIVERGED"

@@ -296,7 +296,12 @@ def read_exposure(
     if not path.is_file():
         msg = f"source: no such file: {str(path)!r}"
         raise ValueError(msg)
-    with fits.open(path, memmap=False) as hdul:
+    try:
+        hdul = fits.open(path, memmap=False)
+    except (OSError, ValueError) as exc:
+        msg = f"{path}: not a readable FITS file ({exc})"
+        raise ValueError(msg) from exc
+    with hdul:
         return _read_hdulist(
             hdul, name=str(path), path=path, dq_bits=dq_bits, extname=extname
         )
