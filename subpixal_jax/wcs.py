@@ -310,7 +310,7 @@ def correct_wcs(
     w = n @ g_ref
     jac = (e @ g2 - np.outer(e @ g_ref, n @ g2) / w) / w
     cd_new = jac * _DEG
-    if new.wcs.has_cd():
+    if _uses_cd(new):
         new.wcs.cd = cd_new
     else:
         new.wcs.pc = cd_new / new.wcs.cdelt[:, np.newaxis]
@@ -391,6 +391,15 @@ _ALT_KEY_RE = re.compile(
 _LINEAR_FORMS = ("CD{i}_{j}", "PC{i}_{j}", "CDELT{i}", "CROTA{i}")
 
 
+def _uses_cd(wcs: WCS) -> bool:
+    """Whether wcslib takes the linear part from CDi_j (not PCi_j + CDELT).
+
+    A header with both forms is malformed but seen in practice; wcslib then
+    uses PCi_j, and so must a correction.
+    """
+    return bool(wcs.wcs.has_cd()) and not wcs.wcs.has_pc()
+
+
 def _linear_cards(wcs: WCS, key: str) -> dict[str, tuple[Any, str]]:
     """FITS cards (full float64 precision) of the linear part of ``wcs``."""
     w = wcs.wcs
@@ -401,7 +410,7 @@ def _linear_cards(wcs: WCS, key: str) -> dict[str, tuple[Any, str]]:
         cards[f"CRPIX{i + 1}{key}"] = (float(w.crpix[i]), "reference pixel (1-based)")
     for i in range(2):
         cards[f"CRVAL{i + 1}{key}"] = (float(w.crval[i]), "[deg] value at CRPIX")
-    if w.has_cd():
+    if _uses_cd(wcs):
         for i in range(2):
             for j in range(2):
                 cards[f"CD{i + 1}_{j + 1}{key}"] = (

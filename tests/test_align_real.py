@@ -99,13 +99,6 @@ def test_perturbed_copy_is_realigned(pair):
 
 
 @pytest.mark.filterwarnings("ignore:cdelt will be ignored")
-@pytest.mark.xfail(
-    reason="wcs.correct_wcs writes the corrected matrix to wcs.cd whenever "
-    "has_cd(); for a header with both CDi_j and PCi_j wcslib uses PC, so the "
-    "rotation/scale part of the correction is silently dropped (only CRVAL "
-    "moves)",
-    strict=True,
-)
 def test_correction_applies_to_a_header_with_cd_and_pc():
     from subpixal_jax.wcs import correct_wcs
 
