@@ -638,12 +638,13 @@ def test_one_chip_and_rate_units(variant, tmp_path):
 
 
 @pytest.mark.slow
-def test_refine_sources_is_not_worse(sim, aligned):
-    result, _ = align_files(sim.paths, reference=0, refine="sources")
+@pytest.mark.parametrize("refine", ["sources", "transform"])
+def test_refinement_is_not_worse(sim, aligned, refine):
+    result, _ = align_files(sim.paths, reference=0, refine=refine)
     plain = _misregistrations(sim, aligned["result"])
     refined = _misregistrations(sim, result)
     print(
-        f"refine='sources' {result.status} after {result.n_iterations}: "
+        f"refine={refine!r} {result.status} after {result.n_iterations}: "
         f"{np.round(plain[1:], 4)} -> {np.round(refined[1:], 4)}"
     )
     assert result.status == "CONVERGED"
