@@ -217,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("shift", "rshift", "rscale", "general"),
         help="fit geometry (default general)",
     )
+    demo.add_argument(
+        "--refine",
+        choices=("sources", "transform"),
+        help="refine by least squares through the blot",
+    )
     # Small settings for quick runs and tests; not part of the advertised interface.
     demo.add_argument("--chip-shape", type=_chip_shape, help=argparse.SUPPRESS)
     demo.add_argument("--n-exposures", type=int, help=argparse.SUPPRESS)
@@ -404,8 +409,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     from subpixal_jax.align import align_files
 
     print()
-    print(f"Aligning ({args.fitgeom}, exposure 0 held fixed)...")
-    result, _ = align_files(sim.paths, fitgeom=args.fitgeom, reference=0)
+    refine = f", refine={args.refine}" if args.refine else ""
+    print(f"Aligning ({args.fitgeom}{refine}, exposure 0 held fixed)...")
+    result, _ = align_files(
+        sim.paths, fitgeom=args.fitgeom, reference=0, refine=args.refine
+    )
     print(f"status: {result.status} after {result.n_iterations} iteration(s)")
     print()
     header = (
