@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_scales
 
 from subpixal_jax import result as res
 from subpixal_jax.core.batch import source_bucket
@@ -584,9 +585,6 @@ def _align_set(
         for cuts, fit, (_, _, _, good) in zip(cutouts, fits, points, strict=True)
     ]
     if options.refine == "transform":
-        if not _same_frame(wcslin, resample.output_wcs):
-            msg = "refine='transform' needs wcslin to be the drizzle grid's WCS"
-            raise ValueError(msg)
         fits = _refine_transforms(cutouts, fits, statuses, center, options)
     corrections = [(fit["matrix"], fit["shift"]) for fit in fits]
     if options.joint and options.wcsupdate == "batch":
@@ -633,7 +631,7 @@ def _align_set(
                 {k: v for k, v in fit.items() if k not in ("resids", "fitmask")}
                 | {"applied_matrix": matrix, "applied_shift": shift},
                 sources,
-                _irmse(fit, cuts, exposure, wcslin),
+                _irmse(fit, exposure, wcslin),
                 before,
                 after,
                 extras,
@@ -753,15 +751,11 @@ def _joint_corrections(indices, statuses, corrections, resample, exclude):
     return out
 
 
-def _irmse(fit, cuts, exposure, wcslin) -> float:
+def _irmse(fit, exposure, wcslin) -> float:
     """Fit RMS converted from fit-frame pixels to image pixels."""
-    chip = exposure.chips[0]
-    from astropy.wcs.utils import proj_plane_pixel_scales
-
-    ratio = float(np.mean(proj_plane_pixel_scales(wcslin))) / float(
-        np.mean(proj_plane_pixel_scales(chip.wcs.celestial))
-    )
-    return float(fit["rmse"]) * ratio
+    frame_scale = np.mean(proj_plane_pixel_scales(wcslin))
+    image_scale = np.mean(proj_plane_pixel_scales(exposure.chips[0].wcs.celestial))
+    return float(fit["rmse"]) * float(frame_scale / image_scale)
 
 
 def _apply(resample, i: int, image: res.ImageFit, totals: dict) -> None:
@@ -926,6 +920,9 @@ def align_images(
         wcslin = resample.output_wcs
     elif wcslin.has_distortion or wcslin.sip is not None:
         msg = "wcslin must be an undistorted (linear TAN) WCS"
+        raise ValueError(msg)
+    if options.refine == "transform" and not _same_frame(wcslin, resample.output_wcs):
+        msg = "refine='transform' needs wcslin to be the drizzle grid's WCS"
         raise ValueError(msg)
     return _run_loop(catalog, resample, wcslin, options, on_iteration, throw, progress)
 
