@@ -620,11 +620,22 @@ class DrizzleResample:
         wht.flags.writeable = False
         self._sci, self._wht_total = sci, wht
 
-    def median_image(self) -> tuple[np.ndarray, np.ndarray]:
+    def median_image(
+        self, *, reject_high: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Return the per-pixel median of the single-exposure drizzles.
 
         Free of cosmic rays wherever at least 3 exposures cover a pixel, so
         it is the image to detect sources in (AstroDrizzle's median step).
+
+        Parameters
+        ----------
+        reject_high : bool, optional
+            Where at least 4 exposures cover, drop the highest value before
+            taking the median: with an even number of values the median
+            averages the middle two, so a cosmic ray hitting the same pixel
+            in two exposures would survive. For detection, not for models
+            (it biases the median low by a fraction of the noise).
 
         Returns
         -------
@@ -644,6 +655,8 @@ class DrizzleResample:
         for r0 in range(0, self.output_shape[0], 256):
             block = np.sort(stack[:, r0 : r0 + 256], axis=0)  # NaN sort last
             c = np.maximum(count[r0 : r0 + 256], 1)[None]
+            if reject_high:
+                c = np.where(c >= 4, c - 1, c)
             lo = np.take_along_axis(block, (c - 1) // 2, axis=0)[0]
             hi = np.take_along_axis(block, c // 2, axis=0)[0]
             median[r0 : r0 + 256] = np.where(enough[r0 : r0 + 256], 0.5 * (lo + hi), 0)
