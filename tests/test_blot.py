@@ -111,12 +111,12 @@ def test_edges_versus_drizzle(images):
                 assert not bad.any()
             elif interp == "poly3":
                 # odd reflection matches on the left/right/bottom edges; drizzle's
-                # top-edge quirk shows above the last row centre only
-                assert bad.any()
+                # top-edge quirk can show above the last row centre only. (Whether
+                # it shows at all depends on what drizzle reads past the array
+                # there, which differs between runs: assert only where.)
                 assert (y[bad] > REF - 1).all()
             elif interp == "poly5":
                 # the quirk reaches 3 rows down for the 6-tap kernel
-                assert bad.any()
                 assert (y[bad] > REF - 3).all()
             else:
                 # drizzle's nearest reads past the row (or array) end when
