@@ -33,14 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from subpixal_jax.core.interp import (
-    KERNELS,
-    _pad,
-    _weights,
-    _window_all,
-    check_kind,
-    sample,
-)
+from subpixal_jax.core.interp import check_kind, sample, sample_with_gradient
 
 #: Bit flags of a refined source (0 = good).
 FLAG_NO_PIXELS = 1  #: fewer usable pixels than parameters
@@ -95,60 +88,6 @@ def _solve_linear(template, image, weight):
     return scale, background, det
 
 
-def _sample_with_gradient(data, x, y, data_valid, kind):
-    """Interpolated values and their ``x`` and ``y`` derivatives in one pass.
-
-    The same samples as :func:`subpixal_jax.core.interp.sample` (0 where
-    invalid), with the derivatives taken from the derivatives of the 1-D tap
-    weights, so the 36 taps of poly5 are gathered once for all three outputs.
-    """
-    kernel = KERNELS[kind]
-    height, width = data.shape
-    good = jnp.isfinite(data) & data_valid
-    clean = jnp.where(good, data, jnp.zeros((), data.dtype))
-    padded, pvalid = _pad(clean, good, kernel)
-    footprint_ok = _window_all(pvalid, kernel.taps)
-    pwidth = padded.shape[1]
-    inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
-    xs = jnp.where(inside, x, jnp.zeros((), x.dtype))
-    ys = jnp.where(inside, y, jnp.zeros((), y.dtype))
-    fx = jnp.floor(xs + kernel.shift)
-    fy = jnp.floor(ys + kernel.shift)
-    ix = fx.astype(jnp.int32)
-    iy = fy.astype(jnp.int32)
-    valid = inside & footprint_ok.reshape(-1).at[
-        (iy * footprint_ok.shape[1] + ix).reshape(-1)
-    ].get(mode="promise_in_bounds").reshape(x.shape)
-
-    def weights_and_slopes(frac):
-        frac = frac.astype(data.dtype)
-        return jax.jvp(
-            functools.partial(_weights, kind), (frac,), (jnp.ones_like(frac),)
-        )
-
-    wx, dwx = weights_and_slopes(xs - fx)
-    wy, dwy = weights_and_slopes(ys - fy)
-    flat = padded.reshape(-1)
-    base = (iy * pwidth + ix).reshape(-1)
-    value = d_x = d_y = jnp.zeros(x.shape, data.dtype)
-    for ty in range(kernel.taps):
-        row = row_dx = jnp.zeros(x.shape, data.dtype)
-        for tx in range(kernel.taps):
-            tap = flat.at[base + (ty * pwidth + tx)].get(mode="promise_in_bounds")
-            tap = tap.reshape(x.shape)
-            row = row + wx[tx] * tap
-            row_dx = row_dx + dwx[tx] * tap
-        value = value + wy[ty] * row
-        d_x = d_x + wy[ty] * row_dx
-        d_y = d_y + dwy[ty] * row
-    zero = jnp.zeros((), data.dtype)
-    return (
-        jnp.where(valid, value, zero),
-        jnp.where(valid, d_x, zero),
-        jnp.where(valid, d_y, zero),
-    )
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _blot_values(ref, ref_valid, x, y, kind):
     """Interpolated reference (0 where invalid), with a one-pass derivative."""
@@ -158,7 +97,7 @@ def _blot_values(ref, ref_valid, x, y, kind):
 def _blot_values_jvp(kind, primals, tangents):
     ref, ref_valid, x, y = primals
     ref_dot, _, x_dot, y_dot = tangents
-    values, d_x, d_y = _sample_with_gradient(ref, x, y, ref_valid, kind)
+    values, d_x, d_y = sample_with_gradient(ref, x, y, ref_valid, kind)
     out = jnp.zeros_like(values)
     if not isinstance(x_dot, SymbolicZero):
         out = out + (d_x * x_dot).astype(values.dtype)
