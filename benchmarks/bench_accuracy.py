@@ -20,7 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from skimage.registration import phase_cross_correlation
 
-from subpixal_jax.accuracy import KINDS, cramer_rao_bound, make_case
+from subpixal_jax.accuracy import (
+    KINDS,
+    cramer_rao_bound,
+    make_case,
+    refinement_inputs,
+)
 from subpixal_jax.core.refine import refine_displacements
 from subpixal_jax.core.xcorr import find_displacements
 
@@ -31,26 +36,6 @@ except ImportError:
 
 SIZE = 25
 SNRS = (20, 100, 1000)
-
-
-def _refine_args(images, variances, refs, dxdy0):
-    n_src, n = images.shape[0], images.shape[-1]
-    grid = np.zeros((n_src, 2 * n, 2 * n))
-    for k, (a, b) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
-        grid[:, b::2, a::2] = refs[:, k]
-    yy, xx = np.mgrid[0:n, 0:n]
-    pixmap = np.broadcast_to(np.stack([2.0 * xx, 2.0 * yy], -1), (n_src, n, n, 2))
-    return (
-        jnp.asarray(images),
-        jnp.asarray(variances),
-        jnp.ones(images.shape, bool),
-        jnp.asarray(grid),
-        jnp.ones(grid.shape, bool),
-        jnp.asarray(pixmap),
-        jnp.asarray(np.broadcast_to(2.0 * np.eye(2), (n_src, 2, 2))),
-        jnp.ones(n_src),
-        jnp.asarray(dxdy0),
-    )
 
 
 def _rms(err):
@@ -77,8 +62,10 @@ def main() -> None:
             truth = -np.stack([c.shift for c in cases])
             cc = find_displacements(images.astype(np.float32), refs.astype(np.float32))
             cc_dxdy = np.asarray(cc.dxdy, np.float64)
-            args = _refine_args(
-                images, np.stack([c.variance for c in cases]), refs, cc_dxdy
+            variances = np.stack([c.variance for c in cases])
+            args = tuple(
+                jnp.asarray(a)
+                for a in refinement_inputs(images, variances, refs, cc_dxdy)
             )
             if compile_s is None:
                 t0 = time.perf_counter()

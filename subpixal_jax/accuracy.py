@@ -240,3 +240,54 @@ def cramer_rao_bound(params: dict, n: int, *, step: float = 1e-3) -> np.ndarray:
     fisher = (grads / var) @ grads.T
     cov = np.linalg.inv(fisher)
     return np.sqrt(np.diag(cov)[:2])
+
+
+def refinement_inputs(images, variances, refs, dxdy0) -> tuple:
+    """Arguments of ``refine_displacements`` for a batch of standard cutouts.
+
+    The four half-pixel references ``B_ab`` of each case are interlaced into
+    one 2x-supersampled reference ``G[2j + b, 2i + a] = B_ab[j, i]``, which
+    image pixel ``(i, j)`` samples at ``(2i, 2j)`` (Jacobian ``2·I``).
+
+    Parameters
+    ----------
+    images, variances : ndarray, shape (N, n, n)
+        Noisy images and their variances (stacked :class:`Case` fields).
+    refs : ndarray, shape (N, 4, n, n)
+        The cases' references in blot order (00, 10, 01, 11).
+    dxdy0 : ndarray, shape (N, 2)
+        Starting displacements.
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(images, variances, valid, ref, ref_valid, pixmap, jacobian,
+        iscale, dxdy0)`` in the order ``refine_displacements`` takes them.
+
+    Examples
+    --------
+    >>> case = make_case("gaussian", 100.0, 9, np.random.default_rng(0))
+    >>> args = refinement_inputs(case.image[None], case.variance[None],
+    ...                          case.refs[None], np.zeros((1, 2)))
+    >>> args[3].shape, args[5][0, 1, 2].tolist()
+    ((1, 18, 18), [4.0, 2.0])
+    """
+    images = np.asarray(images)
+    n_src, n = images.shape[0], images.shape[-1]
+    refs = np.asarray(refs)
+    grid = np.zeros((n_src, 2 * n, 2 * n))
+    for k, (a, b) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+        grid[:, b::2, a::2] = refs[:, k]
+    yy, xx = np.mgrid[0:n, 0:n]
+    pixmap = np.broadcast_to(np.stack([2.0 * xx, 2.0 * yy], -1), (n_src, n, n, 2))
+    return (
+        images,
+        np.asarray(variances),
+        np.ones(images.shape, bool),
+        grid,
+        np.ones(grid.shape, bool),
+        pixmap,
+        np.broadcast_to(2.0 * np.eye(2), (n_src, 2, 2)),
+        np.ones(n_src),
+        np.asarray(dxdy0),
+    )

@@ -13,7 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from subpixal_jax.accuracy import KINDS, cramer_rao_bound, make_case, model_image
+from subpixal_jax.accuracy import (
+    KINDS,
+    cramer_rao_bound,
+    make_case,
+    model_image,
+    refinement_inputs,
+)
 from subpixal_jax.core import refine
 from subpixal_jax.core.interp import sample
 from subpixal_jax.core.refine import (
@@ -31,31 +37,10 @@ SNRS = (20, 100, 1000)
 CRB_CASES = 50
 
 
-def _interlace(refs):
-    """2x grid ``G[2j + b, 2i + a] = B_ab[j, i]`` from blots (00, 10, 01, 11)."""
-    n = refs.shape[-1]
-    grid = np.zeros((*refs.shape[:-3], 2 * n, 2 * n))
-    for k, (a, b) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
-        grid[..., b::2, a::2] = refs[..., k, :, :]
-    return grid
-
-
 def _inputs(images, variances, refs, dxdy0):
     """Arguments of refine_displacements for a batch of standard cutouts."""
-    n_src = images.shape[0]
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    pixmap = np.broadcast_to(np.stack([2.0 * xx, 2.0 * yy], -1), (n_src, SIZE, SIZE, 2))
-    grid = _interlace(refs)
-    return (
-        jnp.asarray(images),
-        jnp.asarray(variances),
-        jnp.ones(images.shape, bool),
-        jnp.asarray(grid),
-        jnp.ones(grid.shape, bool),
-        jnp.asarray(pixmap),
-        jnp.asarray(np.broadcast_to(2.0 * np.eye(2), (n_src, 2, 2))),
-        jnp.ones(n_src),
-        jnp.asarray(dxdy0),
+    return tuple(
+        jnp.asarray(a) for a in refinement_inputs(images, variances, refs, dxdy0)
     )
 
 
