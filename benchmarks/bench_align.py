@@ -37,6 +37,8 @@ from subpixal_jax import align
 from subpixal_jax.catalog import PhotutilsCatalog
 from subpixal_jax.core.batch import HALF_PIXEL_SHIFTS
 from subpixal_jax.cutouts import create_cutouts, create_primary_cutouts
+from subpixal_jax.options import AlignOptions
+from subpixal_jax.pipeline import stages
 from subpixal_jax.resample import DrizzleResample
 from subpixal_jax.simulate import simulate_exposures
 from subpixal_jax.wcs import correct_wcs
@@ -79,7 +81,7 @@ def staged_run(paths, *, original):
     primaries = create_primary_cutouts(table, segmentation, ref_valid=resample.wht > 0)
     t["catalog"] += time.perf_counter() - start
 
-    options = align.make_options(nmax=N_ITERATIONS, reference=0)
+    options = AlignOptions.create(nmax=N_ITERATIONS, reference=0)
     wcslin = resample.output_wcs
     center = np.asarray(wcslin.wcs.crpix, dtype=float) - 1.0
     todo = range(1, len(paths))
@@ -106,7 +108,7 @@ def staged_run(paths, *, original):
         n_sources += sum(len(c) for c in cutouts)
 
         start = time.perf_counter()
-        measured = align.measure_displacements(cutouts)
+        measured = stages.measure_displacements(cutouts)
         t["kernels"] += time.perf_counter() - start
         if original:
             start = time.perf_counter()
@@ -116,18 +118,18 @@ def staged_run(paths, *, original):
 
         start = time.perf_counter()
         points = [
-            align._fit_inputs(cuts, meas, resample.exposures[i], wcslin, options)
+            stages.fit_inputs(cuts, meas, resample.exposures[i], wcslin, options)
             for i, cuts, meas in zip(todo, cutouts, measured, strict=True)
         ]
-        points = align._robust_inliers(points, center, options)
-        fits = align.fit_points(points, center, options)
+        points = stages.robust_inliers(points, center, options)
+        fits = stages.fit_points(points, center, options)
         t["fit"] += time.perf_counter() - start
 
         for i, fit in zip(todo, fits, strict=True):
             start = time.perf_counter()
             new = {
                 c.extver: correct_wcs(
-                    c.wcs, wcslin, fit["matrix"], fit["shift"], center=center
+                    c.wcs, wcslin, fit.matrix, fit.shift, center=center
                 )
                 for c in resample.exposures[i].chips
             }

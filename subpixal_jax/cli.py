@@ -29,72 +29,10 @@ def _chip_shape(text: str) -> tuple[int, int]:
     return rows, cols
 
 
-def _nmax(text: str):
-    """Parse ``N`` or ``N,M`` (iterations, full resamples)."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2):
-        msg = f"expected N or N,M (integers), got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return values[0] if len(values) == 1 else tuple(values)
-
-
 def _add_align_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--fitgeom",
-        default="general",
-        choices=("shift", "rshift", "rscale", "general"),
-        help="fit geometry (default general)",
-    )
-    parser.add_argument(
-        "--cc-type",
-        default="NCC",
-        type=str.upper,
-        choices=("CC", "NCC", "ZNCC"),
-        help="cross-correlation normalisation (default NCC)",
-    )
-    parser.add_argument(
-        "--nmax",
-        type=_nmax,
-        default=10,
-        metavar="N[,M]",
-        help="max iterations [, iterations with a full resample] (default 10)",
-    )
-    parser.add_argument(
-        "--eps-shift",
-        type=float,
-        default=0.003,
-        metavar="PX",
-        help="stop when every shift is below this (reference px, default 0.003)",
-    )
-    parser.add_argument(
-        "--wcsupdate",
-        default="batch",
-        choices=("batch", "otf"),
-        help="update all images after each pass (batch) or each at once (otf)",
-    )
-    parser.add_argument("--nclip", type=int, default=3, help="clipping passes (3)")
-    parser.add_argument(
-        "--sigma", type=float, default=3.0, help="clipping limit in RMS units (3)"
-    )
-    parser.add_argument(
-        "--reference",
-        type=int,
-        metavar="INDEX",
-        help="hold this image (0-based) fixed as the astrometric reference",
-    )
-    parser.add_argument(
-        "--refine",
-        choices=("sources", "transform"),
-        help="refine by least squares through the blot (Cramér-Rao-limited)",
-    )
-    parser.add_argument(
-        "--no-cr-reject",
-        action="store_true",
-        help="no cosmic-ray handling (default: on with 3 or more files)",
-    )
+    from subpixal_jax.options import add_arguments
+
+    add_arguments(parser)
     parser.add_argument(
         "--dq-bits", default="0", help="DQ bits to ignore, e.g. '4,8' (default 0)"
     )
@@ -145,6 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("files", nargs="+", help="FITS files (SCI/ERR/DQ)")
     _add_align_options(align)
     _add_output_options(align)
+    align.add_argument(
+        "--pixel-scale",
+        type=float,
+        metavar="ARCSEC",
+        help="pixel scale of the drizzle grid (default: the first image's)",
+    )
+    align.add_argument(
+        "--rotation",
+        type=float,
+        metavar="DEG",
+        help="orientation of the drizzle grid, degrees East of North (default 0)",
+    )
+    align.add_argument(
+        "--force",
+        action="store_true",
+        help="write every aligned image even when the verdict refuses it "
+        "(not converged, too few sources, inconsistent residuals)",
+    )
+    align.add_argument(
+        "--apply-insignificant",
+        action="store_true",
+        help="also write corrections smaller than 3 sigma of their own error",
+    )
     align.add_argument(
         "--summary", metavar="FILE.ecsv", help="write the summary and solution here"
     )
@@ -234,41 +195,52 @@ def _error(command: str, exc: Exception) -> int:
     return EXIT_USAGE
 
 
-def _print_result(result) -> None:
+def _print_result(result, reports) -> None:
+    """Print the run's status and every image's total correction and verdict."""
     print(f"status: {result.status} after {result.n_iterations} iteration(s)")
-    last = [row for row in result.summary if row["iteration"] == result.n_iterations]
-    for row in last:
+    print(
+        f"  {'image':<24} {'status':<13} {'n_fit':>5} {'dx [px]':>16} "
+        f"{'dy [px]':>16} {'dx,dy [mas]':>14} {'rot [arcsec]':>16} {'scale [ppm]':>11}"
+    )
+    for r in reports:
+        px = r.image_scale if r.image_scale > 0 else 1.0
         print(
-            f"  {Path(row['image']).name:<28} {row['status']:<10} "
-            f"n_fit={row['n_fit']:>4d} dx={row['dx']:+.4f} dy={row['dy']:+.4f} "
-            f"irmse={row['irmse']:.4f}"
+            f"  {Path(r.name).name:<24} {r.outcome.status.value:<13} {r.n_fit:>5d} "
+            f"{r.dx * px:+8.4f}±{r.dx_err * px:6.4f} "
+            f"{r.dy * px:+8.4f}±{r.dy_err * px:6.4f} "
+            f"{r.dx * r.mas_per_px:+6.1f},{r.dy * r.mas_per_px:+6.1f} "
+            f"{r.rot:+8.3f}±{r.rot_err:6.3f} {r.scale_ppm:+11.1f}"
         )
+        for text in (r.outcome.reason, r.reason):
+            if text:
+                print(f"    {text}")
 
 
 def _all_ok(result) -> bool:
-    last = [r for r in result.summary if r["iteration"] == result.n_iterations]
-    return result.converged and all(
-        r["status"] in ("SUCCESS", "REFERENCE") for r in last
-    )
+    from subpixal_jax.status import ImageStatus
+
+    done = (ImageStatus.SUCCESS, ImageStatus.REFERENCE)
+    return result.converged and all(o.status in done for o in result.final_status)
+
+
+def _policy(args):
+    from subpixal_jax.verdict import WritePolicy
+
+    return WritePolicy(force=args.force, apply_insignificant=args.apply_insignificant)
 
 
 def _run_align(args: argparse.Namespace) -> int:
     from subpixal_jax.align import align_files
+    from subpixal_jax.options import from_arguments
 
-    options = {
-        "fitgeom": args.fitgeom,
-        "cc_type": args.cc_type,
-        "nmax": args.nmax,
-        "eps_shift": args.eps_shift,
-        "wcsupdate": args.wcsupdate,
-        "nclip": args.nclip,
-        "sigma": args.sigma,
-        "reference": args.reference,
-        "progress": args.progress,
-        "refine": args.refine,
-        "history": "all" if args.plots else "last",
-        "keep_diagnostics": bool(args.plots),
-    }
+    try:
+        options = from_arguments(
+            args,
+            history="all" if args.plots else "last",
+            keep_diagnostics=bool(args.plots),
+        )
+    except (ValueError, TypeError) as exc:
+        return _error("align", exc)
     dq_bits = int(args.dq_bits) if args.dq_bits.isdigit() else args.dq_bits
     try:
         result, reports = align_files(
@@ -279,28 +251,39 @@ def _run_align(args: argparse.Namespace) -> int:
             wcsname=args.wcsname,
             summary=args.summary,
             dq_bits=dq_bits,
-            cr_reject=False if args.no_cr_reject else None,
-            **options,
+            options=options,
+            progress=args.progress,
+            pixel_scale=args.pixel_scale,
+            rotation=args.rotation,
+            policy=_policy(args),
         )
     except (ValueError, OSError) as exc:
         return _error("align", exc)
-    _print_result(result)
+    from subpixal_jax.verdict import image_reports
+
+    verdicts = image_reports(result, _policy(args))
+    _print_result(result, verdicts)
     for report in reports:
         verb = "would write" if report.dry_run else "wrote"
         print(f"{verb} {report.path} ({len(report.changes)} keyword changes)")
-    if not reports and not args.dry_run:
+    writing = args.in_place or args.output_dir or args.dry_run
+    if not writing:
         print("no file written (use --in-place or --output-dir)")
     if args.plots:
         from subpixal_jax.plots import write_figures
 
         for path in write_figures(result, args.plots):
             print(f"wrote {path}")
+    held_back = [v for v in verdicts if v.correction is not None and not v.write]
+    if writing and held_back:
+        return EXIT_PARTIAL
     return EXIT_OK if _all_ok(result) else EXIT_PARTIAL
 
 
 def _run_align_many(args: argparse.Namespace) -> int:
     try:
         from subpixal_jax.distributed import align_visits
+        from subpixal_jax.options import from_arguments
 
         table = align_visits(
             args.visits,
@@ -311,20 +294,16 @@ def _run_align_many(args: argparse.Namespace) -> int:
             progress=args.progress,
             in_place=args.in_place,
             wcsname=args.wcsname,
-            fitgeom=args.fitgeom,
-            cc_type=args.cc_type,
-            nmax=args.nmax,
-            eps_shift=args.eps_shift,
-            wcsupdate=args.wcsupdate,
-            nclip=args.nclip,
-            sigma=args.sigma,
-            refine=args.refine,
+            options=from_arguments(args),
         )
-    except (ValueError, OSError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, ImportError) as exc:
         return _error("align-many", exc)
     table["visit", "image", "status", "dx", "dy", "error"].pprint_all()
-    done = ("SUCCESS", "REFERENCE", "SKIPPED")
-    return EXIT_OK if all(s in done for s in table["status"]) else EXIT_PARTIAL
+    from subpixal_jax.status import ImageStatus
+
+    done = {ImageStatus.SUCCESS, ImageStatus.REFERENCE, ImageStatus.SKIPPED}
+    statuses = {ImageStatus(s) for s in table["status"]}
+    return EXIT_OK if statuses <= done else EXIT_PARTIAL
 
 
 def _run_apply(args: argparse.Namespace) -> int:
@@ -364,14 +343,24 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    """Simulate the demo data set, align it and compare with the truth."""
+    """Simulate the demo data set, align it and compare with the truth.
+
+    The files go to ``--output-dir`` when given; otherwise to a temporary
+    folder that is removed afterwards.
+    """
+    if args.output_dir:
+        return _demo_in(args.output_dir, args)
+    with tempfile.TemporaryDirectory(prefix="subpixal-jax-demo-") as outdir:
+        return _demo_in(outdir, args)
+
+
+def _demo_in(outdir: str, args: argparse.Namespace) -> int:
     from subpixal_jax.simulate import (
         misregistration,
         recovered_error,
         simulate_exposures,
     )
 
-    outdir = args.output_dir or tempfile.mkdtemp(prefix="subpixal-jax-demo-")
     options = {"seed": args.seed}
     if args.chip_shape is not None:
         options["chip_shape"] = args.chip_shape
@@ -383,7 +372,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         return _error("demo", exc)
     rows, cols = sim.true_wcs[0][1].array_shape
     n_chips = len(sim.true_wcs[0])
-    print(f"Simulated {len(sim.paths)} exposures in {outdir}")
+    where = outdir if args.output_dir else f"{outdir} (removed afterwards)"
+    print(f"Simulated {len(sim.paths)} exposures in {where}")
     print(
         f"  {n_chips} chip(s) of {rows}x{cols} pixels at {sim.pixel_scale} arcsec/px, "
         f"EXPTIME {sim.exptime:g} s, units {sim.units}, sky {sim.sky:g} e-/px, "

@@ -40,7 +40,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from subpixal_jax import result as res
+from subpixal_jax.options import AlignOptions
+from subpixal_jax.status import ImageOutcome, ImageStatus
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ COLUMNS = (
 )
 _STRING_COLUMNS = ("visit", "image", "status", "error")
 _INT_COLUMNS = ("n_fit", "iterations")
-_DONE = (res.SUCCESS, res.REFERENCE)
+_DONE = (ImageStatus.SUCCESS, ImageStatus.REFERENCE)
 _STAGING = ".subpixal-staging-{visit}"
 _COMMIT = "COMMIT.json"
 
@@ -198,32 +199,23 @@ def _result_rows(visit, files, result, seconds) -> list[dict[str, Any]]:
     for r in result.summary:
         last[r["image"]] = r
     rows = []
-    for path, name, correction in zip(
-        files, result.names, result.corrections, strict=True
+    for path, name, correction, outcome in zip(
+        files, result.names, result.corrections, result.final_status, strict=True
     ):
         r = last.get(name, {})
-        status = str(r.get("status", res.FAILED))
-        error = ""
-        if status.startswith(res.FAILED):
-            error = status.partition(":")[2].strip() or result.status
-            status = res.FAILED
+        dx = dy = rot = scale = math.nan
         if correction is not None:
-            matrix, shift = (np.asarray(v, dtype=float) for v in correction)
-            dx, dy = shift
-            rot = math.degrees(
-                math.atan2(matrix[1, 0] - matrix[0, 1], np.trace(matrix))
-            )
-            scale = math.sqrt(abs(np.linalg.det(matrix)))
-        elif status == res.REFERENCE:
+            dx, dy = correction.shift
+            rot = float(correction.describe("rscale")["proper_rot"])
+            scale = float(correction.describe("rscale")["mean_scale"])
+        elif outcome.status is ImageStatus.REFERENCE:
             dx = dy = rot = 0.0
             scale = 1.0
-        else:
-            dx = dy = rot = scale = math.nan
         rows.append(
             _row(
                 visit,
                 str(path),
-                status,
+                outcome.status.value,
                 n_fit=int(r.get("n_fit", 0)),
                 dx=float(dx),
                 dy=float(dy),
@@ -235,7 +227,7 @@ def _result_rows(visit, files, result, seconds) -> list[dict[str, Any]]:
                 irmse=float(r.get("irmse", math.nan)),
                 iterations=int(result.n_iterations),
                 seconds=seconds,
-                error=error,
+                error=outcome.reason,
             )
         )
     return rows
@@ -277,7 +269,10 @@ def _align_visit(
             # An attempt that committed and died before reporting: aligning
             # again would correct the corrected files a second time.
             reason = f"already aligned (WCSNAME={wcsname})"
-            return [_row(visit, str(p), res.SKIPPED, error=reason) for p in paths]
+            return [
+                _row(visit, str(p), ImageStatus.SKIPPED.value, error=reason)
+                for p in paths
+            ]
         result, _ = align_files(paths, **options)
         seconds = time.perf_counter() - start
         rows = _result_rows(visit, paths, result, seconds)
@@ -297,7 +292,7 @@ def _align_visit(
         reason = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - start
         return [
-            _row(visit, str(p), res.FAILED, seconds=seconds, error=reason)
+            _row(visit, str(p), ImageStatus.FAILED.value, seconds=seconds, error=reason)
             for p in paths
         ]
     log.info("visit %s: %s in %.1f s", visit, result.status, seconds)
@@ -433,18 +428,16 @@ def align_visits(
         if not output_dir.is_dir():
             msg = f"output_dir must be an existing directory, got {str(output_dir)!r}"
             raise ValueError(msg)
-    from subpixal_jax.align import make_options
-
     # Validate the alignment options here, before any task runs.
-    make_options(
-        **{k: v for k, v in align_options.items() if k in make_options.__kwdefaults__}
+    AlignOptions.create(
+        **{k: v for k, v in align_options.items() if k in AlignOptions.keywords()}
     )
     previous = _previous_rows(summary)
     rows: dict[str, list[dict[str, Any]]] = {}
     todo: dict[str, list[Path]] = {}
     for name, files in grouped.items():
         old = previous.get(name, [])
-        if old and all(r["status"] in _DONE for r in old):
+        if old and all(ImageOutcome.parse(r["status"]).status in _DONE for r in old):
             log.info("visit %s: already aligned (summary), skipped", name)
             rows[name] = old
             continue
@@ -454,7 +447,10 @@ def align_visits(
         ):
             log.info("visit %s: already aligned (WCSNAME %s), skipped", name, wcsname)
             reason = f"already aligned (WCSNAME={wcsname})"
-            rows[name] = [_row(name, str(f), res.SKIPPED, error=reason) for f in files]
+            rows[name] = [
+                _row(name, str(f), ImageStatus.SKIPPED.value, error=reason)
+                for f in files
+            ]
             continue
         todo[name] = files
     if todo:
@@ -520,6 +516,7 @@ def _run(
                 reason = f"{type(exc).__name__}: {exc}"
                 log.warning("visit %s failed: %s", name, reason)
                 rows[name] = [
-                    _row(name, str(f), res.FAILED, error=reason) for f in todo[name]
+                    _row(name, str(f), ImageStatus.FAILED.value, error=reason)
+                    for f in todo[name]
                 ]
     return rows

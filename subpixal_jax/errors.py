@@ -10,8 +10,12 @@ class SubpixalError(Exception):
     """Base class of every subpixal_jax exception."""
 
 
-class NotEnoughPointsError(SubpixalError):
-    """A fit had fewer valid points than its geometry needs."""
+class NotEnoughPointsError(SubpixalError, ValueError):
+    """A fit had fewer valid points than its geometry needs.
+
+    Also a ``ValueError``, as tweakwcs raises there, so code written for
+    tweakwcs catches it.
+    """
 
 
 class SingularMatrixError(SubpixalError):

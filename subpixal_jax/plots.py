@@ -30,6 +30,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from subpixal_jax import result as res
+from subpixal_jax.transform import fit_affine
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +115,8 @@ def fit_residuals(image: res.ImageFit) -> np.ndarray:
         msg = f"image ({image.name}) has no fit ({image.status})"
         raise ValueError(msg)
     s = image.sources
-    center = np.asarray(image.fit["center"], dtype=float)
-    matrix = np.asarray(image.fit["matrix"], dtype=float)
-    shift = np.asarray(image.fit["shift"], dtype=float)
     with np.errstate(invalid="ignore"):
-        model = (s.uv - center) @ matrix.T + center + shift
-        return s.xy - model
+        return s.xy - fit_affine(image.fit).apply(s.uv)
 
 
 def _nice_length(value: float) -> float:
@@ -265,18 +262,18 @@ def plot_residual_map(image: res.ImageFit, *, wcslin: WCS | None = None):
         if wcslin is not None:
             _chip_outlines(ax, image, wcslin)
         _vector_panel(ax, s, vectors, title)
-    fit = image.fit or {}
+    rmse = math.nan if image.fit is None else float(image.fit.rmse)
     fig.suptitle(
         f"{_short_name(image.name)}: {image.status}, "
         f"{int(np.count_nonzero(s.fitmask))}/{s.n_sources} sources fitted, "
-        f"rmse {float(fit.get('rmse', math.nan)):.3g} px"
+        f"rmse {rmse:.3g} px"
     )
     return fig
 
 
 def _image_px_per_fit_px(image: res.ImageFit) -> float:
     """Image pixels per fit-frame pixel, from ``irmse / rmse`` (1 if unknown)."""
-    rmse = float((image.fit or {}).get("rmse", math.nan))
+    rmse = math.nan if image.fit is None else float(image.fit.rmse)
     ratio = float(image.irmse) / rmse if rmse > 0 else math.nan
     return ratio if math.isfinite(ratio) and ratio > 0 else 1.0
 

@@ -17,14 +17,16 @@ import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
 
-SUCCESS = "SUCCESS"
-FAILED = "FAILED"
-SKIPPED = "SKIPPED"
-REFERENCE = "REFERENCE"
+from subpixal_jax.core.linfit import LinearFit
+from subpixal_jax.status import ImageOutcome, ImageStatus, RunOutcome
+from subpixal_jax.transform import Affine, RefinedFit
 
-#: Per-source flag set by the alignment loop (above the kernels' peak flags)
-#: for a source whose displacement was not finite.
-FLAG_NOT_FINITE = 1 << 16
+#: Text forms of the image statuses (summary tables, ECSV, the CLI).
+SUCCESS = ImageStatus.SUCCESS.value
+FAILED = ImageStatus.FAILED.value
+SKIPPED = ImageStatus.SKIPPED.value
+REFERENCE = ImageStatus.REFERENCE.value
+NOT_CONVERGED = ImageStatus.NOT_CONVERGED.value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,8 @@ class SourceMeasurements:
     sigma : ndarray of float, shape (N, 2)
         1-sigma error of ``dxdy`` (image pixels).
     flags : ndarray of int, shape (N,)
-        0 for a good measurement, otherwise bit flags of the peak finder.
+        0 for a good measurement, otherwise
+        :class:`~subpixal_jax.status.SourceFlag` bits.
     xy : ndarray of float, shape (N, 2)
         Predicted source positions in the fit frame (``wcslin`` pixels, 0-based).
     uv : ndarray of float, shape (N, 2)
@@ -83,49 +86,59 @@ class ImageFit:
     ----------
     name : str
         The image's file name or label.
-    status : str
-        ``SUCCESS``, ``FAILED: <reason>``, ``SKIPPED: <reason>`` or
-        ``REFERENCE`` (held fixed as the astrometric reference).
-    fit : mapping or None
-        The linear fit (fields of :class:`subpixal_jax.core.linfit.LinearFit`
-        as numpy values), or None when no fit was made.
+    status : ImageOutcome
+        SUCCESS, FAILED, SKIPPED, REFERENCE or NOT_CONVERGED, with a reason.
+    fit : LinearFit or None
+        The clipped linear fit (numpy values; ``resids`` and ``fitmask`` cut to
+        the image's sources), or None when no fit was made.
     sources : SourceMeasurements or None
         Per-source measurements, or None when the image had no cutouts.
     irmse : float
         RMS of the fit residuals converted to image pixels (the original's
-        ``irmse`` was the RMS of raw displacements, SPEC §9.6).
+        ``irmse`` was the RMS of raw displacements).
     wcs_before, wcs_after : dict of int to WCS
         Each chip's WCS before and after this iteration's correction.
+    correction : Affine or None
+        The correction applied in this iteration (with ``joint`` it is the
+        joint solution, not the image's own fit).
+    refined : RefinedFit or None
+        The transform refined through the blot (``refine='transform'``).
     extras : mapping
-        Diagnostics kept when ``history`` asks for them (cutouts, blots,
-        interlaced cross-correlation maps).
+        Diagnostics kept when asked for (cutouts, blots).
     """
 
     name: str
-    status: str
-    fit: Mapping[str, Any] | None
+    status: ImageOutcome
+    fit: LinearFit | None
     sources: SourceMeasurements | None
     irmse: float
     wcs_before: dict[int, WCS]
     wcs_after: dict[int, WCS]
+    correction: Affine | None = None
+    refined: RefinedFit | None = None
     extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         """True when the image was aligned in this iteration."""
-        return self.status == SUCCESS
+        return self.status.ok
 
     @property
     def shift(self) -> np.ndarray:
-        """Fitted shift ``(dx, dy)`` in fit-frame pixels (NaN without a fit)."""
+        """Measured shift ``(dx, dy)`` in fit-frame pixels (NaN without a fit).
+
+        The refined transform's when there is one, else the clipped fit's.
+        """
+        if self.refined is not None:
+            return self.refined.affine.shift
         if self.fit is None:
             return np.full(2, np.nan)
-        return np.asarray(self.fit["shift"], dtype=float)
+        return np.asarray(self.fit.shift, dtype=float)
 
     @property
     def shift_norm(self) -> float:
         """Length of :attr:`shift` (fit-frame pixels); 0 for the reference."""
-        if self.status == REFERENCE:
+        if self.status.status is ImageStatus.REFERENCE:
             return 0.0
         return float(np.hypot(*self.shift))
 
@@ -155,44 +168,62 @@ class IterationResult:
         return max(shifts) if shifts else math.nan
 
 
+#: The record :func:`subpixal_jax.pipeline.align_step` returns.
+IterationRecord = IterationResult
+
+
 @dataclasses.dataclass(frozen=True)
 class AlignmentResult:
     """What :func:`subpixal_jax.align_images` returns.
 
     Attributes
     ----------
-    status : str
-        ``CONVERGED``, ``MAX_ITERATIONS``, ``STOPPED`` (by the callback),
-        ``DIVERGED`` or ``FAILED: <reason>``.
+    status : RunOutcome
+        CONVERGED, MAX_ITERATIONS, STOPPED (by the callback), DIVERGED or
+        FAILED, with a reason; compares equal to its text (``"CONVERGED"``).
     n_iterations : int
         Iterations run.
     history : list of IterationResult
-        Kept per the ``history`` argument (all, the last, or none).
+        Kept per the ``history`` option (all, the last, or none).
     final_wcs : list of dict of int to WCS
         Each image's corrected chip WCSs after the last iteration.
     names : list of str
         Image names in input order.
     summary : list of dict
         One row per image and iteration (always kept; small).
+    corrections : list of Affine or None
+        Each image's total correction (None: never corrected).
+    wcslin : WCS or None
+        The fit frame.
+    fitgeom : str
+        The fit geometry.
+    final_status : list of ImageOutcome
+        Each image's outcome at the end of the run: a run that did not
+        converge reports its fitted images NOT_CONVERGED, never SUCCESS.
     """
 
-    status: str
+    status: RunOutcome
     n_iterations: int
     history: list[IterationResult]
     final_wcs: list[dict[int, WCS]]
     names: list[str]
     summary: list[dict[str, Any]]
-    corrections: list[tuple[np.ndarray, np.ndarray] | None] = dataclasses.field(
-        default_factory=list
-    )
+    corrections: list[Affine | None] = dataclasses.field(default_factory=list)
     wcslin: WCS | None = None
-    center: np.ndarray | None = None
     fitgeom: str = ""
+    final_status: list[ImageOutcome] = dataclasses.field(default_factory=list)
+
+    @property
+    def center(self) -> np.ndarray | None:
+        """Centre of the corrections (fit-frame pixels, 0-based)."""
+        if self.wcslin is None:
+            return None
+        return np.asarray(self.wcslin.wcs.crpix, dtype=float) - 1.0
 
     @property
     def converged(self) -> bool:
         """True when every image's shift fell below ``eps_shift``."""
-        return self.status == "CONVERGED"
+        return self.status.converged
 
     def to_table(self) -> Table:
         """Return the per-image, per-iteration summary as an astropy Table.
@@ -203,9 +234,14 @@ class AlignmentResult:
         again later (:func:`subpixal_jax.align.apply_solution`).
         """
         table = Table(rows=self.summary) if self.summary else Table()
-        table.meta["status"] = self.status
+        table.meta["status"] = str(self.status)
         table.meta["n_iterations"] = self.n_iterations
         table.meta["fitgeom"] = self.fitgeom
+        if self.final_status:
+            table.meta["final_status"] = {
+                Path(name).name: str(outcome)
+                for name, outcome in zip(self.names, self.final_status, strict=True)
+            }
         if self.wcslin is not None:
             table.meta["wcslin"] = self.wcslin.to_header_string(relax=True)
             table.meta["center"] = [float(v) for v in self.center]
@@ -213,8 +249,8 @@ class AlignmentResult:
             # are listed with null entries: applying leaves them unchanged.
             table.meta["solution"] = {
                 Path(name).name: {
-                    "matrix": None if c is None else np.asarray(c[0], float).tolist(),
-                    "shift": None if c is None else np.asarray(c[1], float).tolist(),
+                    "matrix": None if c is None else c.matrix.tolist(),
+                    "shift": None if c is None else c.shift.tolist(),
                 }
                 for name, c in zip(self.names, self.corrections, strict=True)
             }
@@ -225,34 +261,77 @@ class AlignmentResult:
         self.to_table().write(path, format="ascii.ecsv", overwrite=True)
 
 
-def summary_row(iteration: int, image: ImageFit) -> dict[str, Any]:
-    """Flatten one image's iteration outcome into a summary-table row."""
-    fit = image.fit or {}
-    nan2 = (math.nan, math.nan)
-    shift = fit.get("shift", nan2)
-    rot = fit.get("rot", nan2)
-    scale = fit.get("scale", nan2)
-    shift_err = fit.get("shift_err", nan2)
-    sources = image.sources
+_NAN2 = (math.nan, math.nan)
+
+
+def _transform_columns(image: ImageFit) -> dict[str, float]:
+    """dx, dy, rotations, scales, skew and errors of the image's transform."""
+    if image.refined is not None:
+        r = image.refined
+        shift, shift_err, rot, scale, skew = (
+            r.affine.shift,
+            r.shift_err,
+            r.rot,
+            r.scale,
+            r.skew,
+        )
+        rot_err = math.nan  # the refinement's covariance is of its own parameters
+    elif image.fit is not None:
+        f = image.fit
+        shift, shift_err, rot, scale, skew = (
+            f.shift,
+            f.shift_err,
+            f.rot,
+            f.scale,
+            f.skew,
+        )
+        rot_err = float(np.mean(f.rot_err))
+    else:
+        shift = shift_err = rot = scale = _NAN2
+        skew = rot_err = math.nan
     return {
-        "iteration": iteration,
-        "image": image.name,
-        "status": image.status,
-        "n_sources": 0 if sources is None else sources.n_sources,
-        "n_good": 0 if sources is None else sources.n_good,
-        "n_fit": int(np.count_nonzero(sources.fitmask)) if sources is not None else 0,
         "dx": float(shift[0]),
         "dy": float(shift[1]),
         "dx_err": float(shift_err[0]),
         "dy_err": float(shift_err[1]),
         "rot_x": float(rot[0]),
         "rot_y": float(rot[1]),
-        "rot_err": float(np.mean(fit.get("rot_err", math.nan))),
+        "rot_err": rot_err,
         "scale_x": float(scale[0]),
         "scale_y": float(scale[1]),
-        "skew": float(fit.get("skew", math.nan)),
-        "rmse": float(fit.get("rmse", math.nan)),
-        "mae": float(fit.get("mae", math.nan)),
+        "skew": float(skew),
+    }
+
+
+def _predicted_rms(sources: SourceMeasurements | None) -> float:
+    """Return the fit RMS the kept sources' position errors predict (NaN: unknown).
+
+    With weights ``w = 1/σ²`` the weighted mean square residual of a correct
+    model is ``n / Σ w``; unit weights carry no error information.
+    """
+    if sources is None:
+        return math.nan
+    w = sources.weight[sources.fitmask]
+    if w.size == 0 or np.all(w == 1.0):
+        return math.nan
+    return float(math.sqrt(w.size / np.sum(w)))
+
+
+def summary_row(iteration: int, image: ImageFit) -> dict[str, Any]:
+    """Flatten one image's iteration outcome into a summary-table row."""
+    sources = image.sources
+    fit = image.fit
+    return {
+        "iteration": iteration,
+        "image": image.name,
+        "status": str(image.status),
+        "n_sources": 0 if sources is None else sources.n_sources,
+        "n_good": 0 if sources is None else sources.n_good,
+        "n_fit": int(np.count_nonzero(sources.fitmask)) if sources is not None else 0,
+        **_transform_columns(image),
+        "rmse": math.nan if fit is None else float(fit.rmse),
+        "mae": math.nan if fit is None else float(fit.mae),
+        "noise": _predicted_rms(sources),
         "irmse": float(image.irmse),
     }
 
@@ -272,8 +351,8 @@ def read_solution(path) -> tuple[WCS, np.ndarray, dict]:
     center : ndarray, shape (2,)
         Centre of the corrections (fit-frame pixels, 0-based).
     corrections : dict
-        File name -> (matrix, shift), or None for an image the alignment
-        left unchanged.
+        File name -> Affine, or None for an image the alignment left
+        unchanged.
 
     Raises
     ------
@@ -284,10 +363,9 @@ def read_solution(path) -> tuple[WCS, np.ndarray, dict]:
     if "solution" not in meta or "wcslin" not in meta:
         msg = f"{path} holds no alignment solution (no 'solution'/'wcslin' metadata)"
         raise ValueError(msg)
+    center = np.asarray(meta["center"], dtype=float)
     corrections = {
-        name: None
-        if v["matrix"] is None
-        else (np.asarray(v["matrix"], dtype=float), np.asarray(v["shift"], dtype=float))
+        name: None if v["matrix"] is None else Affine(v["matrix"], v["shift"], center)
         for name, v in meta["solution"].items()
     }
-    return WCS(meta["wcslin"]), np.asarray(meta["center"], dtype=float), corrections
+    return WCS(meta["wcslin"]), center, corrections

@@ -115,7 +115,7 @@ def aligned(sim, tmp_path_factory):
     measure_before = measure_batch._cache_size()
     fit_before = linfit._iter_fit_batch._cache_size()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("subpixal_jax.align.measure_batch", counter)
+        mp.setattr("subpixal_jax.pipeline.stages.measure_batch", counter)
         result, reports = align_files(
             sim.paths,
             fitgeom="general",
@@ -206,9 +206,9 @@ def test_summary_ecsv_round_trip(sim, aligned, tmp_path):
     np.testing.assert_allclose(center, result.center)
     assert wcslin.to_header_string() == result.wcslin.to_header_string()
     for path, total in zip(sim.paths[1:], result.corrections[1:], strict=True):
-        matrix, shift = corrections[path.name]
-        np.testing.assert_allclose(matrix, total[0], rtol=0, atol=1e-15)
-        np.testing.assert_allclose(shift, total[1], rtol=0, atol=1e-12)
+        matrix, shift = corrections[path.name].matrix, corrections[path.name].shift
+        np.testing.assert_allclose(matrix, total.matrix, rtol=0, atol=1e-15)
+        np.testing.assert_allclose(shift, total.shift, rtol=0, atol=1e-12)
     table = result.to_table()
     assert table.meta["status"] == "CONVERGED"
     assert len(table) == len(result.summary)

@@ -210,7 +210,7 @@ def test_six_visits_match_aligning_each_alone(client, tmp_path):
         rows = table[table["visit"] == f"visit{k:04d}"]
         for i, path in enumerate(sim.paths):
             np.testing.assert_allclose(
-                rows["dx"][i], result.corrections[i][1][0], rtol=0, atol=1e-9
+                rows["dx"][i], result.corrections[i].shift[0], rtol=0, atol=1e-9
             )
             for extver in (1, 2):
                 a = _file_wcs(out / f"visit{k:04d}" / path.name, extver)

@@ -451,8 +451,14 @@ def _covariance(
     return cov, shift_err, errs[:2], errs[2:]
 
 
-def _describe(fitgeom: str, matrix: jax.Array) -> dict[str, jax.Array]:
-    """Rotations, scales and skew of ``M`` as tweakwcs' ``_build_fit`` reports."""
+def describe_matrix(fitgeom: str, matrix: jax.Array) -> dict[str, jax.Array]:
+    """Rotations, scales and skew of ``M`` as tweakwcs' ``_build_fit`` reports.
+
+    The one decomposition of a fit matrix in the library (fits, refined
+    transforms and summaries all use it). Keys: ``proper_rot``, ``rot``,
+    ``mean_rot`` (degrees), ``scale``, ``mean_scale``, ``skew`` (degrees),
+    ``proper``.
+    """
     dtype = matrix.dtype
     det = matrix[0, 0] * matrix[1, 1] - matrix[0, 1] * matrix[1, 0]
     sdet = jnp.sign(det)
@@ -562,7 +568,7 @@ def _iter_fit(
     def nan_unless_ok(a: jax.Array) -> jax.Array:
         return jnp.where(ok, a, jnp.nan)
 
-    desc = _describe(fitgeom, matrix)
+    desc = describe_matrix(fitgeom, matrix)
     return LinearFit(
         shift=nan_unless_ok(sol.params[:2]),
         matrix=nan_unless_ok(matrix),

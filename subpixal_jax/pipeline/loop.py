@@ -1,0 +1,313 @@
+"""One alignment iteration as a step over :class:`AlignState`, and the driver.
+
+:func:`align_step` takes a state and returns the next one with the record of
+the iteration; :func:`stop_reason` decides, from the record of shifts alone,
+whether the loop is done; :func:`run` composes the two (what
+:func:`subpixal_jax.align_images` calls). 'batch' and 'otf' updates, a fixed
+``reference`` image and the full resamples are variations of the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+from astropy.wcs import WCS
+
+from subpixal_jax import result as res
+from subpixal_jax.cutouts import create_primary_cutouts
+from subpixal_jax.errors import AlignmentError
+from subpixal_jax.options import AlignOptions
+from subpixal_jax.pipeline.stages import CatalogState, measure_and_fit
+from subpixal_jax.pipeline.state import (
+    AlignState,
+    adopt_resample_wcs,
+    initial_state,
+    snapshot_masks,
+    sync_resample,
+)
+from subpixal_jax.status import ImageOutcome, ImageStatus, RunOutcome, RunStatus
+from subpixal_jax.transform import Affine
+
+log = logging.getLogger(__name__)
+
+
+def refresh_catalog(catalog, resample, options: AlignOptions) -> CatalogState:
+    """Detect sources in the current combination and cut their primary boxes."""
+    if options.cr_reject and len(resample.exposures) >= 3:
+        # Cosmic rays of single exposures survive in the mean drizzle and
+        # would be detected as sources; the median of the single drizzles is
+        # free of them even before the images are aligned.
+        median, covered = resample.median_image()
+        catalog.set_image(median, mask=~covered)
+    else:
+        catalog.set_image(resample.sci, mask=resample.wht <= 0)
+    table = catalog.catalog
+    segmentation = catalog.segmentation
+    primaries = create_primary_cutouts(table, segmentation, ref_valid=resample.wht > 0)
+    log.info("catalog: %d sources, %d usable boxes", len(table), len(primaries))
+    return CatalogState(primaries, segmentation)
+
+
+def _full_resample(state: AlignState, catalog, resample, options: AlignOptions):
+    """Redo cosmic-ray rejection (after the first) and the catalog."""
+    valid = state.valid
+    if state.n_full > 0 and options.cr_reject:
+        resample.reject_cosmic_rays()
+        valid = snapshot_masks(resample)
+    catalog_state = refresh_catalog(catalog, resample, options)
+    return dataclasses.replace(
+        state, n_full=state.n_full + 1, valid=valid, catalog=catalog_state
+    )
+
+
+def _apply(resample, i: int, image: res.ImageFit, totals: list) -> None:
+    """Give image ``i`` its corrected WCS and compose its total correction."""
+    if not image.ok:
+        return
+    resample.update_wcs(i, image.wcs_after)
+    before = totals[i] or Affine.identity(image.correction.center)
+    totals[i] = before.then(image.correction)
+
+
+def _measure(state, resample, wcslin, options) -> tuple[list, list]:
+    """Measure, fit and apply every moving image ('batch' or 'otf')."""
+    todo = [i for i in range(len(resample.exposures)) if i != options.reference]
+    totals = list(state.totals)
+    if options.wcsupdate == "batch":
+        fitted = measure_and_fit(
+            todo, resample, state.catalog, wcslin, options, state.excluded
+        )
+        for i, image in zip(todo, fitted, strict=True):
+            _apply(resample, i, image, totals)
+    else:
+        fitted = []
+        for i in todo:
+            (image,) = measure_and_fit(
+                [i], resample, state.catalog, wcslin, options, state.excluded
+            )
+            _apply(resample, i, image, totals)
+            fitted.append(image)
+    by_index = dict(zip(todo, fitted, strict=True))
+    images = []
+    for i, exposure in enumerate(resample.exposures):
+        if i in by_index:
+            images.append(by_index[i])
+            continue
+        wcs = {c.extver: c.wcs for c in exposure.chips}
+        reference = ImageOutcome(ImageStatus.REFERENCE)
+        images.append(
+            res.ImageFit(exposure.name, reference, None, None, math.nan, wcs, wcs)
+        )
+    return images, totals
+
+
+def _kept_history(state: AlignState, step: res.IterationResult, options) -> tuple:
+    if options.history == "all":
+        return (*state.history, step)
+    if options.history == "last":
+        return (step,)
+    return ()
+
+
+def align_step(
+    state: AlignState,
+    catalog,
+    resample,
+    wcslin: WCS,
+    options: AlignOptions,
+    *,
+    throw: bool = False,
+) -> tuple[AlignState, res.IterationResult]:
+    """Run one iteration of the alignment from ``state``.
+
+    Parameters
+    ----------
+    state : AlignState
+        Where the run stands (:func:`~subpixal_jax.pipeline.initial_state` for
+        a fresh run, or a loaded checkpoint).
+    catalog : ImageCatalog
+        Source finder, called on full-resample iterations.
+    resample : Resample
+        The drizzling resampler; brought to ``state`` first, then given the
+        corrected WCSs.
+    wcslin : astropy.wcs.WCS
+        The fit frame.
+    options : AlignOptions
+        The run's options.
+    throw : bool, optional
+        Raise :class:`~subpixal_jax.errors.AlignmentError` on a failed image.
+
+    Returns
+    -------
+    state : AlignState
+        The state after this iteration.
+    record : IterationResult
+        Every image's outcome in this iteration.
+    """
+    sync_resample(resample, state)
+    full = state.n_full < options.max_full_resamples
+    if full:
+        state = _full_resample(state, catalog, resample, options)
+    iteration = state.iteration + 1
+    images, totals = _measure(state, resample, wcslin, options)
+    excluded = set(state.excluded)
+    rows = []
+    for i, image in enumerate(images):
+        if image.status.status is ImageStatus.FAILED:
+            if throw:
+                msg = f"{image.name}: {image.status}"
+                raise AlignmentError(msg)
+            excluded.add(i)
+        log.info(
+            "iteration %d %s: %s shift=%s",
+            iteration,
+            image.name,
+            image.status,
+            image.shift,
+        )
+        rows.append(res.summary_row(iteration, image))
+    step = res.IterationResult(iteration, full, images)
+    new = dataclasses.replace(
+        state,
+        iteration=iteration,
+        totals=tuple(totals),
+        excluded=frozenset(excluded),
+        max_shifts=(*state.max_shifts, step.max_shift),
+        summary=(*state.summary, *rows),
+        history=_kept_history(state, step, options),
+    )
+    return adopt_resample_wcs(new, resample), step
+
+
+def stop_reason(
+    max_shifts: Sequence[float], options: AlignOptions
+) -> RunOutcome | None:
+    """Why the loop stops after these iterations, or None to go on.
+
+    Parameters
+    ----------
+    max_shifts : sequence of float
+        The largest fitted shift of every iteration so far (NaN: no image
+        was aligned).
+    options : AlignOptions
+        ``eps_shift`` and ``max_iterations``.
+
+    Examples
+    --------
+    >>> o = AlignOptions(eps_shift=0.01, max_iterations=3)
+    >>> stop_reason([0.5, 0.005], o)
+    RunOutcome(status=<RunStatus.CONVERGED: 'CONVERGED'>, reason='')
+    >>> stop_reason([0.5, 0.2], o) is None
+    True
+    >>> str(stop_reason([0.1, 0.2, 0.4], o))
+    'DIVERGED'
+    """
+    last = max_shifts[-1]
+    if math.isnan(last):
+        return RunOutcome(RunStatus.FAILED, "no image could be aligned")
+    if last < options.eps_shift:
+        return RunOutcome(RunStatus.CONVERGED)
+    # Divergence: the largest shift grows markedly twice in a row and is well
+    # above the threshold (tiny oscillations around a noise floor just above
+    # eps_shift are not divergence).
+    growing = 0
+    previous = math.inf
+    for shift in max_shifts:
+        grew = shift > 1.5 * previous and shift > 10 * options.eps_shift
+        growing = growing + 1 if grew else 0
+        previous = shift
+    if growing >= 2:
+        return RunOutcome(RunStatus.DIVERGED)
+    if len(max_shifts) >= options.max_iterations:
+        return RunOutcome(RunStatus.MAX_ITERATIONS)
+    return None
+
+
+def final_outcomes(
+    step: res.IterationResult, outcome: RunOutcome, options: AlignOptions
+) -> list[ImageOutcome]:
+    """Every image's outcome at the end: SUCCESS only when the run converged."""
+    if outcome.converged:
+        return [image.status for image in step.images]
+    out = []
+    for image in step.images:
+        if image.ok:
+            reason = (
+                f"run ended {outcome.status.value}; last shift "
+                f"{image.shift_norm:.4f} px, eps_shift {options.eps_shift:g} px"
+            )
+            out.append(ImageOutcome(ImageStatus.NOT_CONVERGED, reason))
+        else:
+            out.append(image.status)
+    return out
+
+
+def _final_summary(summary, iteration, names, outcomes) -> list[dict]:
+    """Return the summary with the last iteration's rows carrying the final outcomes."""
+    final = dict(zip(names, outcomes, strict=True))
+    return [
+        row | {"status": str(final[row["image"]])}
+        if row["iteration"] == iteration
+        else row
+        for row in summary
+    ]
+
+
+def run(
+    catalog,
+    resample,
+    wcslin: WCS,
+    options: AlignOptions,
+    *,
+    on_iteration: Callable[[res.IterationResult], bool | None] | None = None,
+    throw: bool = False,
+    progress: bool = False,
+    state: AlignState | None = None,
+    checkpoint: Callable[[AlignState], None] | None = None,
+) -> res.AlignmentResult:
+    """Iterate :func:`align_step` until :func:`stop_reason` says stop.
+
+    ``state`` resumes a run (a loaded checkpoint); ``checkpoint`` is called
+    with the state after every iteration (e.g. to save it).
+    """
+    state = initial_state(resample) if state is None else state
+    names = [e.name for e in resample.exposures]
+    done = state.iteration
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=options.max_iterations, initial=done, desc="align", unit="iter"
+        )
+    outcome = stop_reason(state.max_shifts, options) if state.max_shifts else None
+    step = state.history[-1] if state.history else None
+    while outcome is None:
+        state, step = align_step(state, catalog, resample, wcslin, options, throw=throw)
+        if bar is not None:
+            bar.update(1)
+        if checkpoint is not None:
+            checkpoint(state)
+        outcome = stop_reason(state.max_shifts, options)
+        stoppable = outcome is None or outcome.status is RunStatus.MAX_ITERATIONS
+        if stoppable and on_iteration is not None and on_iteration(step) is False:
+            outcome = RunOutcome(RunStatus.STOPPED)
+    if bar is not None:
+        bar.close()
+    final = final_outcomes(step, outcome, options) if step is not None else []
+    summary = _final_summary(state.summary, state.iteration, names, final)
+    return res.AlignmentResult(
+        outcome,
+        state.iteration,
+        list(state.history),
+        [{c.extver: c.wcs for c in e.chips} for e in resample.exposures],
+        names,
+        summary,
+        corrections=list(state.totals),
+        wcslin=wcslin,
+        fitgeom=options.fitgeom,
+        final_status=final,
+    )

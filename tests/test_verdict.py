@@ -1,0 +1,127 @@
+"""The write verdict: from the evidence of a finished run, per image."""
+
+import math
+
+import numpy as np
+import pytest
+from astropy.wcs import WCS
+
+from subpixal_jax.result import AlignmentResult
+from subpixal_jax.status import ImageOutcome, ImageStatus, RunOutcome, RunStatus
+from subpixal_jax.transform import Affine
+from subpixal_jax.verdict import Verdict, WritePolicy, image_reports
+
+CENTER = np.array([100.0, 100.0])
+
+
+def _wcslin():
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crpix = [101.0, 101.0]
+    w.wcs.crval = [10.0, 20.0]
+    w.wcs.cdelt = [-0.05 / 3600, 0.05 / 3600]
+    return w
+
+
+def _row(name, **values):
+    row = {
+        "iteration": 3,
+        "image": name,
+        "status": "SUCCESS",
+        "n_fit": 50,
+        "dx": 0.0,
+        "dy": 0.0,
+        "dx_err": 0.002,
+        "dy_err": 0.002,
+        "rot_err": 1e-5,
+        "rmse": 0.02,
+        "noise": 0.02,
+        "irmse": 0.02,
+    }
+    return row | values
+
+
+def _result(rows, corrections, statuses, run=RunStatus.CONVERGED):
+    names = [r["image"] for r in rows]
+    return AlignmentResult(
+        RunOutcome(run),
+        3,
+        [],
+        [{} for _ in names],
+        names,
+        rows,
+        corrections=corrections,
+        wcslin=_wcslin(),
+        fitgeom="rscale",
+        final_status=[ImageOutcome(s) for s in statuses],
+    )
+
+
+def _shift(dx, dy):
+    return Affine(np.eye(2), np.array([dx, dy]), CENTER)
+
+
+def test_a_sound_correction_is_written_with_its_numbers():
+    result = _result(
+        [_row("ref.fits"), _row("a.fits")],
+        [None, _shift(0.8, -0.3)],
+        [ImageStatus.REFERENCE, ImageStatus.SUCCESS],
+    )
+    ref, a = image_reports(result)
+    assert ref.verdict is Verdict.UNCHANGED
+    assert a.verdict is Verdict.WRITE and a.reason == ""
+    assert a.dx == pytest.approx(0.8) and a.dy == pytest.approx(-0.3)
+    assert a.significance == pytest.approx(math.hypot(0.8, 0.3) / 0.002)
+    assert a.mas_per_px == pytest.approx(50.0)
+    assert a.image_scale == pytest.approx(1.0)
+
+
+def test_not_converged_is_refused_unless_forced():
+    result = _result(
+        [_row("a.fits", status="NOT_CONVERGED: run ended MAX_ITERATIONS")],
+        [_shift(23.0, 1.0)],
+        [ImageStatus.NOT_CONVERGED],
+        run=RunStatus.MAX_ITERATIONS,
+    )
+    (a,) = image_reports(result)
+    assert a.verdict is Verdict.REFUSED and "NOT_CONVERGED" in a.reason
+    (forced,) = image_reports(result, WritePolicy(force=True))
+    assert forced.write and forced.reason.startswith("forced")
+
+
+def test_too_few_sources_and_inconsistent_residuals_are_refused():
+    result = _result(
+        [_row("few.fits", n_fit=5), _row("bad.fits", rmse=0.5, noise=0.02)],
+        [_shift(1.0, 0.0), _shift(1.0, 0.0)],
+        [ImageStatus.SUCCESS, ImageStatus.SUCCESS],
+    )
+    few, bad = image_reports(result)
+    assert few.verdict is Verdict.REFUSED and "5 sources kept, 6 needed" in few.reason
+    assert bad.verdict is Verdict.REFUSED and "25.0x" in bad.reason
+
+
+def test_insignificant_correction_is_reported_not_applied():
+    result = _result(
+        [_row("a.fits", dx_err=0.01, dy_err=0.01)],
+        [_shift(0.01, 0.01)],
+        [ImageStatus.SUCCESS],
+    )
+    (a,) = image_reports(result)
+    assert a.verdict is Verdict.INSIGNIFICANT
+    assert a.significance == pytest.approx(math.sqrt(2))
+    (applied,) = image_reports(result, WritePolicy(apply_insignificant=True))
+    assert applied.write and "applied although" in applied.reason
+
+
+def test_rotation_alone_can_be_significant():
+    theta = np.deg2rad(10 * 1e-5)  # 10 sigma of a 1e-5 deg error
+    matrix = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
+    result = _result(
+        [_row("a.fits")],
+        [Affine(matrix, np.zeros(2), CENTER)],
+        [ImageStatus.SUCCESS],
+    )
+    (a,) = image_reports(result)
+    assert a.significance == pytest.approx(10.0, rel=1e-6)
+    assert a.rot == pytest.approx(10 * 1e-5 * 3600, rel=1e-6)
+    assert a.write
