@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -371,8 +372,15 @@ def align_files(
         msg = f"files not found: {missing}"
         raise ValueError(msg)
     out = _check_writing(in_place, output_dir, dry_run)
+    log.info("reading and drizzling %d files", len(files))
+    start = time.perf_counter()
     resample = DrizzleResample(
         files, dq_bits=dq_bits, pixel_scale=pixel_scale, rotation=rotation or 0.0
+    )
+    log.info(
+        "drizzle grid %d x %d px ready in %.1f s",
+        *resample.output_shape[::-1],
+        time.perf_counter() - start,
     )
     result = align_images(
         catalog if catalog is not None else PhotutilsCatalog(),

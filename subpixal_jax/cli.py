@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output"
     )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress messages, only results"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     align = sub.add_parser(
@@ -425,13 +428,27 @@ def _demo_in(outdir: str, args: argparse.Namespace) -> int:
     return EXIT_OK if _all_ok(result) else EXIT_PARTIAL
 
 
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Progress messages of this package on stderr from the first second.
+
+    By default the package's own INFO messages (stages, iterations) are shown
+    and other libraries' (Dask's) only from WARNING; ``-v`` shows everything
+    at INFO, ``-vv`` at DEBUG; ``-q`` only warnings and errors.
+    """
+    root_level = logging.WARNING if verbose == 0 else logging.INFO
+    if verbose >= 2:
+        root_level = logging.DEBUG
+    logging.basicConfig(level=root_level, format="%(levelname)s %(name)s: %(message)s")
+    own = logging.WARNING if quiet else min(root_level, logging.INFO)
+    logging.getLogger("subpixal_jax").setLevel(own)
+    for noisy in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(noisy).setLevel(root_level if verbose else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args.verbose, args.quiet)
     commands = {
         "align": _run_align,
         "align-many": _run_align_many,

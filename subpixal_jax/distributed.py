@@ -394,8 +394,9 @@ def align_visits(
     -------
     astropy.table.Table
         One row per image: ``visit``, ``image`` (input path), ``status``
-        (SUCCESS, REFERENCE, FAILED or SKIPPED), ``n_fit`` (sources in the
-        last fit), ``dx``, ``dy`` (total correction shift, fit-frame pixels),
+        (SUCCESS, REFERENCE, NOT_CONVERGED, FAILED or SKIPPED), ``n_fit``
+        (sources in the last fit), ``dx``, ``dy`` (total correction shift,
+        fit-frame pixels),
         ``dx_err``, ``dy_err``, ``rmse``, ``irmse`` (last fit), ``rot``
         (deg) and ``scale`` of the total correction, ``iterations``,
         ``seconds`` (visit wall time) and ``error`` (reason of a failure).

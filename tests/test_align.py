@@ -474,7 +474,10 @@ def test_failed_and_skipped_images_do_not_stop_the_others(partial):
     statuses = [last[str(p)]["status"] for p in sim.paths]
     print(statuses)
     assert statuses[0] == res.REFERENCE
-    assert statuses[1] == res.SUCCESS
+    # Two iterations do not converge: the fitted image is reported
+    # NOT_CONVERGED at the end, SUCCESS in the iteration's own record.
+    assert statuses[1].startswith(res.NOT_CONVERGED)
+    assert result.history[-1].images[1].ok
     assert statuses[2].startswith(res.FAILED)
     assert "too few sources" in statuses[2]
     assert statuses[3].startswith(res.SKIPPED)

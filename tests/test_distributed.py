@@ -32,7 +32,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*Port.*is already in use.*:UserWarning"),
 ]
 
-OPTIONS = {"nmax": 2, "fitgeom": "rscale"}
+#: Two iterations reach ~0.013 px on these small visits: with this threshold
+#: they converge (and so are reported SUCCESS) in two.
+OPTIONS = {"nmax": 2, "fitgeom": "rscale", "eps_shift": 0.05}
 
 
 def _sim(root, seed):

@@ -15,6 +15,7 @@ from subpixal_jax.align import align_images  # noqa: E402
 from subpixal_jax.catalog import PhotutilsCatalog  # noqa: E402
 from subpixal_jax.resample import DrizzleResample  # noqa: E402
 from subpixal_jax.simulate import simulate_exposures  # noqa: E402
+from subpixal_jax.status import ImageOutcome, ImageStatus  # noqa: E402
 
 N_EXPOSURES = 3
 
@@ -201,13 +202,13 @@ def test_gallery_recovers_a_known_lag():
     )
     image = res.ImageFit(
         "fake.fits",
-        res.SUCCESS,
+        ImageOutcome(ImageStatus.SUCCESS),
         None,
         sources,
         np.nan,
         {},
         {},
-        {"cutouts": [cut], "blots": [blots]},
+        extras={"cutouts": [cut], "blots": [blots]},
     )
     fig = plots.plot_gallery(image, n_sources=5)
     assert len(fig.axes) == 4

@@ -69,8 +69,10 @@ def test_a_sound_correction_is_written_with_its_numbers():
     )
     ref, a = image_reports(result)
     assert ref.verdict is Verdict.UNCHANGED
-    assert a.verdict is Verdict.WRITE and a.reason == ""
-    assert a.dx == pytest.approx(0.8) and a.dy == pytest.approx(-0.3)
+    assert a.verdict is Verdict.WRITE
+    assert a.reason == ""
+    assert a.dx == pytest.approx(0.8)
+    assert a.dy == pytest.approx(-0.3)
     assert a.significance == pytest.approx(math.hypot(0.8, 0.3) / 0.002)
     assert a.mas_per_px == pytest.approx(50.0)
     assert a.image_scale == pytest.approx(1.0)
@@ -84,9 +86,11 @@ def test_not_converged_is_refused_unless_forced():
         run=RunStatus.MAX_ITERATIONS,
     )
     (a,) = image_reports(result)
-    assert a.verdict is Verdict.REFUSED and "NOT_CONVERGED" in a.reason
+    assert a.verdict is Verdict.REFUSED
+    assert "NOT_CONVERGED" in a.reason
     (forced,) = image_reports(result, WritePolicy(force=True))
-    assert forced.write and forced.reason.startswith("forced")
+    assert forced.write
+    assert forced.reason.startswith("forced")
 
 
 def test_too_few_sources_and_inconsistent_residuals_are_refused():
@@ -96,8 +100,10 @@ def test_too_few_sources_and_inconsistent_residuals_are_refused():
         [ImageStatus.SUCCESS, ImageStatus.SUCCESS],
     )
     few, bad = image_reports(result)
-    assert few.verdict is Verdict.REFUSED and "5 sources kept, 6 needed" in few.reason
-    assert bad.verdict is Verdict.REFUSED and "25.0x" in bad.reason
+    assert few.verdict is Verdict.REFUSED
+    assert "5 sources kept, 6 needed" in few.reason
+    assert bad.verdict is Verdict.REFUSED
+    assert "25.0x" in bad.reason
 
 
 def test_insignificant_correction_is_reported_not_applied():
@@ -110,7 +116,8 @@ def test_insignificant_correction_is_reported_not_applied():
     assert a.verdict is Verdict.INSIGNIFICANT
     assert a.significance == pytest.approx(math.sqrt(2))
     (applied,) = image_reports(result, WritePolicy(apply_insignificant=True))
-    assert applied.write and "applied although" in applied.reason
+    assert applied.write
+    assert "applied although" in applied.reason
 
 
 def test_rotation_alone_can_be_significant():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 
 from astropy.wcs import WCS
@@ -148,10 +149,15 @@ def align_step(
         Every image's outcome in this iteration.
     """
     sync_resample(resample, state)
+    iteration = state.iteration + 1
+    start = time.perf_counter()
     full = state.n_full < options.max_full_resamples
     if full:
+        log.info(
+            "iteration %d: catalog%s", iteration, " and cosmic rays" * state.n_full
+        )
         state = _full_resample(state, catalog, resample, options)
-    iteration = state.iteration + 1
+    log.info("iteration %d: measuring and fitting", iteration)
     images, totals = _measure(state, resample, wcslin, options)
     excluded = set(state.excluded)
     rows = []
@@ -170,6 +176,12 @@ def align_step(
         )
         rows.append(res.summary_row(iteration, image))
     step = res.IterationResult(iteration, full, images)
+    log.info(
+        "iteration %d done in %.1f s: largest shift %.4f px",
+        iteration,
+        time.perf_counter() - start,
+        step.max_shift,
+    )
     new = dataclasses.replace(
         state,
         iteration=iteration,
