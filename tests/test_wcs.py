@@ -256,16 +256,12 @@ def _bad_correct_args():
     only_d2im = dist.deepcopy()
     only_d2im.sip = None
     only_d2im.cpdis1 = only_d2im.cpdis2 = None
-    gal = _celestial_tan()
-    gal.wcs.ctype = ["GLON-TAN", "GLAT-TAN"]
-    gal.wcs.set()
     i2 = np.eye(2)
     return {
         "imwcs-not-celestial": (linear, good, i2, [0, 0], {}, "imwcs"),
         "wcslin-sip": (good, dist, i2, [0, 0], {}, "distortion"),
         "wcslin-cpdis": (good, only_cpdis, i2, [0, 0], {}, "distortion"),
         "wcslin-det2im": (good, only_d2im, i2, [0, 0], {}, "distortion"),
-        "frames": (gal, good, i2, [0, 0], {}, "frames"),
         "singular": (good, good, [[1, 1], [1, 1]], [0, 0], {}, "singular"),
         "matrix-shape": (good, good, [1, 0, 0, 1], [0, 0], {}, "matrix"),
         "shift-nan": (good, good, i2, [np.nan, 0], {}, "shift"),
