@@ -103,7 +103,7 @@ def _uncompressed_size(path: Path) -> int:
 
 
 def _span(hdul: fits.HDUList, i: int) -> tuple[int, int]:
-    """``(data offset, padded data length)`` of HDU ``i`` as read from the file."""
+    """Return ``(data offset, padded data length)`` of HDU ``i`` in the file."""
     hdu = hdul[i]
     loc, span = getattr(hdu, "_data_offset", None), getattr(hdu, "_data_size", None)
     if loc is None or span is None:  # astropy internals moved: the slow way

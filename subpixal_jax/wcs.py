@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from astropy.wcs.utils import celestial_frame_to_wcs, wcs_to_celestial_frame
 
+from subpixal_jax.transaction import PendingWrite, write_temp
+
 __all__ = [
     "FIT_KEYWORDS",
     "KeywordChange",
@@ -51,6 +54,7 @@ __all__ = [
     "convert_wcs_frame",
     "correct_wcs",
     "frame_label",
+    "prepare_exposure_update",
     "update_exposure_wcs",
     "update_image_wcs",
 ]
@@ -583,6 +587,16 @@ class UpdateReport:
     hdulist : astropy.io.fits.HDUList or None
         The updated copy when ``image`` was an HDUList (the caller's object is
         never changed); ``None`` for files.
+    target : pathlib.Path or None
+        The file that is written, or with ``dry_run`` would be: the
+        ``output`` copy, or the source itself (a symbolic link resolved);
+        ``None`` for an in-memory HDUList without ``output`` and for an
+        in-place update that changes nothing.
+
+    Notes
+    -----
+    ``str(report)`` (and :meth:`text`) give a readable account: the file,
+    what was archived and every keyword change, old -> new.
     """
 
     path: Path | None
@@ -593,6 +607,60 @@ class UpdateReport:
     changes: tuple[KeywordChange, ...]
     dry_run: bool
     hdulist: fits.HDUList | None = None
+    target: Path | None = None
+
+    def text(self, *, max_changes: int | None = None) -> str:
+        """Return a readable account of the update, one change a line.
+
+        Parameters
+        ----------
+        max_changes : int, optional
+            List at most this many keyword changes (then a count of the rest).
+
+        Returns
+        -------
+        str
+            E.g. ``would write a_flt.fits (from a_flt.fits): 14 keyword
+            change(s) in ext [1]`` followed by ``  ext 1 CRVAL1: 10.0 ->
+            10.0000001`` lines.
+        """
+        where = self.target or self.path
+        if where is None:
+            where = self.source if self.source is not None else "the HDUList"
+            head = f"{where}: nothing to write"
+            if self.changes:
+                head = f"{where}: updated in memory"
+        else:
+            verb = "would write" if self.dry_run else "wrote"
+            head = f"{verb} {where}"
+            if self.source is not None and Path(self.source) != Path(where):
+                head += f" (from {self.source})"
+        head += (
+            f": {len(self.changes)} keyword change(s) in ext {list(self.exts)}, "
+            f"WCSNAME {self.wcsname!r}"
+        )
+        lines = [head]
+        for ext, key, name, reused in self.archived:
+            how = "already archived" if reused else "archived"
+            lines.append(f"  ext {ext}: the replaced WCS {name!r} {how} as key {key}")
+        shown = self.changes if max_changes is None else self.changes[:max_changes]
+        for c in shown:
+            lines.append(f"  ext {c.ext} {c.keyword}: {_fmt(c.old)} -> {_fmt(c.new)}")
+        if len(shown) < len(self.changes):
+            lines.append(f"  ... and {len(self.changes) - len(shown)} more")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        """Return :meth:`text`."""
+        return self.text()
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, float):
+        return repr(value)
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 _ALT_KEY_RE = re.compile(
@@ -798,16 +866,16 @@ def _archive(
     base = str(header.get("WCSNAME", "")).strip() or "NONAME"
     for n in range(len(_ALT_KEYS) + 1):
         name = base if n == 0 else f"{base}-{n}"
-        if name.upper() == wcsname.upper():
-            continue
         holders = [k for k, v in used.items() if v.upper() == name.upper()]
-        if not holders:
-            break
         for key in holders:
             existing = WCS(header, hdul, key=key)
             if existing.is_celestial and _same_linear(existing, old):
                 log.info("ext %d: WCS %r already archived as key %s", idx, name, key)
                 return (idx, key, name, True)
+        # a new archive never takes the new primary's name (it would read as
+        # the current WCS)
+        if not holders and name.upper() != wcsname.upper():
+            break
     free = [k for k in _ALT_KEYS if k not in used]
     if not free:
         msg = f"ext {idx}: no free alternate WCS key (A-Z) to archive {base!r}"
@@ -847,7 +915,9 @@ def _updated_header(
     changes: list[KeywordChange] = []
     archived = None
     current = str(header.get("WCSNAME", "")).strip()
-    if current.upper() != wcsname.upper():
+    # Every write archives what it replaces: a new name, or the same name
+    # with a different WCS (a second alignment archives the first one).
+    if current.upper() != wcsname.upper() or not _same_linear(old, new):
         archived = _archive(header, old, idx, wcsname, hdul, changes)
     cards = {"WCSNAME": (wcsname, "coordinate system title"), **_linear_cards(new, "")}
     _delete(header, idx, _stale_linear(header, cards, ""), changes)
@@ -914,6 +984,34 @@ def _atomic_write(target: Path, write: Any, *, gz: bool, mode: int | None) -> No
         os.close(dir_fd)
 
 
+def _maybe_gzip(raw: Any, write: Any, *, gz: bool) -> None:
+    if gz:
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as zipped:
+            write(zipped)
+    else:
+        write(raw)
+
+
+def _check_writable(source: Path, *, force: bool) -> None:
+    """Refuse an in-place update the user may not, or did not mean to, make.
+
+    The mode bits are checked, not only :func:`os.access`: root may write a
+    read-only (0444) file, but its owner made it read-only for a reason.
+    """
+    real = source.resolve()
+    for p in (real, real.parent):
+        if not os.access(p, os.W_OK):
+            msg = f"{p} is not writable; nothing was changed"
+            raise PermissionError(msg)
+    mode = real.stat().st_mode
+    if not force and not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        msg = (
+            f"{real} is read-only (mode {stat.S_IMODE(mode):04o}): not writable "
+            "without force=True; nothing was changed"
+        )
+        raise PermissionError(msg)
+
+
 def update_exposure_wcs(
     image: str | os.PathLike | fits.HDUList,
     wcs_by_ext: Mapping[Any, WCS],
@@ -922,14 +1020,16 @@ def update_exposure_wcs(
     output: str | os.PathLike | None = None,
     dry_run: bool = False,
     fit_info: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> UpdateReport:
     """Write new WCSs into several extensions of one file in one atomic write.
 
     For every extension: if its primary ``WCSNAME`` differs from ``wcsname``
-    (case-insensitive), the WCS it replaces is archived under the first free
-    alternate key A–Z (``WCSNAME<key>``, ``CRVAL1<key>``, ...), keeping its
-    name; an existing identical archive with that name is reused, and a
-    different one with that name makes the new archive ``NAME-1`` (``-2``, ...).
+    (case-insensitive) or its WCS changes, the WCS it replaces is archived
+    under the first free alternate key A–Z (``WCSNAME<key>``, ``CRVAL1<key>``,
+    ...), keeping its name; an existing identical archive with that name is
+    reused, and a different one with that name makes the new archive
+    ``NAME-1`` (``-2``, ...).
     Then the linear WCS keywords of the new WCS and ``WCSNAME`` are written.
     SIP ``A_``/``B_`` keywords and the D2IM/NPOL lookup tables have no
     alternate-key form: the archive holds the linear part and shares the
@@ -956,6 +1056,9 @@ def update_exposure_wcs(
         Fit results to record, with keys from :data:`FIT_KEYWORDS` (tweakwcs
         names, e.g. ``{'fitgeom': 'rscale', 'nmatches': 42, 'rmse': 0.01}``),
         written to every updated extension.
+    force : bool, optional
+        Update a file in place even if its mode bits make it read-only (where
+        the user may write it, e.g. as root). Default: refuse.
 
     Returns
     -------
@@ -968,7 +1071,8 @@ def update_exposure_wcs(
         celestial WCS, a new WCS whose distortion differs from the file's, a
         gzip-less compressed file, or no free alternate key.
     PermissionError
-        If the file (or its folder) is not writable for an in-place update.
+        If the file (or its folder) is not writable for an in-place update,
+        or is read-only by its mode bits (even for root) without ``force``.
     FileNotFoundError
         If ``image`` or ``output`` does not exist.
 
@@ -980,6 +1084,10 @@ def update_exposure_wcs(
     byte from the original; only the updated headers are re-serialised. An
     in-place update that changes no keyword writes nothing. A stale
     ``CHECKSUM`` in an updated header is removed (``DATASUM`` stays valid).
+    A symbolic link is followed: the file it points to is updated. To update
+    several files all together or not at all, use
+    :func:`prepare_exposure_update` and
+    :func:`subpixal_jax.transaction.commit_set`.
 
     Examples
     --------
@@ -1000,6 +1108,93 @@ def update_exposure_wcs(
     >>> report.hdulist[1].header["WCSNAME"], hdul[1].header["WCSNAME"]
     ('SUBPIXAL', 'OPUS')
     """
+    report, _ = _update_exposure(
+        image,
+        wcs_by_ext,
+        wcsname=wcsname,
+        output=output,
+        dry_run=dry_run,
+        fit_info=fit_info,
+        force=force,
+        prepare=False,
+    )
+    return report
+
+
+def prepare_exposure_update(
+    image: str | os.PathLike,
+    wcs_by_ext: Mapping[Any, WCS],
+    *,
+    wcsname: str = "SUBPIXAL",
+    output: str | os.PathLike | None = None,
+    fit_info: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> PendingWrite | None:
+    """Prepare :func:`update_exposure_wcs` as a temporary file, for a set commit.
+
+    The first phase of a two-phase update: the updated file is written in
+    full, next to its target, as ``.<name>.subpixal-tmp``; nothing visible
+    changes until :func:`subpixal_jax.transaction.commit_set` renames every
+    prepared file of the set (or none).
+
+    Parameters
+    ----------
+    image : str or os.PathLike
+        The FITS file.
+    wcs_by_ext, wcsname, output, fit_info, force
+        As :func:`update_exposure_wcs`.
+
+    Returns
+    -------
+    subpixal_jax.transaction.PendingWrite or None
+        The pending write; its ``info`` is the :class:`UpdateReport` (its
+        ``path`` the file the commit will write). None when an in-place
+        update would change no keyword (nothing to commit).
+
+    Raises
+    ------
+    ValueError, PermissionError, FileNotFoundError
+        As :func:`update_exposure_wcs`; nothing is left behind.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from astropy.io import fits
+    >>> from astropy.wcs import WCS
+    >>> from subpixal_jax.transaction import commit_set
+    >>> w = WCS(naxis=2)
+    >>> w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    >>> w.wcs.crval, w.wcs.crpix = [10.0, 20.0], [5.0, 5.0]
+    >>> w.wcs.cd = [[-1e-5, 0.0], [0.0, 1e-5]]
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.fits"
+    >>> fits.PrimaryHDU(header=w.to_header()).writeto(path)
+    >>> new = correct_wcs(w, w, [[1, 0], [0, 1]], [0.5, 0.0])
+    >>> pending = prepare_exposure_update(path, {0: new})
+    >>> fits.getval(path, "CRVAL1"), pending.temp.name
+    (10.0, '.a.fits.subpixal-tmp')
+    >>> commit_set([pending]).complete, fits.getval(path, "WCSNAME")
+    (True, 'SUBPIXAL')
+    """
+    if isinstance(image, fits.HDUList):
+        msg = "prepare_exposure_update needs a file, not an HDUList"
+        raise ValueError(msg)
+    _, pending = _update_exposure(
+        image,
+        wcs_by_ext,
+        wcsname=wcsname,
+        output=output,
+        dry_run=False,
+        fit_info=fit_info,
+        force=force,
+        prepare=True,
+    )
+    return pending
+
+
+def _update_exposure(
+    image, wcs_by_ext, *, wcsname, output, dry_run, fit_info, force, prepare
+) -> tuple[UpdateReport, PendingWrite | None]:
+    """Do :func:`update_exposure_wcs`, or with ``prepare`` write a temp file."""
     if not isinstance(wcsname, str) or not wcsname.strip():
         msg = f"wcsname must be a non-empty string, got {wcsname!r}"
         raise ValueError(msg)
@@ -1040,10 +1235,7 @@ def update_exposure_wcs(
             raise ValueError(msg)
         gz = magic[:2] == b"\x1f\x8b"
         if out_dir is None and not dry_run:
-            for p in (source, source.parent):
-                if not os.access(p, os.W_OK):
-                    msg = f"{p} is not writable; nothing was changed"
-                    raise PermissionError(msg)
+            _check_writable(source, force=force)
         hdul = fits.open(
             source,
             mode="readonly",
@@ -1077,32 +1269,37 @@ def update_exposure_wcs(
             new_hdul = fits.HDUList([hdu.copy() for hdu in hdul])
             for idx, header in headers.items():
                 new_hdul[idx].header = header
-        if not dry_run and out_dir is not None:
+        target = None
+        if out_dir is not None:
             target = out_dir / source.name
+        elif not in_memory and changes:
+            # a symbolic link is followed: the file it points to is updated
+            # and the link stays (replacing the link would leave that file
+            # stale)
+            target = source.resolve()
+            if target != source.absolute():
+                log.info("%s is a link to %s; updating that file", source, target)
+        pending = None
+        if not dry_run and target is not None:
             mode = source.stat().st_mode & 0o777 if source.exists() else None
             if in_memory:
-                _atomic_write(
-                    target,
-                    lambda f: new_hdul.writeto(f, output_verify="silentfix"),
-                    gz=False,
-                    mode=mode,
+                gz_out = False
+
+                def content(f):
+                    new_hdul.writeto(f, output_verify="silentfix")
+            else:
+                gz_out = gz
+
+                def content(f):
+                    _copy_with_headers(source, hdul, headers, f, gz=gz)
+
+            if prepare:
+                pending = write_temp(
+                    target, lambda raw: _maybe_gzip(raw, content, gz=gz_out), mode=mode
                 )
             else:
-                _atomic_write(
-                    target,
-                    lambda f: _copy_with_headers(source, hdul, headers, f, gz=gz),
-                    gz=gz,
-                    mode=mode,
-                )
+                _atomic_write(target, content, gz=gz_out, mode=mode)
             path = target
-        elif not dry_run and not in_memory and changes:
-            _atomic_write(
-                source,
-                lambda f: _copy_with_headers(source, hdul, headers, f, gz=gz),
-                gz=gz,
-                mode=source.stat().st_mode & 0o777,
-            )
-            path = source
     finally:
         if not in_memory:
             hdul.close()
@@ -1114,7 +1311,7 @@ def update_exposure_wcs(
         "would change" if dry_run else "changed",
         sorted(targets),
     )
-    return UpdateReport(
+    report = UpdateReport(
         path=path,
         source=source,
         exts=tuple(sorted(targets)),
@@ -1123,7 +1320,11 @@ def update_exposure_wcs(
         changes=tuple(changes),
         dry_run=dry_run,
         hdulist=new_hdul,
+        target=target,
     )
+    if pending is not None:
+        pending = PendingWrite(target=pending.target, temp=pending.temp, info=report)
+    return report, pending
 
 
 def update_image_wcs(
@@ -1135,6 +1336,7 @@ def update_image_wcs(
     output: str | os.PathLike | None = None,
     dry_run: bool = False,
     fit_info: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> UpdateReport:
     """Write a new WCS into one extension, archiving the WCS it replaces.
 
@@ -1158,6 +1360,8 @@ def update_image_wcs(
         Report only; write nothing.
     fit_info : mapping, optional
         Fit results to record (keys of :data:`FIT_KEYWORDS`).
+    force : bool, optional
+        Update a read-only (mode bits) file in place anyway.
 
     Returns
     -------
@@ -1189,6 +1393,7 @@ def update_image_wcs(
         output=output,
         dry_run=dry_run,
         fit_info=fit_info,
+        force=force,
     )
 
 

@@ -17,6 +17,7 @@ from astropy.wcs import WCS
 from tweakwcs.correctors import FITSWCSCorrector
 
 from subpixal_jax import wcs as spw
+from subpixal_jax.transaction import commit_set
 
 SG = ("spherical_geometry", ("tests", "data"))
 FILES = {
@@ -543,15 +544,22 @@ def test_update_bad_input_changes_nothing(flt, case):
 
 
 def test_update_read_only_file(flt):
+    # Refused on the mode bits, so also for root (issue #15); force overrides
+    # where the user may write (root), and the mode is kept.
     _, new = _corrected(flt, ("SCI", 1))
     snapshot = flt.read_bytes()
     flt.chmod(0o444)
     try:
-        if os.access(flt, os.W_OK):
-            pytest.skip("running as a user who can write read-only files")
         with pytest.raises(PermissionError, match="not writable"):
             spw.update_image_wcs(flt, ("SCI", 1), new)
         assert flt.read_bytes() == snapshot
+        with pytest.raises(PermissionError, match="not writable"):
+            spw.prepare_exposure_update(flt, {("SCI", 1): new})
+        assert sorted(p.name for p in flt.parent.iterdir()) == [flt.name]
+        if os.access(flt, os.W_OK):  # root
+            report = spw.update_image_wcs(flt, ("SCI", 1), new, force=True)
+            assert report.path == flt
+            assert flt.stat().st_mode & 0o777 == 0o444
     finally:
         flt.chmod(0o644)
 
@@ -566,3 +574,83 @@ def test_update_not_writable_simulated(flt, monkeypatch):
     assert flt.read_bytes() == snapshot
     # a dry run or an output directory does not need write access to the file
     assert spw.update_image_wcs(flt, ("SCI", 1), new, dry_run=True).changes
+
+
+def test_second_write_archives_the_first_correction(flt):
+    # Issue #15: a re-run with the same WCSNAME used to overwrite the first
+    # corrected WCS without archiving it.
+    old, new1 = _corrected(flt, ("SCI", 1))
+    _, new2 = _corrected(flt, ("SCI", 1), factor=2.0)
+    first = spw.update_image_wcs(flt, ("SCI", 1), new1)
+    assert first.archived == ((1, "A", "IDC_qbu1641sj", False),)
+    second = spw.update_image_wcs(flt, ("SCI", 1), new2)
+    assert second.archived == ((1, "B", "SUBPIXAL-1", False),)
+    with fits.open(flt) as hdul:
+        assert hdul[1].header["WCSNAME"] == "SUBPIXAL"
+        assert _pix_err(new2, WCS(hdul[1].header, hdul)).max() < PIX_ULP
+        assert _pix_err(new1, spw.archived_wcs(hdul, 1, "B")).max() < PIX_ULP
+        assert _pix_err(old, spw.archived_wcs(hdul, 1, "A")).max() < PIX_ULP
+    # writing the first correction back archives the second, and writing it
+    # again changes nothing (no archive of an identical WCS)
+    third = spw.update_image_wcs(flt, ("SCI", 1), new1)
+    assert third.archived == ((1, "C", "SUBPIXAL-2", False),)
+    again = spw.update_image_wcs(flt, ("SCI", 1), new1)
+    assert again.changes == ()
+    assert again.archived == ()
+
+
+def test_update_report_text_lists_target_and_changes(flt):
+    # Regression (issue #15): the CLI printed "would write None" for a dry run.
+    _, new = _corrected(flt, ("SCI", 1))
+    report = spw.update_image_wcs(flt, ("SCI", 1), new, dry_run=True)
+    assert report.path is None
+    assert report.target == flt
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0].startswith(f"would write {flt}: ")
+    assert "None" not in lines[0]
+    assert f"{len(report.changes)} keyword change(s) in ext [1]" in lines[0]
+    assert "archived as key A" in text
+    crval = next(c for c in report.changes if c.keyword == "CRVAL1")
+    assert f"ext 1 CRVAL1: {crval.old!r} -> {crval.new!r}" in text
+    assert "ext 1 WCSNAMEA: (none) -> 'IDC_qbu1641sj'" in text
+    assert len(lines) == 1 + len(report.archived) + len(report.changes)
+    short = report.text(max_changes=3).splitlines()
+    assert short[-1] == f"  ... and {len(report.changes) - 3} more"
+    written = spw.update_image_wcs(flt, ("SCI", 1), new)
+    assert str(written).startswith(f"wrote {flt}: ")
+    nothing = spw.update_image_wcs(flt, ("SCI", 1), new)
+    assert str(nothing).startswith(f"{flt}: nothing to write: 0 keyword change(s)")
+
+
+def test_update_through_a_symlink_updates_the_real_file(flt):
+    link = flt.parent / "link_flt.fits"
+    link.symlink_to(flt)
+    _, new = _corrected(flt, ("SCI", 1))
+    report = spw.update_image_wcs(link, ("SCI", 1), new)
+    assert report.path == flt
+    assert link.is_symlink()
+    assert fits.getval(flt, "WCSNAME", ext=1) == "SUBPIXAL"
+
+
+def test_prepare_then_commit(flt):
+    snapshot = flt.read_bytes()
+    _, new = _corrected(flt, ("SCI", 1))
+    pending = spw.prepare_exposure_update(
+        flt, {("SCI", 1): new}, fit_info={"nmatches": 7}
+    )
+    assert flt.read_bytes() == snapshot  # nothing visible yet
+    assert pending.temp == flt.parent / f".{flt.name}.subpixal-tmp"
+    assert pending.info.path == flt
+    assert pending.info.changes
+    report = commit_set([pending])
+    assert report.changed == (flt,)
+    with fits.open(flt) as hdul:
+        assert hdul[1].header["SPXNSRC"] == 7
+        assert _pix_err(new, WCS(hdul[1].header, hdul)).max() < PIX_ULP
+    assert sorted(p.name for p in flt.parent.iterdir()) == [flt.name]
+    # nothing to change: nothing to commit
+    assert (
+        spw.prepare_exposure_update(flt, {("SCI", 1): new}, fit_info={"nmatches": 7})
+        is None
+    )
