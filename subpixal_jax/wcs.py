@@ -20,7 +20,10 @@ only in header keywords (CRPIX).
 from __future__ import annotations
 
 import copy
+import enum
 import gzip
+import hashlib
+import json
 import logging
 import math
 import os
@@ -48,15 +51,18 @@ from subpixal_jax.transaction import PendingWrite, write_temp
 __all__ = [
     "FIT_KEYWORDS",
     "KeywordChange",
+    "TargetState",
     "UpdateReport",
     "archived_wcs",
     "celestial_frame",
+    "classify_target",
     "convert_wcs_frame",
     "correct_wcs",
     "frame_label",
     "prepare_exposure_update",
     "update_exposure_wcs",
     "update_image_wcs",
+    "wcs_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
@@ -1449,3 +1455,184 @@ def archived_wcs(hdul: fits.HDUList, ext: Any, key: str) -> WCS:
         setattr(alt, name, copy.deepcopy(getattr(primary, name)))
     alt.wcs.set()
     return alt
+
+
+# ---------------------------------------------------------------------------
+# Fingerprints: has this file's WCS been corrected already?
+# ---------------------------------------------------------------------------
+
+#: Primary linear-WCS keywords a fingerprint reads (no alternate keys).
+_FINGERPRINT_KEYS = re.compile(
+    r"^(?:CTYPE[12]|CRPIX[12]|CRVAL[12]|CD[12]_[12]|PC[12]_[12]|CDELT[12]|"
+    r"CROTA[12]|CUNIT[12]|LONPOLE|LATPOLE|RADESYS|RADECSYS|EQUINOX|EPOCH)$"
+)
+
+
+def _linear_only(header: fits.Header) -> WCS:
+    """Read the primary linear WCS of ``header`` (no distortion, no alternates)."""
+    sub = fits.Header()
+    sub["NAXIS"] = 2
+    for card in header.cards:
+        if _FINGERPRINT_KEYS.match(card.keyword):
+            value = card.value
+            if card.keyword.startswith("CTYPE"):
+                value = str(value)[:8]  # drop -SIP: the distortion is not read
+            sub[card.keyword] = value
+    return WCS(sub)
+
+
+def _chip_signature(extver: int, w: WCS) -> list:
+    w = w.deepcopy()
+    w.wcs.set()
+    eq = float(w.wcs.equinox)
+    # Rounded far below any correction (1e-10 deg = 7e-6 px of 0.05"; CD to
+    # 10 digits = 2e-6 px at 2000 px from CRPIX) and far above the rounding
+    # of a FITS card, so a header round trip keeps the fingerprint.
+    return [
+        int(extver),
+        [str(c)[:8] for c in w.wcs.ctype],
+        str(w.wcs.radesys),
+        None if not np.isfinite(eq) else f"{eq:.3f}",
+        [f"{v:.10f}" for v in w.wcs.crval],
+        [f"{v:.6f}" for v in w.wcs.crpix],
+        [f"{v:.9e}" for v in np.asarray(w.pixel_scale_matrix).ravel()],
+    ]
+
+
+def wcs_fingerprint(
+    source: str | os.PathLike | fits.HDUList | Mapping[int, WCS],
+    extname: str = "SCI",
+) -> str:
+    """Return a short hash of the primary WCS of every science chip.
+
+    Two files (or a file and the WCSs about to be written into it) have the
+    same fingerprint when every chip's primary linear WCS (CTYPE, frame,
+    CRVAL, CRPIX and the CD matrix, whichever of CD, PC + CDELT or CROTA
+    holds it) agrees after rounding far below any correction and far above
+    the rounding of a FITS card. Archived alternate WCSs, WCSNAME, SIP and
+    the lookup tables do not enter.
+
+    Parameters
+    ----------
+    source : path, astropy.io.fits.HDUList or mapping
+        A FITS file, an open HDUList, or ``{extver: WCS}`` (e.g. the
+        corrected WCSs of a solution, to compare with a file later).
+    extname : str, optional
+        Name of the science extensions; without any, the primary HDU is the
+        single chip (extver 1), as in :func:`subpixal_jax.images.read_exposure`.
+
+    Returns
+    -------
+    str
+        16 hex digits.
+
+    Raises
+    ------
+    ValueError
+        If the file has no science chip.
+
+    Examples
+    --------
+    >>> from astropy.io import fits
+    >>> from astropy.wcs import WCS
+    >>> w = WCS(naxis=2)
+    >>> w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    >>> w.wcs.crval, w.wcs.crpix = [10.0, 20.0], [5.0, 5.0]
+    >>> w.wcs.cd = [[-1e-5, 0.0], [0.0, 1e-5]]
+    >>> hdul = fits.HDUList([fits.PrimaryHDU(header=w.to_header())])
+    >>> wcs_fingerprint(hdul) == wcs_fingerprint({1: w})
+    True
+    """
+    if isinstance(source, Mapping):
+        chips = sorted((int(v), w) for v, w in source.items())
+        if not chips:
+            msg = "wcs_fingerprint: the mapping of WCSs is empty"
+            raise ValueError(msg)
+        for _, w in chips:
+            _check_celestial_tan(w, "wcs")
+    elif isinstance(source, fits.HDUList):
+        chips = _fingerprint_chips(source, extname)
+    else:
+        with fits.open(source, lazy_load_hdus=True, memmap=False) as hdul:
+            chips = _fingerprint_chips(hdul, extname)
+    text = json.dumps([_chip_signature(v, w) for v, w in chips])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fingerprint_chips(hdul: fits.HDUList, extname: str) -> list[tuple[int, WCS]]:
+    name = extname.strip().upper()
+    chips = [
+        (int(h.header.get("EXTVER", 1)), _linear_only(h.header))
+        for h in hdul[1:]
+        if str(h.header.get("EXTNAME", "")).strip().upper() == name
+    ]
+    if not chips and int(hdul[0].header.get("NAXIS", 0)) == 2:
+        chips = [(1, _linear_only(hdul[0].header))]
+    if not chips and "CTYPE1" in hdul[0].header:
+        chips = [(1, _linear_only(hdul[0].header))]
+    if not chips:
+        msg = f"{hdul.filename() or 'HDUList'}: no {name!r} chip to fingerprint"
+        raise ValueError(msg)
+    return sorted(chips, key=lambda c: c[0])
+
+
+class TargetState(enum.Enum):
+    """What a file holds compared with a solution that is to be applied.
+
+    ORIGINAL: the WCS the solution was fitted from (apply it).
+    ALREADY_APPLIED: the WCS the solution writes (nothing to do).
+    FOREIGN: neither (changed since the fit; refuse unless forced).
+    """
+
+    ORIGINAL = "original"
+    ALREADY_APPLIED = "already-applied"
+    FOREIGN = "foreign"
+
+
+def classify_target(
+    path: str | os.PathLike | fits.HDUList,
+    fitted_fingerprint: str,
+    result_fingerprint: str,
+    *,
+    extname: str = "SCI",
+) -> TargetState:
+    """Say whether a file holds the fitted WCS, the corrected one, or another.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or astropy.io.fits.HDUList
+        The file a solution is to be applied to.
+    fitted_fingerprint : str
+        :func:`wcs_fingerprint` of the file when the solution was fitted.
+    result_fingerprint : str
+        :func:`wcs_fingerprint` of the corrected WCSs the solution writes.
+    extname : str, optional
+        Name of the science extensions.
+
+    Returns
+    -------
+    TargetState
+        ``ALREADY_APPLIED`` if the file matches the result (checked first, so
+        a zero correction is a no-op), ``ORIGINAL`` if it matches the fitted
+        WCS, else ``FOREIGN``.
+
+    Examples
+    --------
+    >>> from astropy.io import fits
+    >>> from astropy.wcs import WCS
+    >>> w = WCS(naxis=2)
+    >>> w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    >>> w.wcs.crval, w.wcs.crpix = [10.0, 20.0], [5.0, 5.0]
+    >>> w.wcs.cd = [[-1e-5, 0.0], [0.0, 1e-5]]
+    >>> hdul = fits.HDUList([fits.PrimaryHDU(header=w.to_header())])
+    >>> new = correct_wcs(w, w, [[1, 0], [0, 1]], [0.5, 0.0])
+    >>> fitted, result = wcs_fingerprint({1: w}), wcs_fingerprint({1: new})
+    >>> classify_target(hdul, fitted, result)
+    <TargetState.ORIGINAL: 'original'>
+    """
+    current = wcs_fingerprint(path, extname)
+    if current == result_fingerprint:
+        return TargetState.ALREADY_APPLIED
+    if current == fitted_fingerprint:
+        return TargetState.ORIGINAL
+    return TargetState.FOREIGN

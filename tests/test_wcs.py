@@ -654,3 +654,61 @@ def test_prepare_then_commit(flt):
         spw.prepare_exposure_update(flt, {("SCI", 1): new}, fit_info={"nmatches": 7})
         is None
     )
+
+
+# ---------------------------------------------------------------------------
+# Fingerprints (apply is idempotent)
+# ---------------------------------------------------------------------------
+
+
+def test_fingerprint_round_trip_and_classify(flt):
+    with fits.open(flt) as hdul:
+        olds = {v: WCS(hdul["SCI", v].header, hdul) for v in (1, 2)}
+    fitted = spw.wcs_fingerprint(flt)
+    assert fitted == spw.wcs_fingerprint(olds)  # file and WCS objects agree
+    assert len(fitted) == 16
+    news = {v: _corrected(flt, ("SCI", v))[1] for v in (1, 2)}
+    result = spw.wcs_fingerprint(news)
+    assert result != fitted
+    assert spw.classify_target(flt, fitted, result) is spw.TargetState.ORIGINAL
+    spw.update_exposure_wcs(flt, {("SCI", v): w for v, w in news.items()})
+    # the written headers give the fingerprint computed before writing
+    assert spw.wcs_fingerprint(flt) == result
+    assert spw.classify_target(flt, fitted, result) is spw.TargetState.ALREADY_APPLIED
+    other = {v: _corrected(flt, ("SCI", v), factor=2.0)[1] for v in (1, 2)}
+    spw.update_exposure_wcs(flt, {("SCI", v): w for v, w in other.items()})
+    assert spw.classify_target(flt, fitted, result) is spw.TargetState.FOREIGN
+
+
+def test_fingerprint_ignores_names_alternates_and_representation():
+    w = _celestial_tan()
+    hdr = w.to_header()
+    for k in ("PC1_1", "PC1_2", "PC2_1", "PC2_2", "CDELT1", "CDELT2"):
+        hdr.remove(k, ignore_missing=True)
+    hdr["CD1_1"], hdr["CD2_2"] = -1e-5, 1e-5
+    hdul = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(header=hdr, name="SCI")])
+    ref = spw.wcs_fingerprint(hdul)
+    assert ref == spw.wcs_fingerprint({1: w})
+    hdul[1].header["WCSNAME"] = "SOMETHING"
+    hdul[1].header.extend(w.to_header(key="B"), unique=True)
+    hdul[1].header["CRVAL1B"] = 11.0  # an archive does not count
+    assert spw.wcs_fingerprint(hdul) == ref
+    # PC + CDELT holding the same matrix as CD: the same WCS
+    pc = fits.Header()
+    for k in ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2"):
+        pc[k] = hdr[k]
+    pc["CDELT1"], pc["CDELT2"] = -1e-5, 1e-5
+    pc["PC1_1"], pc["PC2_2"] = 1.0, 1.0
+    pc["WCSAXES"] = 2
+    alt = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(header=pc, name="SCI")])
+    assert spw.wcs_fingerprint(alt) == ref
+    # a change of 1e-9 deg (0.07 mas) is seen; one at the 15th digit is not
+    hdul[1].header["CRVAL1"] = 10.0 + 1e-9
+    assert spw.wcs_fingerprint(hdul) != ref
+    hdul[1].header["CRVAL1"] = 10.0 * (1 + 1e-15)
+    assert spw.wcs_fingerprint(hdul) == ref
+    hdul[1].header["CRVAL1"] = 10.0
+    hdul[1].header["RADESYS"] = "FK5"
+    assert spw.wcs_fingerprint(hdul) != ref  # another frame is another WCS
+    with pytest.raises(ValueError, match="no 'SCI' chip"):
+        spw.wcs_fingerprint(fits.HDUList([fits.PrimaryHDU()]))
