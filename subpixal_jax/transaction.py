@@ -218,7 +218,8 @@ def write_temp(
     Parameters
     ----------
     target : str or os.PathLike
-        The file the content is for; its folder must exist.
+        The file the content is for; its folder must exist. A symbolic link
+        is resolved: the file it points to will be replaced.
     write : callable
         ``write(fileobj)`` writes the whole content to a binary file object.
     mode : int, optional
@@ -240,7 +241,9 @@ def write_temp(
     A temporary file of the same name left by an earlier, killed run is
     replaced (a stale file, found by name).
     """
-    target = Path(target).absolute()
+    # A symbolic link is followed: the real file is replaced (renaming onto
+    # the link would turn it into a copy and leave the real file stale).
+    target = Path(target).resolve()
     tmp = temp_path(target)
     if mode is None and target.exists():
         mode = stat.S_IMODE(target.stat().st_mode)

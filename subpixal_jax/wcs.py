@@ -1282,8 +1282,9 @@ def _update_exposure(
             # a symbolic link is followed: the file it points to is updated
             # and the link stays (replacing the link would leave that file
             # stale)
-            target = source.resolve()
-            if target != source.absolute():
+            target = source
+            if source.resolve() != source.absolute():
+                target = source.resolve()
                 log.info("%s is a link to %s; updating that file", source, target)
         pending = None
         if not dry_run and target is not None:

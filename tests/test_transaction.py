@@ -257,3 +257,12 @@ def test_three_fits_files_all_or_nothing(tmp_path, monkeypatch):
         with fits.open(p) as hdul:
             assert hdul[1].header["WCSNAME"] == "SUBPIXAL"
             np.testing.assert_array_equal(WCS(hdul[1].header).wcs.crval, n.wcs.crval)
+
+
+def test_a_symlink_target_replaces_the_real_file(three):
+    link = three[0].parent / "link.fits"
+    link.symlink_to(three[0])
+    report = tx.commit_set(_prepare([link]))
+    assert report.changed == (three[0],)
+    assert link.is_symlink()
+    assert three[0].read_bytes() == b"new link.fits"
