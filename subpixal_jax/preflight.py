@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 _MAX_WCSNAME = 68
 _CELESTIAL_AXES = ("RA--", "DEC-", "GLON", "GLAT", "ELON", "ELAT", "SLON", "SLAT")
 _GZIP_MAGIC = b"\x1f\x8b"
+#: RADESYS values of the FITS standard (wcslib reads them all).
+_FRAMES = ("ICRS", "FK5", "FK4", "FK4-NO-E", "GAPPT", "")
 
 
 class InputError(ValueError):
@@ -125,6 +127,9 @@ def _wcs_problem(header: fits.Header) -> str | None:
     ctype = [str(header.get(f"CTYPE{i}", "")).upper() for i in (1, 2)]
     if not all(ct[:4] in _CELESTIAL_AXES for ct in ctype):
         return f"no celestial WCS (CTYPE1/2 = {ctype})"
+    radesys = str(header.get("RADESYS", header.get("RADECSYS", "ICRS"))).strip()
+    if radesys.upper() not in _FRAMES:
+        return f"unknown celestial frame RADESYS={radesys!r} (known: {_FRAMES})"
     missing = [k for k in ("CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2") if k not in header]
     has_cd = any(f"CD{i}_{j}" in header for i in (1, 2) for j in (1, 2))
     has_cdelt = all(f"CDELT{i}" in header for i in (1, 2))

@@ -317,3 +317,17 @@ def test_fk5_headers_align_end_to_end(tmp_path):
     for r in reports:
         assert fits.getval(r.path, "RADESYS", ext=1) == "FK5"
         assert fits.getval(r.path, "EQUINOX", ext=1) == 2000.0
+
+
+def test_correcting_in_the_grid_frame_then_converting_back_is_the_same():
+    # The other route for a mixed set: convert the file's WCS into the grid's
+    # frame once, correct there, convert the result back before writing.
+    w = _wcs("fk5+equinox")
+    lin = _lin("icrs", _centre(w))
+    direct = spw.correct_wcs(w, lin, MATRIX, SHIFT)
+    in_grid = spw.correct_wcs(spw.convert_wcs_frame(w, lin), lin, MATRIX, SHIFT)
+    back = spw.convert_wcs_frame(in_grid, w)
+    assert spw.celestial_frame(back).name == "fk5"
+    a = _to_lin_pixels(direct, lin, _grid())
+    b = _to_lin_pixels(back, lin, _grid())
+    assert np.abs(a - b).max() < TOL
