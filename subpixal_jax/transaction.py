@@ -45,6 +45,7 @@ __all__ = [
     "PendingWrite",
     "RecoveryReport",
     "commit_set",
+    "discard",
     "orig_path",
     "recover",
     "temp_path",
@@ -346,12 +347,12 @@ def commit_set(updates: Sequence[PendingWrite], *, force: bool = False) -> Commi
     updates = list(updates)
     targets = [Path(u.target).absolute() for u in updates]
     if len({os.path.realpath(t) for t in targets}) != len(targets):
-        _discard(updates)
+        discard(updates)
         msg = f"commit_set: a target is named twice in {targets}"
         raise ValueError(msg)
     for u in updates:
         if not Path(u.temp).is_file():
-            _discard(updates)
+            discard(updates)
             msg = f"commit_set: the temporary file {u.temp} of {u.target} is missing"
             raise ValueError(msg)
     if not updates:
@@ -363,7 +364,7 @@ def commit_set(updates: Sequence[PendingWrite], *, force: bool = False) -> Commi
         if (p := _writable_problem(t, force=force)) is not None
     ]
     if problems:
-        _discard(updates)
+        discard(updates)
         raise CommitError("cannot replace " + "; ".join(problems), none)
 
     ident = uuid.uuid4().hex[:12]
@@ -402,7 +403,7 @@ def commit_set(updates: Sequence[PendingWrite], *, force: bool = False) -> Commi
     except BaseException as exc:
         report = _roll_back(entries, renamed, journals)
         if not report.journal:
-            _discard(updates)
+            discard(updates)
         # else: keep the remaining temporary files, so recover() can complete
         if isinstance(exc, Exception):
             raise CommitError(f"commit failed ({exc})", report) from exc
@@ -412,8 +413,20 @@ def commit_set(updates: Sequence[PendingWrite], *, force: bool = False) -> Commi
     return CommitReport(changed=tuple(targets), unchanged=(), complete=True)
 
 
-def _discard(updates: Iterable[PendingWrite]) -> None:
+def discard(updates: Iterable[PendingWrite | None]) -> None:
+    """Remove the temporary files of prepared writes that will not be committed.
+
+    For a caller whose preparation of a set failed part-way: the temporary
+    files already written are removed, no target is touched.
+
+    Parameters
+    ----------
+    updates : iterable of PendingWrite or None
+        Prepared writes (``None`` entries are skipped).
+    """
     for u in updates:
+        if u is None:
+            continue
         with contextlib.suppress(OSError):
             Path(u.temp).unlink(missing_ok=True)
 

@@ -266,3 +266,10 @@ def test_a_symlink_target_replaces_the_real_file(three):
     assert report.changed == (three[0],)
     assert link.is_symlink()
     assert three[0].read_bytes() == b"new link.fits"
+
+
+def test_discard_removes_prepared_temps(three):
+    pending = _prepare(three[:2])
+    tx.discard([*pending, None])
+    assert _listing(three[0].parent) == sorted(NAMES)
+    assert _contents(three) == ["old"] * 3
