@@ -359,7 +359,9 @@ def check_inputs(
     output_dir : str or os.PathLike, optional
         Folder for updated copies: must be a writable folder, or a folder that
         can be created (its parent exists and is writable). No copy may land
-        on an input, and no two inputs may share a file name.
+        on an input, no two inputs may share a file name, and an earlier
+        copy there is replaced only if writable (mode bits, unless
+        ``force``).
     summary : str or os.PathLike, optional
         File for the summary table: its folder must exist and be writable.
     wcsname : str, optional
@@ -520,6 +522,12 @@ def check_inputs(
                         )
                     )
                 names.setdefault(real.name, g)
+                copy = target_dir / real.name
+                if copy != real and copy.exists():
+                    problems.extend(
+                        (str(copy), f"(an earlier copy of {g}) {t}")
+                        for t in _check_target(copy, copy.resolve(), force=force)
+                    )
     if summary is not None:
         s = Path(summary)
         if s.is_dir():

@@ -236,6 +236,17 @@ def test_output_dir(pair, tmp_path, monkeypatch):
     (tmp_path / "d2").mkdir()
     same = [_write(tmp_path / d / "c_flt.fits") for d in ("d1", "d2")]
     _refused(same, "same file name", what=same[1], output_dir=new)
+    # an earlier read-only copy in output_dir is not replaced without force
+    new.mkdir()
+    _write(new / pair[1].name)
+    (new / pair[1].name).chmod(0o444)
+    try:
+        _refused(pair, "read-only (mode 0444)", what=new / pair[1].name, output_dir=new)
+        if IS_ROOT:
+            check_inputs(pair, output_dir=new, force=True)
+    finally:
+        (new / pair[1].name).chmod(0o644)
+    check_inputs(pair, output_dir=new)  # a writable earlier copy is replaced
     # unwritable (os.access: root may write anything, so simulate)
     real_access = os.access
     monkeypatch.setattr(
@@ -243,7 +254,6 @@ def test_output_dir(pair, tmp_path, monkeypatch):
         "access",
         lambda p, m: False if Path(p) == new else real_access(p, m),
     )
-    new.mkdir()
     _refused(pair, "is not writable", what=new, output_dir=new)
 
 
