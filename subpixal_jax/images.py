@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,8 +127,18 @@ def _find_hdu(hdul: fits.HDUList, extname: str, extver: int):
     return None
 
 
+def _hdu_data(hdu, *, name, what):
+    """``hdu.data``, with a read failure (e.g. a truncated file) named."""
+    try:
+        return hdu.data
+    except (ValueError, OSError, TypeError) as exc:
+        # astropy's words for a short file are "cannot reshape array of size ..."
+        msg = f"{name}: cannot read the {what} data (is the file truncated? {exc})"
+        raise ValueError(msg) from exc
+
+
 def _read_chip(hdul, hdu, extver, *, name, dq_bits):
-    data = hdu.data
+    data = _hdu_data(hdu, name=name, what=f"science extver {extver}")
     if data is None or data.ndim != 2 or data.size == 0:
         shape = None if data is None else data.shape
         msg = f"{name}: science array of extver {extver} is empty or not 2-D "
@@ -137,7 +148,7 @@ def _read_chip(hdul, hdu, extver, *, name, dq_bits):
     valid = np.isfinite(data)
 
     dq_hdu = _find_hdu(hdul, "DQ", extver) if hdu is not hdul[0] else None
-    if dq_hdu is not None and dq_hdu.data is not None:
+    if dq_hdu is not None and _hdu_data(dq_hdu, name=name, what="DQ") is not None:
         dq = np.asarray(dq_hdu.data)
         if dq.shape != data.shape:
             msg = f"{name}: DQ extver {extver} has shape {dq.shape}, "
@@ -151,7 +162,7 @@ def _read_chip(hdul, hdu, extver, *, name, dq_bits):
 
     err = None
     err_hdu = _find_hdu(hdul, "ERR", extver) if hdu is not hdul[0] else None
-    if err_hdu is not None and err_hdu.data is not None:
+    if err_hdu is not None and _hdu_data(err_hdu, name=name, what="ERR") is not None:
         if err_hdu.data.shape != data.shape:
             msg = f"{name}: ERR extver {extver} has shape {err_hdu.data.shape}, "
             msg += f"SCI has {data.shape}"
@@ -179,7 +190,7 @@ def _read_hdulist(hdul, *, name, path, dq_bits, extname):
         h
         for h in hdul[1:]
         if str(h.header.get("EXTNAME", "")).strip().upper() == extname
-        and h.data is not None
+        and _hdu_data(h, name=name, what=extname) is not None
     ]
     if sci:
         extvers = [int(h.header.get("EXTVER", 1)) for h in sci]
@@ -187,7 +198,7 @@ def _read_hdulist(hdul, *, name, path, dq_bits, extname):
             msg = f"{name}: duplicate EXTVER among {extname} extensions: {extvers}"
             raise ValueError(msg)
         pairs = sorted(zip(extvers, sci, strict=True), key=lambda p: p[0])
-    elif hdul[0].data is not None:
+    elif _hdu_data(hdul[0], name=name, what="primary HDU") is not None:
         pairs = [(1, hdul[0])]
     else:
         msg = f"{name}: no {extname!r} extension and no image in the primary HDU"
@@ -214,6 +225,11 @@ def _read_hdulist(hdul, *, name, path, dq_bits, extname):
     chips = [_read_chip(hdul, h, v, name=name, dq_bits=dq_bits) for v, h in pairs]
     if not any(c.valid.any() for c in chips):
         msg = f"{name}: no valid (finite, unflagged) pixel in any chip"
+        raise ValueError(msg)
+    if not any(np.any(c.data[c.valid] != 0) for c in chips):
+        # an empty exposure would otherwise fail later as a "bad fit" of
+        # every exposure it overlaps
+        msg = f"{name}: the image is empty (every valid pixel of every chip is 0)"
         raise ValueError(msg)
     return Exposure(name=name, path=path, chips=chips, units=units, exptime=exptime)
 
@@ -248,7 +264,8 @@ def read_exposure(
     ------
     ValueError
         If the file has no science data, an empty or non-2-D science array,
-        no celestial WCS, a missing or non-positive ``EXPTIME``, mismatched
+        unreadable (e.g. truncated) data, an image whose valid pixels are
+        all 0, no celestial WCS, a missing or non-positive ``EXPTIME``, mismatched
         ``DQ``/``ERR`` shapes, no valid pixel at all, or if ``dq_bits`` cannot
         be interpreted.
 
@@ -296,11 +313,20 @@ def read_exposure(
     if not path.is_file():
         msg = f"source: no such file: {str(path)!r}"
         raise ValueError(msg)
-    try:
-        hdul = fits.open(path, memmap=False)
-    except (OSError, ValueError) as exc:
-        msg = f"{path}: not a readable FITS file ({exc})"
-        raise ValueError(msg) from exc
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(path, memmap=False)
+            len(hdul)  # read every header now, under this warnings filter
+        except (OSError, ValueError) as exc:
+            msg = f"{path}: not a readable FITS file ({exc})"
+            raise ValueError(msg) from exc
+    for w in caught:
+        if "truncated" in str(w.message):
+            hdul.close()
+            msg = f"{path}: the file is truncated ({w.message})"
+            raise ValueError(msg)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     with hdul:
         return _read_hdulist(
             hdul, name=str(path), path=path, dq_bits=dq_bits, extname=extname

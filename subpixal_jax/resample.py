@@ -34,15 +34,18 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from astropy import units as u
+from astropy.coordinates import SkyCoord, UnitSphericalRepresentation
 from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
-from astropy.wcs.utils import proj_plane_pixel_area
+from astropy.wcs.utils import celestial_frame_to_wcs, proj_plane_pixel_area
 from drizzle.resample import Drizzle, blot_image
 from drizzle.utils import calc_pixmap
 from scipy import ndimage
 
 from subpixal_jax.images import Chip, Exposure, read_exposure
+from subpixal_jax.wcs import celestial_frame, frame_label
 
 __all__ = ["DrizzleResample", "Resample", "chip_pixmap"]
 
@@ -455,7 +458,46 @@ class DrizzleResample:
             out.append(d)
         return out
 
+    def _grid_frame(self, borders):
+        """Choose the grid's celestial frame; return it and the borders in it.
+
+        A grid in the inputs' own frame (e.g. FK5 J2000 for many HST headers)
+        needs no frame conversion anywhere. Mixed inputs get the frame most of
+        their chips use (ties: the first exposure's); the others' border
+        points are converted into it.
+        """
+        frames = [
+            [celestial_frame(c.wcs, f"{e.name} extver {c.extver}") for c in e.chips]
+            for e in self.exposures
+        ]
+        flat = [f for ex in frames for f in ex]
+        counts = [sum(f.is_equivalent_frame(g) for g in flat) for f in flat]
+        frame = flat[int(np.argmax(counts))]
+        if max(counts) < len(flat):
+            others = sorted(
+                {frame_label(f) for f in flat if not f.is_equivalent_frame(frame)}
+            )
+            log.info(
+                "the inputs use different celestial frames (%s and %s); the output "
+                "grid is in %s and the others are converted",
+                frame_label(frame),
+                ", ".join(others),
+                frame_label(frame),
+            )
+        converted = []
+        for ex, fr in zip(borders, frames, strict=True):
+            out = []
+            for (ra, dec), f in zip(ex, fr, strict=True):
+                if not f.is_equivalent_frame(frame):
+                    sky = SkyCoord(ra * u.deg, dec * u.deg, frame=f).transform_to(frame)
+                    sph = sky.represent_as(UnitSphericalRepresentation)
+                    ra, dec = sph.lon.deg, sph.lat.deg
+                out.append((ra, dec))
+            converted.append(out)
+        return frame, converted
+
     def _build_grid(self, borders, pixel_scale, rotation, max_pixels):
+        frame, borders = self._grid_frame(borders)
         ra = np.concatenate([b[0] for ex in borders for b in ex])
         dec = np.concatenate([b[1] for ex in borders for b in ex])
         vec = _unit_vectors(ra, dec)
@@ -478,7 +520,10 @@ class DrizzleResample:
             scale = float(pixel_scale) / 3600.0
         th = math.radians(rotation)
         w = WCS(naxis=2)
-        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+        axes = celestial_frame_to_wcs(frame, projection="TAN").wcs
+        w.wcs.ctype = list(axes.ctype)
+        w.wcs.radesys = axes.radesys
+        w.wcs.equinox = axes.equinox
         w.wcs.cunit = ["deg", "deg"]
         w.wcs.crval = [ra0, dec0]
         w.wcs.crpix = [1.0, 1.0]
@@ -509,6 +554,7 @@ class DrizzleResample:
         if output_wcs.has_distortion:
             msg = "output_wcs must be undistorted (no SIP/D2IM/NPOL)"
             raise ValueError(msg)
+        celestial_frame(output_wcs, "output_wcs")  # a frame astropy knows
         if output_shape is None:
             if output_wcs.pixel_shape is None:
                 msg = "output_shape is required when output_wcs has no pixel_shape"

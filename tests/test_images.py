@@ -127,3 +127,27 @@ def test_bad_arguments(tmp_path):
         read_exposure(tmp_path / "missing.fits")
     with pytest.raises(ValueError, match="source"):
         read_exposure(3.5)
+
+
+def test_all_zero_image_is_named(tmp_path):
+    # Regression (issue #15): an all-zero exposure used to make every image it
+    # overlaps fail; now reading it names it.
+    hdul = _hdul(2)
+    for ext in (1, 4):
+        hdul[ext].data[:] = 0.0
+    path = tmp_path / "zero_flt.fits"
+    hdul.writeto(path)
+    with pytest.raises(ValueError, match=r"zero_flt\.fits: the image is empty"):
+        read_exposure(path)
+    hdul[4].data[5, 5] = 1.0  # one chip with signal is enough
+    assert len(read_exposure(hdul).chips) == 2
+
+
+def test_truncated_file_is_named(tmp_path):
+    # Regression (issue #15): "cannot reshape array of size 62280 into shape".
+    path = tmp_path / "short_flt.fits"
+    _hdul(1).writeto(path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: 2 * 2880 + 1000])  # inside the SCI data
+    with pytest.raises(ValueError, match=r"short_flt\.fits.*truncated"):
+        read_exposure(path)

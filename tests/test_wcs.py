@@ -17,6 +17,7 @@ from astropy.wcs import WCS
 from tweakwcs.correctors import FITSWCSCorrector
 
 from subpixal_jax import wcs as spw
+from subpixal_jax.transaction import commit_set
 
 SG = ("spherical_geometry", ("tests", "data"))
 FILES = {
@@ -256,16 +257,12 @@ def _bad_correct_args():
     only_d2im = dist.deepcopy()
     only_d2im.sip = None
     only_d2im.cpdis1 = only_d2im.cpdis2 = None
-    gal = _celestial_tan()
-    gal.wcs.ctype = ["GLON-TAN", "GLAT-TAN"]
-    gal.wcs.set()
     i2 = np.eye(2)
     return {
         "imwcs-not-celestial": (linear, good, i2, [0, 0], {}, "imwcs"),
         "wcslin-sip": (good, dist, i2, [0, 0], {}, "distortion"),
         "wcslin-cpdis": (good, only_cpdis, i2, [0, 0], {}, "distortion"),
         "wcslin-det2im": (good, only_d2im, i2, [0, 0], {}, "distortion"),
-        "frames": (gal, good, i2, [0, 0], {}, "frames"),
         "singular": (good, good, [[1, 1], [1, 1]], [0, 0], {}, "singular"),
         "matrix-shape": (good, good, [1, 0, 0, 1], [0, 0], {}, "matrix"),
         "shift-nan": (good, good, i2, [np.nan, 0], {}, "shift"),
@@ -547,15 +544,22 @@ def test_update_bad_input_changes_nothing(flt, case):
 
 
 def test_update_read_only_file(flt):
+    # Refused on the mode bits, so also for root (issue #15); force overrides
+    # where the user may write (root), and the mode is kept.
     _, new = _corrected(flt, ("SCI", 1))
     snapshot = flt.read_bytes()
     flt.chmod(0o444)
     try:
-        if os.access(flt, os.W_OK):
-            pytest.skip("running as a user who can write read-only files")
         with pytest.raises(PermissionError, match="not writable"):
             spw.update_image_wcs(flt, ("SCI", 1), new)
         assert flt.read_bytes() == snapshot
+        with pytest.raises(PermissionError, match="not writable"):
+            spw.prepare_exposure_update(flt, {("SCI", 1): new})
+        assert sorted(p.name for p in flt.parent.iterdir()) == [flt.name]
+        if os.access(flt, os.W_OK):  # root
+            report = spw.update_image_wcs(flt, ("SCI", 1), new, force=True)
+            assert report.path == flt
+            assert flt.stat().st_mode & 0o777 == 0o444
     finally:
         flt.chmod(0o644)
 
@@ -570,3 +574,141 @@ def test_update_not_writable_simulated(flt, monkeypatch):
     assert flt.read_bytes() == snapshot
     # a dry run or an output directory does not need write access to the file
     assert spw.update_image_wcs(flt, ("SCI", 1), new, dry_run=True).changes
+
+
+def test_second_write_archives_the_first_correction(flt):
+    # Issue #15: a re-run with the same WCSNAME used to overwrite the first
+    # corrected WCS without archiving it.
+    old, new1 = _corrected(flt, ("SCI", 1))
+    _, new2 = _corrected(flt, ("SCI", 1), factor=2.0)
+    first = spw.update_image_wcs(flt, ("SCI", 1), new1)
+    assert first.archived == ((1, "A", "IDC_qbu1641sj", False),)
+    second = spw.update_image_wcs(flt, ("SCI", 1), new2)
+    assert second.archived == ((1, "B", "SUBPIXAL-1", False),)
+    with fits.open(flt) as hdul:
+        assert hdul[1].header["WCSNAME"] == "SUBPIXAL"
+        assert _pix_err(new2, WCS(hdul[1].header, hdul)).max() < PIX_ULP
+        assert _pix_err(new1, spw.archived_wcs(hdul, 1, "B")).max() < PIX_ULP
+        assert _pix_err(old, spw.archived_wcs(hdul, 1, "A")).max() < PIX_ULP
+    # writing the first correction back archives the second, and writing it
+    # again changes nothing (no archive of an identical WCS)
+    third = spw.update_image_wcs(flt, ("SCI", 1), new1)
+    assert third.archived == ((1, "C", "SUBPIXAL-2", False),)
+    again = spw.update_image_wcs(flt, ("SCI", 1), new1)
+    assert again.changes == ()
+    assert again.archived == ()
+
+
+def test_update_report_text_lists_target_and_changes(flt):
+    # Regression (issue #15): the CLI printed "would write None" for a dry run.
+    _, new = _corrected(flt, ("SCI", 1))
+    report = spw.update_image_wcs(flt, ("SCI", 1), new, dry_run=True)
+    assert report.path is None
+    assert report.target == flt
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0].startswith(f"would write {flt}: ")
+    assert "None" not in lines[0]
+    assert f"{len(report.changes)} keyword change(s) in ext [1]" in lines[0]
+    assert "archived as key A" in text
+    crval = next(c for c in report.changes if c.keyword == "CRVAL1")
+    assert f"ext 1 CRVAL1: {crval.old!r} -> {crval.new!r}" in text
+    assert "ext 1 WCSNAMEA: (none) -> 'IDC_qbu1641sj'" in text
+    assert len(lines) == 1 + len(report.archived) + len(report.changes)
+    short = report.text(max_changes=3).splitlines()
+    assert short[-1] == f"  ... and {len(report.changes) - 3} more"
+    written = spw.update_image_wcs(flt, ("SCI", 1), new)
+    assert str(written).startswith(f"wrote {flt}: ")
+    nothing = spw.update_image_wcs(flt, ("SCI", 1), new)
+    assert str(nothing).startswith(f"{flt}: nothing to write: 0 keyword change(s)")
+
+
+def test_update_through_a_symlink_updates_the_real_file(flt):
+    link = flt.parent / "link_flt.fits"
+    link.symlink_to(flt)
+    _, new = _corrected(flt, ("SCI", 1))
+    report = spw.update_image_wcs(link, ("SCI", 1), new)
+    assert report.path == flt
+    assert link.is_symlink()
+    assert fits.getval(flt, "WCSNAME", ext=1) == "SUBPIXAL"
+
+
+def test_prepare_then_commit(flt):
+    snapshot = flt.read_bytes()
+    _, new = _corrected(flt, ("SCI", 1))
+    pending = spw.prepare_exposure_update(
+        flt, {("SCI", 1): new}, fit_info={"nmatches": 7}
+    )
+    assert flt.read_bytes() == snapshot  # nothing visible yet
+    assert pending.temp == flt.parent / f".{flt.name}.subpixal-tmp"
+    assert pending.info.path == flt
+    assert pending.info.changes
+    report = commit_set([pending])
+    assert report.changed == (flt,)
+    with fits.open(flt) as hdul:
+        assert hdul[1].header["SPXNSRC"] == 7
+        assert _pix_err(new, WCS(hdul[1].header, hdul)).max() < PIX_ULP
+    assert sorted(p.name for p in flt.parent.iterdir()) == [flt.name]
+    # nothing to change: nothing to commit
+    assert (
+        spw.prepare_exposure_update(flt, {("SCI", 1): new}, fit_info={"nmatches": 7})
+        is None
+    )
+
+
+# ---------------------------------------------------------------------------
+# Fingerprints (apply is idempotent)
+# ---------------------------------------------------------------------------
+
+
+def test_fingerprint_round_trip_and_classify(flt):
+    with fits.open(flt) as hdul:
+        olds = {v: WCS(hdul["SCI", v].header, hdul) for v in (1, 2)}
+    fitted = spw.wcs_fingerprint(flt)
+    assert fitted == spw.wcs_fingerprint(olds)  # file and WCS objects agree
+    assert len(fitted) == 16
+    news = {v: _corrected(flt, ("SCI", v))[1] for v in (1, 2)}
+    result = spw.wcs_fingerprint(news)
+    assert result != fitted
+    assert spw.classify_target(flt, fitted, result) is spw.TargetState.ORIGINAL
+    spw.update_exposure_wcs(flt, {("SCI", v): w for v, w in news.items()})
+    # the written headers give the fingerprint computed before writing
+    assert spw.wcs_fingerprint(flt) == result
+    assert spw.classify_target(flt, fitted, result) is spw.TargetState.ALREADY_APPLIED
+    other = {v: _corrected(flt, ("SCI", v), factor=2.0)[1] for v in (1, 2)}
+    spw.update_exposure_wcs(flt, {("SCI", v): w for v, w in other.items()})
+    assert spw.classify_target(flt, fitted, result) is spw.TargetState.FOREIGN
+
+
+def test_fingerprint_ignores_names_alternates_and_representation():
+    w = _celestial_tan()
+    hdr = w.to_header()
+    for k in ("PC1_1", "PC1_2", "PC2_1", "PC2_2", "CDELT1", "CDELT2"):
+        hdr.remove(k, ignore_missing=True)
+    hdr["CD1_1"], hdr["CD2_2"] = -1e-5, 1e-5
+    hdul = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(header=hdr, name="SCI")])
+    ref = spw.wcs_fingerprint(hdul)
+    assert ref == spw.wcs_fingerprint({1: w})
+    hdul[1].header["WCSNAME"] = "SOMETHING"
+    hdul[1].header.extend(w.to_header(key="B"), unique=True)
+    hdul[1].header["CRVAL1B"] = 11.0  # an archive does not count
+    assert spw.wcs_fingerprint(hdul) == ref
+    # PC + CDELT holding the same matrix as CD: the same WCS
+    pc = fits.Header()
+    for k in ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2"):
+        pc[k] = hdr[k]
+    pc["CDELT1"], pc["CDELT2"] = -1e-5, 1e-5
+    pc["PC1_1"], pc["PC2_2"] = 1.0, 1.0
+    pc["WCSAXES"] = 2
+    alt = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(header=pc, name="SCI")])
+    assert spw.wcs_fingerprint(alt) == ref
+    # a change of 1e-9 deg (0.07 mas) is seen; one at the 15th digit is not
+    hdul[1].header["CRVAL1"] = 10.0 + 1e-9
+    assert spw.wcs_fingerprint(hdul) != ref
+    hdul[1].header["CRVAL1"] = 10.0 * (1 + 1e-15)
+    assert spw.wcs_fingerprint(hdul) == ref
+    hdul[1].header["CRVAL1"] = 10.0
+    hdul[1].header["RADESYS"] = "FK5"
+    assert spw.wcs_fingerprint(hdul) != ref  # another frame is another WCS
+    with pytest.raises(ValueError, match="no 'SCI' chip"):
+        spw.wcs_fingerprint(fits.HDUList([fits.PrimaryHDU()]))
