@@ -29,8 +29,16 @@ from subpixal_jax.images import Exposure
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline import loop, stages
 from subpixal_jax.pipeline.state import AlignState
+from subpixal_jax.preflight import check_inputs
+from subpixal_jax.transaction import commit_set, discard, recover
 from subpixal_jax.verdict import WritePolicy, image_reports
-from subpixal_jax.wcs import correct_wcs, update_exposure_wcs
+from subpixal_jax.wcs import (
+    TargetState,
+    classify_target,
+    correct_wcs,
+    prepare_exposure_update,
+    update_exposure_wcs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,18 +220,54 @@ def align_images(
 # --------------------------------------------------------------------------
 
 
-def _check_writing(in_place: bool, output_dir, dry_run: bool) -> Path | None:
-    del dry_run  # a dry run may go with either target
-    if in_place and output_dir is not None:
-        msg = "give either in_place=True or output_dir, not both"
-        raise ValueError(msg)
-    if output_dir is None:
-        return None
-    out = Path(output_dir)
-    if not out.is_dir():
-        msg = f"output_dir must be an existing directory, got {str(out)!r}"
-        raise ValueError(msg)
-    return out
+def _fit_info(result: res.AlignmentResult, name: str) -> dict:
+    """Fit keywords for a file's header from its last fitted row."""
+    rows = [r for r in result.summary if r["image"] == name and r["n_fit"] > 0]
+    info = {"fitgeom": result.fitgeom} if result.fitgeom else {}
+    if rows:
+        info["nmatches"] = int(rows[-1]["n_fit"])
+        if math.isfinite(rows[-1]["rmse"]):
+            info["rmse"] = float(rows[-1]["rmse"])
+            info["mae"] = float(rows[-1]["mae"])
+    return info
+
+
+def _commit(updates: Sequence, *, dry_run: bool, force: bool) -> list:
+    """Write a set of prepared updates all together, or none of them.
+
+    ``updates`` are callables ``(dry_run) -> UpdateReport | PendingWrite``:
+    a dry run only collects the reports; otherwise every file is first
+    written next to its target, then :func:`~subpixal_jax.transaction.commit_set`
+    renames them all (rolling back on failure).
+    """
+    if dry_run:
+        return [update(True) for update in updates]
+    pending = []
+    try:
+        for update in updates:
+            pending.append(update(False))
+    except BaseException:
+        discard(pending)
+        raise
+    pending = [p for p in pending if p is not None]
+    report = commit_set(pending, force=force)
+    log.info("%s", report)
+    return [p.info for p in pending]
+
+
+def _updater(path, wcs_by_ext, **kwargs):
+    """Defer the update of one file: a report (dry run) or a prepared write.
+
+    ``kwargs`` are :func:`~subpixal_jax.wcs.prepare_exposure_update`'s
+    (``wcsname``, ``output``, ``fit_info``, ``force``).
+    """
+
+    def update(dry_run: bool):
+        if dry_run:
+            return update_exposure_wcs(path, wcs_by_ext, dry_run=True, **kwargs)
+        return prepare_exposure_update(path, wcs_by_ext, **kwargs)
+
+    return update
 
 
 def write_corrections(
@@ -238,12 +282,12 @@ def write_corrections(
 ) -> list:
     """Write the corrected WCS of every image whose verdict allows it.
 
-    Each file is rewritten atomically with its old primary WCS archived under
-    an alternate key (:func:`subpixal_jax.wcs.update_exposure_wcs`). Only
-    images whose correction passes :func:`subpixal_jax.verdict.image_reports`
+    Only images whose correction passes :func:`subpixal_jax.verdict.image_reports`
     (converged, enough sources, consistent residuals, significant) are
-    written; images never aligned (failed, skipped or the fixed reference)
-    are never touched.
+    written; images never aligned (failed, skipped, the fixed reference) are
+    never touched. Each file keeps its old primary WCS under an alternate key,
+    and the set is committed all together or not at all
+    (:func:`subpixal_jax.transaction.commit_set`).
 
     Parameters
     ----------
@@ -260,44 +304,42 @@ def write_corrections(
     extname : str, optional
         EXTNAME of the science extensions.
     policy : WritePolicy, optional
-        Verdict thresholds, ``force`` and ``apply_insignificant``.
+        Verdict thresholds, ``force`` (write refused corrections and read-only
+        files) and ``apply_insignificant``.
 
     Returns
     -------
     list of UpdateReport
         One per written (or, with ``dry_run``, would-be written) file.
+
+    Raises
+    ------
+    subpixal_jax.transaction.CommitError
+        If the set could not be written; its message says exactly which
+        files changed (normally none).
     """
     if len(files) != len(result.names):
         msg = f"files has {len(files)} entries but the result has {len(result.names)}"
         raise ValueError(msg)
-    reports = []
-    verdicts = image_reports(result, policy)
-    for path, verdict, final, name in zip(
-        files, verdicts, result.final_wcs, result.names, strict=True
+    policy = policy or WritePolicy()
+    updates = []
+    for path, verdict, final in zip(
+        files, image_reports(result, policy), result.final_wcs, strict=True
     ):
         if not verdict.write:
-            log.info(
-                "%s: file left unchanged (%s)", name, verdict.reason or "not aligned"
-            )
+            log.info("%s: left unchanged (%s)", path, verdict.reason or "not aligned")
             continue
-        rows = [r for r in result.summary if r["image"] == name and r["n_fit"] > 0]
-        fit_info = {"fitgeom": result.fitgeom} if result.fitgeom else {}
-        if rows:
-            fit_info["nmatches"] = int(rows[-1]["n_fit"])
-        if rows and math.isfinite(rows[-1]["rmse"]):
-            fit_info["rmse"] = float(rows[-1]["rmse"])
-            fit_info["mae"] = float(rows[-1]["mae"])
-        reports.append(
-            update_exposure_wcs(
+        updates.append(
+            _updater(
                 path,
                 {(extname, ext): wcs for ext, wcs in final.items()},
                 wcsname=wcsname,
                 output=output_dir,
-                dry_run=dry_run,
-                fit_info=fit_info,
+                fit_info=_fit_info(result, verdict.name),
+                force=policy.force,
             )
         )
-    return reports
+    return _commit(updates, dry_run=dry_run, force=policy.force)
 
 
 def align_files(
@@ -317,18 +359,24 @@ def align_files(
 ) -> tuple[res.AlignmentResult, list]:
     """Align FITS files with the default drizzle reference and photutils catalog.
 
-    Reads every file (nothing is written until the alignment is done, and
-    only where asked), drizzles them onto one undistorted grid, detects
-    sources, runs :func:`align_images` and writes the corrected WCSs.
+    Every input and output place is checked first
+    (:func:`subpixal_jax.preflight.check_inputs`: unreadable, truncated or
+    unsupported files, missing WCS, duplicates, empty images, unwritable
+    targets — all reported at once, before any computation); temporary files
+    of an interrupted earlier commit are finished or rolled back. Then the
+    files are drizzled onto one undistorted grid, sources detected,
+    :func:`align_images` run, and the corrections that pass the verdict
+    written, all together or not at all.
 
     Parameters
     ----------
     files : sequence of path
         Exposures: multi-extension FITS with SCI (and ERR, DQ) extensions.
     in_place : bool, optional
-        Update the files themselves (old WCS archived, atomic rewrite).
+        Update the files themselves (old WCS archived, atomic set commit).
     output_dir : path, optional
-        Write updated copies into this existing directory instead.
+        Write updated copies into this directory instead (created if its
+        parent exists).
     dry_run : bool, optional
         Report what would change, write nothing.
     wcsname : str, optional
@@ -346,7 +394,8 @@ def align_files(
     catalog : ImageCatalog, optional
         Source finder; default :class:`~subpixal_jax.catalog.PhotutilsCatalog`.
     policy : WritePolicy, optional
-        Which corrections are written (:mod:`subpixal_jax.verdict`).
+        Which corrections are written (:mod:`subpixal_jax.verdict`); its
+        ``force`` also allows updating read-only files.
     **align_options
         Passed to :func:`align_images`: the options by name (``fitgeom``,
         ``nmax``, ``cr_reject``, ...) or ``options=AlignOptions(...)``, and
@@ -363,15 +412,26 @@ def align_files(
     from subpixal_jax.catalog import PhotutilsCatalog
     from subpixal_jax.resample import DrizzleResample
 
-    files = [Path(f) for f in files]
-    if not files:
-        msg = "files must name at least one FITS file"
+    policy = policy or WritePolicy()
+    if in_place and output_dir is not None:
+        msg = "give either in_place=True or output_dir, not both"
         raise ValueError(msg)
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        msg = f"files not found: {missing}"
-        raise ValueError(msg)
-    out = _check_writing(in_place, output_dir, dry_run)
+    checked = check_inputs(
+        files,
+        in_place=in_place and not dry_run,
+        output_dir=output_dir,
+        summary=summary,
+        wcsname=wcsname,
+        force=policy.force,
+        dq_bits=dq_bits,
+    )
+    for note in checked.notes:
+        log.warning("%s", note)
+    if in_place and not dry_run:
+        recovered = recover(checked.paths)
+        for path in (*recovered.completed, *recovered.rolled_back):
+            log.warning("%s: finished an interrupted earlier commit", path)
+    files = list(checked.paths)
     log.info("reading and drizzling %d files", len(files))
     start = time.perf_counter()
     resample = DrizzleResample(
@@ -389,16 +449,18 @@ def align_files(
     )
     if summary is not None:
         result.write_summary(summary)
-    reports = []
-    if in_place or out is not None or dry_run:
-        reports = write_corrections(
-            result,
-            files,
-            wcsname=wcsname,
-            output_dir=out,
-            dry_run=dry_run,
-            policy=policy,
-        )
+    if not (in_place or output_dir is not None or dry_run):
+        return result, []
+    if output_dir is not None and not dry_run:
+        Path(output_dir).mkdir(exist_ok=True)
+    reports = write_corrections(
+        result,
+        files,
+        wcsname=wcsname,
+        output_dir=output_dir,
+        dry_run=dry_run,
+        policy=policy,
+    )
     return result, reports
 
 
@@ -410,13 +472,18 @@ def apply_solution(
     output_dir: str | os.PathLike | None = None,
     dry_run: bool = False,
     extname: str = "SCI",
+    force: bool = False,
 ) -> list:
     """Apply corrections stored in a summary ECSV to files' current WCSs.
 
     The summary written by :func:`align_files` (or
     :meth:`AlignmentResult.write_summary`) holds each image's total correction
-    (matrix and shift about a centre in the fit frame) and the fit frame's
-    WCS. Files are matched to images by file name.
+    (matrix and shift about a centre in the fit frame), the fit frame's WCS,
+    and fingerprints of the WCS each image was fitted from and of the one the
+    correction gives. Files are matched to images by file name. Applying is
+    idempotent: a file that already carries the corrected WCS is left alone
+    (with a message); a file whose WCS is neither is refused unless
+    ``force``. The set is written all together or not at all.
 
     Parameters
     ----------
@@ -426,27 +493,42 @@ def apply_solution(
         Files to correct (their WCS must be the one the alignment started from).
     wcsname, output_dir, dry_run, extname
         As in :func:`write_corrections`.
+    force : bool, optional
+        Apply to files whose WCS is not the fitted one, and to read-only files.
 
     Returns
     -------
     list of UpdateReport
         One per corrected file; files the alignment left unchanged (the fixed
-        reference, failed images) are not rewritten.
+        reference, failed images) and files already corrected are not
+        rewritten.
     """
     from subpixal_jax.images import read_exposure
 
     wcslin, center, stored = res.read_solution(solution)
-    _check_writing(False, output_dir, dry_run)
+    fingerprints = res.read_fingerprints(solution)
+    check_inputs(
+        files,
+        in_place=output_dir is None and not dry_run,
+        output_dir=output_dir,
+        wcsname=wcsname,
+        force=force,
+        min_files=1,
+        check_data=False,
+    )
     missing = [Path(f).name for f in files if Path(f).name not in stored]
     if missing:
         msg = f"{solution} has no correction for {missing}"
         raise ValueError(msg)
-    reports = []
+    updates = []
     for path in files:
-        if stored[Path(path).name] is None:
+        name = Path(path).name
+        if stored[name] is None:
             log.info("%s: left unchanged by the alignment, not rewritten", path)
             continue
-        correction = stored[Path(path).name]
+        if not _may_apply(path, fingerprints.get(name), force, extname):
+            continue
+        correction = stored[name]
         exposure = read_exposure(path, extname=extname)
         new = {
             (extname, chip.extver): correct_wcs(
@@ -459,9 +541,34 @@ def apply_solution(
             )
             for chip in exposure.chips
         }
-        reports.append(
-            update_exposure_wcs(
-                path, new, wcsname=wcsname, output=output_dir, dry_run=dry_run
+        updates.append(
+            _updater(
+                path,
+                new,
+                wcsname=wcsname,
+                output=output_dir,
+                fit_info=None,
+                force=force,
             )
         )
-    return reports
+    if output_dir is not None and not dry_run:
+        Path(output_dir).mkdir(exist_ok=True)
+    return _commit(updates, dry_run=dry_run, force=force)
+
+
+def _may_apply(path, fingerprints, force: bool, extname: str) -> bool:
+    """Whether a solution may be applied to ``path`` (idempotence check)."""
+    if fingerprints is None:
+        log.warning("%s: the solution has no WCS fingerprint; applying", path)
+        return True
+    state = classify_target(path, *fingerprints, extname=extname)
+    if state is TargetState.ALREADY_APPLIED:
+        log.warning("%s: already carries this solution's WCS; not rewritten", path)
+        return False
+    if state is TargetState.FOREIGN and not force:
+        msg = (
+            f"{path}: its WCS is neither the one this solution was fitted from "
+            "nor the one it writes (changed since?); use force to apply anyway"
+        )
+        raise ValueError(msg)
+    return True

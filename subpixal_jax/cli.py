@@ -44,7 +44,8 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--output-dir",
         metavar="DIR",
-        help="write corrected copies into DIR (the inputs stay untouched)",
+        help="write corrected copies into DIR (created if its parent exists; "
+        "the inputs stay untouched)",
     )
     target.add_argument(
         "--in-place",
@@ -122,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("summary", help="summary ECSV written by 'align --summary'")
     apply.add_argument("files", nargs="+", help="FITS files to correct")
     _add_output_options(apply)
+    apply.add_argument(
+        "--force",
+        action="store_true",
+        help="apply to files whose WCS is not the one the solution was fitted "
+        "from, and to read-only files",
+    )
 
     many = sub.add_parser(
         "align-many",
@@ -267,8 +274,7 @@ def _run_align(args: argparse.Namespace) -> int:
     verdicts = image_reports(result, _policy(args))
     _print_result(result, verdicts)
     for report in reports:
-        verb = "would write" if report.dry_run else "wrote"
-        print(f"{verb} {report.path} ({len(report.changes)} keyword changes)")
+        print(report.text(max_changes=None if report.dry_run else 0))
     writing = args.in_place or args.output_dir or args.dry_run
     if not writing:
         print("no file written (use --in-place or --output-dir)")
@@ -319,12 +325,12 @@ def _run_apply(args: argparse.Namespace) -> int:
             wcsname=args.wcsname,
             output_dir=args.output_dir,
             dry_run=args.dry_run or not (args.in_place or args.output_dir),
+            force=args.force,
         )
     except (ValueError, OSError) as exc:
         return _error("apply", exc)
     for report in reports:
-        verb = "would write" if report.dry_run else "wrote"
-        print(f"{verb} {report.path} ({len(report.changes)} keyword changes)")
+        print(report.text())
     if not (args.in_place or args.output_dir):
         print("dry run: nothing written (use --in-place or --output-dir)")
     return EXIT_OK

@@ -200,6 +200,8 @@ class AlignmentResult:
     final_status : list of ImageOutcome
         Each image's outcome at the end of the run: a run that did not
         converge reports its fitted images NOT_CONVERGED, never SUCCESS.
+    initial_wcs : list of dict of int to WCS
+        Each image's chip WCSs before the alignment.
     """
 
     status: RunOutcome
@@ -212,6 +214,7 @@ class AlignmentResult:
     wcslin: WCS | None = None
     fitgeom: str = ""
     final_status: list[ImageOutcome] = dataclasses.field(default_factory=list)
+    initial_wcs: list[dict[int, WCS]] = dataclasses.field(default_factory=list)
 
     @property
     def center(self) -> np.ndarray | None:
@@ -248,13 +251,27 @@ class AlignmentResult:
             # Images never corrected (the fixed reference, or failed ones)
             # are listed with null entries: applying leaves them unchanged.
             table.meta["solution"] = {
-                Path(name).name: {
-                    "matrix": None if c is None else c.matrix.tolist(),
-                    "shift": None if c is None else c.shift.tolist(),
-                }
-                for name, c in zip(self.names, self.corrections, strict=True)
+                Path(name).name: self._solution_entry(i)
+                for i, name in enumerate(self.names)
             }
         return table
+
+    def _solution_entry(self, i: int) -> dict[str, Any]:
+        """Return the stored correction of image ``i`` and its WCS fingerprints.
+
+        The fingerprints (of the WCS fitted from and of the corrected one)
+        make applying the solution idempotent.
+        """
+        from subpixal_jax.wcs import wcs_fingerprint
+
+        c = self.corrections[i]
+        if c is None:
+            return {"matrix": None, "shift": None}
+        entry = {"matrix": c.matrix.tolist(), "shift": c.shift.tolist()}
+        if self.initial_wcs:
+            entry["fitted_fingerprint"] = wcs_fingerprint(self.initial_wcs[i])
+            entry["result_fingerprint"] = wcs_fingerprint(self.final_wcs[i])
+        return entry
 
     def write_summary(self, path) -> None:
         """Write :meth:`to_table` to ``path`` as ECSV (never to the cwd implicitly)."""
@@ -333,6 +350,20 @@ def summary_row(iteration: int, image: ImageFit) -> dict[str, Any]:
         "mae": math.nan if fit is None else float(fit.mae),
         "noise": _predicted_rms(sources),
         "irmse": float(image.irmse),
+    }
+
+
+def read_fingerprints(path) -> dict[str, tuple[str, str]]:
+    """Per file name, the (fitted, result) WCS fingerprints a summary stores.
+
+    Files without fingerprints (summaries of earlier versions, images never
+    corrected) are absent.
+    """
+    meta = Table.read(path, format="ascii.ecsv").meta
+    return {
+        name: (v["fitted_fingerprint"], v["result_fingerprint"])
+        for name, v in meta.get("solution", {}).items()
+        if "fitted_fingerprint" in v
     }
 
 

@@ -322,4 +322,5 @@ def run(
         wcslin=wcslin,
         fitgeom=options.fitgeom,
         final_status=final,
+        initial_wcs=[dict(w) for w in state.initial_wcs],
     )

@@ -53,6 +53,9 @@ class AlignState:
         Summary-table rows so far.
     history : tuple of IterationResult
         The iteration records kept (per the ``history`` option).
+    initial_wcs : tuple of dict of int to WCS
+        Every image's chip WCSs before the first iteration (what a solution
+        is fitted from).
     """
 
     iteration: int
@@ -65,6 +68,7 @@ class AlignState:
     max_shifts: tuple[float, ...] = ()
     summary: tuple[dict, ...] = ()
     history: tuple[res.IterationResult, ...] = ()
+    initial_wcs: tuple[Mapping[int, WCS], ...] = ()
 
 
 def _resample_wcs(resample) -> tuple[dict[int, WCS], ...]:
@@ -78,12 +82,14 @@ def _resample_valid(resample) -> tuple[dict[int, np.ndarray], ...]:
 def initial_state(resample) -> AlignState:
     """Return a fresh state from a resampler's current WCSs and masks."""
     n = len(resample.exposures)
+    wcs = _resample_wcs(resample)
     return AlignState(
         iteration=0,
         n_full=0,
-        wcs=_resample_wcs(resample),
+        wcs=wcs,
         valid=_resample_valid(resample),
         totals=(None,) * n,
+        initial_wcs=wcs,
     )
 
 

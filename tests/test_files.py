@@ -1,0 +1,118 @@
+"""A user's files through the command line: checked first, written only when
+sound, all together, and a solution applied once.
+
+A small simulated set (three two-chip 128x256 exposures, the shapes of the
+plots and pipeline tests) keeps the compiles shared.
+"""
+
+import hashlib
+import os
+import shutil
+
+import pytest
+from astropy.io import fits
+
+from subpixal_jax.cli import main
+from subpixal_jax.simulate import simulate_exposures
+
+
+def _digests(paths):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    return simulate_exposures(
+        tmp_path_factory.mktemp("sim"), n_exposures=3, chip_shape=(128, 256), seed=3
+    )
+
+
+@pytest.fixture
+def copies(sim, tmp_path):
+    """Fresh copies of the simulated files (tests may change them)."""
+    out = []
+    for p in sim.paths:
+        shutil.copy(p, tmp_path / p.name)
+        out.append(tmp_path / p.name)
+    return out
+
+
+def test_not_converged_run_writes_nothing_unless_forced(copies, tmp_path, capsys):
+    before = _digests(copies)
+    args = ["align", *map(str, copies), "--reference", "0", "--nmax", "1"]
+    code = main([*args, "--in-place"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "NOT_CONVERGED" in out
+    assert "SUCCESS" not in out
+    assert _digests(copies) == before
+    code = main([*args, "--in-place", "--force"])
+    out = capsys.readouterr().out
+    assert code == 1  # written, but the run still did not converge
+    assert "forced" in out
+    changed = _digests(copies)
+    assert changed[copies[0].name] == before[copies[0].name]  # the reference
+    assert all(changed[p.name] != before[p.name] for p in copies[1:])
+
+
+def test_read_only_input_is_refused_before_any_work(copies, capsys):
+    before = _digests(copies)
+    os.chmod(copies[1], 0o444)
+    try:
+        code = main(["align", *map(str, copies), "--in-place"])
+    finally:
+        os.chmod(copies[1], 0o644)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert copies[1].name in err
+    assert _digests(copies) == before
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda c, t: [*c, t], "folder"),
+        (lambda c, t: c[:1], "at least 2"),
+        (lambda c, t: [c[0], c[1], c[1]], "twice"),
+    ],
+)
+def test_bad_inputs_are_named_and_change_nothing(
+    copies, tmp_path, capsys, make, expected
+):
+    before = _digests(copies)
+    code = main(["align", *map(str, make(copies, tmp_path)), "--in-place"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert _digests(copies) == before
+
+
+def test_summary_into_missing_folder_fails_first(copies, tmp_path, capsys):
+    code = main(
+        ["align", *map(str, copies), "--summary", str(tmp_path / "no" / "s.ecsv")]
+    )
+    assert code == 2
+    assert "summary" in capsys.readouterr().err
+
+
+def test_apply_twice_is_applying_once_and_foreign_is_refused(copies, tmp_path, capsys):
+    summary = tmp_path / "summary.ecsv"
+    code = main(
+        ["align", *map(str, copies), "--reference", "0", "--summary", str(summary)]
+    )
+    assert code == 0, capsys.readouterr()
+    capsys.readouterr()
+    before = _digests(copies)
+    assert main(["apply", str(summary), *map(str, copies), "--in-place"]) == 0
+    once = _digests(copies)
+    assert once[copies[1].name] != before[copies[1].name]
+    assert once[copies[0].name] == before[copies[0].name]  # reference untouched
+    assert main(["apply", str(summary), *map(str, copies), "--in-place"]) == 0
+    assert _digests(copies) == once
+    # A file whose WCS is neither the fitted nor the corrected one.
+    with fits.open(copies[2], mode="update") as hdul:
+        hdul["SCI", 1].header["CRVAL1"] += 1e-4
+    capsys.readouterr()
+    code = main(["apply", str(summary), str(copies[2]), "--in-place"])
+    assert code == 2
+    assert "neither" in capsys.readouterr().err
