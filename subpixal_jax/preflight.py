@@ -75,7 +75,8 @@ class CheckedInputs:
         the real file stale).
     notes : tuple of str
         Things worth telling the user that are not errors (a link resolved,
-        a hard link that the update will detach, an output folder to create).
+        a hard link that the update will detach, an output folder to create,
+        inputs in different celestial frames).
     """
 
     given: tuple[Path, ...]
@@ -196,8 +197,33 @@ def _image_problem(
     )
 
 
+def _frame_of(header: fits.Header) -> str:
+    """Celestial frame as wcslib reads the keywords (e.g. 'FK5 J2000')."""
+    radesys = str(header.get("RADESYS", header.get("RADECSYS", ""))).strip().upper()
+    equinox = header.get("EQUINOX", header.get("EPOCH"))
+    try:
+        equinox = float(equinox) if equinox is not None else None
+    except (TypeError, ValueError):
+        equinox = None
+    if not radesys and equinox is None:
+        radesys = "ICRS"
+    elif not radesys:
+        radesys = "FK4" if equinox < 1984.0 else "FK5"  # wcslib's rule
+    if radesys in ("FK5", "FK4", "FK4-NO-E"):
+        default = 2000.0 if radesys == "FK5" else 1950.0
+        eq = default if equinox is None else equinox
+        return f"{radesys} {'J' if radesys == 'FK5' else 'B'}{eq:g}"
+    return radesys
+
+
 def _check_file(
-    given: Path, real: Path, *, extname: str, dq_bits, check_data: bool
+    given: Path,
+    real: Path,
+    *,
+    extname: str,
+    dq_bits,
+    check_data: bool,
+    frames: dict[str, list[str]],
 ) -> str | None:
     """Problem of one readable regular file as an exposure, or None."""
     with real.open("rb") as f:
@@ -273,6 +299,9 @@ def _check_file(
             problem = _wcs_problem(hdr)
             if problem is not None:
                 return f"{label}: {problem}"
+            frames.setdefault(_frame_of(hdr), [])
+            if str(given) not in frames[_frame_of(hdr)]:
+                frames[_frame_of(hdr)].append(str(given))
         exptime = primary.get("EXPTIME", hdul[chips[0]].header.get("EXPTIME"))
         try:
             ok = math.isfinite(float(exptime)) and float(exptime) > 0
@@ -439,6 +468,7 @@ def check_inputs(
         )
 
     seen: dict[tuple[int, int], Path] = {}
+    frames: dict[str, list[str]] = {}
     pairs: list[tuple[Path, Path]] = []
     for p in given:
         name = str(p)
@@ -477,7 +507,12 @@ def check_inputs(
                 "only (the other names keep the old file)"
             )
         problem = _check_file(
-            p, real, extname=extname or "SCI", dq_bits=dq_bits, check_data=check_data
+            p,
+            real,
+            extname=extname or "SCI",
+            dq_bits=dq_bits,
+            check_data=check_data,
+            frames=frames,
         )
         if problem is not None:
             problems.append((name, problem))
@@ -485,6 +520,12 @@ def check_inputs(
             problems.extend((name, t) for t in _check_target(p, real, force=force))
         pairs.append((p, real))
 
+    if len(frames) > 1:
+        notes.append(
+            "the inputs use different celestial frames ("
+            + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(frames.items()))
+            + "); positions are converted between them"
+        )
     if len(seen) < min_files:
         problems.append(
             (

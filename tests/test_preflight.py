@@ -368,3 +368,21 @@ def test_mode_bits_not_os_access(pair, monkeypatch):
         _refused(pair, "read-only", what=pair[0], in_place=True)
     finally:
         pair[0].chmod(0o644)
+
+
+def test_mixed_frames_are_noted(tmp_path, pair):
+    def fk5(hdr):
+        hdr["RADESYS"] = "FK5"
+
+    def equinox_only(hdr):
+        hdr.remove("RADESYS", ignore_missing=True)
+        hdr["EQUINOX"] = 2000.0
+
+    a = _write(tmp_path / "fk5.fits", _hdul(6, header_edit=fk5))
+    b = _write(tmp_path / "eq.fits", _hdul(7, header_edit=equinox_only))
+    assert check_inputs([a, b]).notes == ()  # both FK5 J2000
+    out = check_inputs([a, b, pair[0]])
+    assert len(out.notes) == 1
+    assert "different celestial frames" in out.notes[0]
+    assert f"FK5 J2000: {a}, {b}" in out.notes[0]
+    assert f"ICRS: {pair[0]}" in out.notes[0]
