@@ -94,6 +94,8 @@ log = logging.getLogger(__name__)
 
 #: Refinement radii of a candidate, in units of ``tolerance``.
 _REFINE_RADII = (4.0, 2.0, 1.0, 1.0)
+#: Sizes of the brightest-first subsets that also form triangles.
+_SUBSET_SIZES = (15, 50, 150)
 #: Smallest relative gap between sorted triangle sides (stable vertex order).
 _SIDE_GAP = 0.03
 
@@ -134,7 +136,8 @@ class MatchResult:
     center : numpy.ndarray, shape (2,)
         ``c``.
     pairs : numpy.ndarray of int, shape (n_matches, 2)
-        Matched indices ``(i_xy, i_ref)`` used in the final fit.
+        Matched indices ``(i_xy, i_ref)``: one-to-one nearest pairs within
+        ``tolerance`` under the final transform.
     n_matches : int
         Number of pairs.
     rms : float
@@ -148,7 +151,8 @@ class MatchResult:
     n_hypotheses : int
         Triangle-pair hypotheses inside the priors.
     fit : LinearFit or None
-        The final clipped fit (``xy`` → ``ref``), None if none was made.
+        The final clipped fit (``xy`` → ``ref``); None when it was not made
+        (fewer than ``min_matches`` pairs) or failed.
     """
 
     status: MatchStatus
@@ -234,12 +238,21 @@ def _triangles(pts: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarra
     keys are ``(L₂/L₁, L₃/L₁, orientation)`` with the orientation scaled so
     that triangles of opposite handedness are never within a tolerance.
     """
-    n = len(pts)
-    k = min(n_neighbors + 1, n)
-    _, nn = cKDTree(pts).query(pts, k=k)
-    nn = np.asarray(nn).reshape(n, k)
-    combos = np.array(list(itertools.combinations(range(k), 3)))
-    tri = np.unique(np.sort(nn[:, combos].reshape(-1, 3), axis=1), axis=0)
+    # Neighbourhoods among the brightest 15, 50 and 150 points and among
+    # all: when one catalog is deeper, the bright subsets still share their
+    # neighbours (and give large triangles that span the field).
+    sizes = [m for m in _SUBSET_SIZES if m < len(pts)] + [len(pts)]
+    tris = []
+    for n in sizes:
+        k = min(n_neighbors + 1, n)
+        _, nn = cKDTree(pts[:n]).query(pts[:n], k=k)
+        nn = np.asarray(nn).reshape(n, k)
+        combos = np.array(list(itertools.combinations(range(k), 3)))
+        tris.append(nn[:, combos].reshape(-1, 3))
+    tri = np.sort(np.concatenate(tris), axis=1).astype(np.int64)
+    m = len(pts)
+    key = np.unique((tri[:, 0] * m + tri[:, 1]) * m + tri[:, 2])
+    tri = np.column_stack([key // (m * m), (key // m) % m, key % m])
     p = pts[tri]  # (T, 3, 2)
     # side opposite vertex v
     opp = np.stack(
@@ -596,7 +609,8 @@ def match_points(
 
     fit = None
     rms = math.nan
-    if len(i) >= max(FITGEOM_MIN_POINTS[fitgeom], 3):
+    # No clipped fit below min_matches: the status is decided already.
+    if len(i) >= max(FITGEOM_MIN_POINTS[fitgeom], min_matches):
         fit = iter_linear_fit(
             r[j] + c,
             x[i] + c,
@@ -611,10 +625,11 @@ def match_points(
             shift = np.asarray(fit.shift, dtype=np.float64)
             # Final pairs under the fitted geometry.
             i, j = _pairs(x @ matrix.T + shift, tree_r, tolerance)
-            res = x[i] @ matrix.T + shift - r[j]
-            rms = float(np.sqrt(np.mean(np.sum(res**2, axis=1)))) if len(i) else rms
         else:
             fit = None
+    if len(i):
+        res = x[i] @ matrix.T + shift - r[j]
+        rms = float(np.sqrt(np.mean(np.sum(res**2, axis=1))))
     n_matches = len(i)
     significance = n_matches / max(n_second, n_random, 1.0)
     stats = {
@@ -630,7 +645,7 @@ def match_points(
         f"{tolerance:g} px; second-best distinct transform {n_second}, "
         f"{n_random:.1f} expected by chance"
     )
-    if fit is None or n_matches < min_matches:
+    if n_matches < min_matches:
         status = MatchStatus.TOO_FEW_MATCHES
         reason = f"{numbers}: fewer than min_matches={min_matches}"
     elif significance < min_significance:
