@@ -96,6 +96,8 @@ log = logging.getLogger(__name__)
 _REFINE_RADII = (4.0, 2.0, 1.0, 1.0)
 #: Sizes of the brightest-first subsets that also form triangles.
 _SUBSET_SIZES = (15, 50, 150)
+#: Points of each set searched again with larger neighbourhoods.
+_FALLBACK_POINTS = 150
 #: Smallest relative gap between sorted triangle sides (stable vertex order).
 _SIDE_GAP = 0.03
 
@@ -353,6 +355,88 @@ def _refine(x, r, tree, matrix, shift, tolerance, general):
     return matrix, shift, i, j
 
 
+def _search(
+    x,
+    r,
+    limit,
+    n_neighbors,
+    *,
+    tree_r,
+    tolerance,
+    priors,
+    invariant_tolerance,
+    max_candidates,
+    general,
+):
+    """Triangle hypotheses, Hough vote and candidate transforms scored on all points.
+
+    Returns ``(candidates, n_hypotheses, (n_triangles_xy, n_triangles_ref))``
+    with candidates ``(n_pairs, matrix, shift, i, j)`` about the origin.
+    """
+    smin, smax, max_rotation, max_shift = priors
+    tri_x, key_x = _triangles(x[:limit], n_neighbors)
+    tri_r, key_r = _triangles(r[:limit], n_neighbors)
+    n_tri = (len(tri_x), len(tri_r))
+    if not (len(tri_x) and len(tri_r)):
+        return [], 0, n_tri
+    near = cKDTree(key_x).sparse_distance_matrix(
+        cKDTree(key_r), invariant_tolerance, output_type="ndarray"
+    )
+    hyp = np.column_stack([near["i"], near["j"]]).astype(np.intp)
+    zx = _complex(x[tri_x[hyp[:, 0]]])
+    zr = _complex(r[tri_r[hyp[:, 1]]])
+    a, b = _similarity(zx, zr)
+    # a is about the origin (= c): b is the shift at c.
+    scale = np.abs(a)
+    angle = np.angle(a)
+    inside = (scale >= smin) & (scale <= smax)
+    if max_rotation is not None:
+        inside &= np.abs(angle) <= math.radians(max_rotation)
+    if max_shift is not None:
+        inside &= np.abs(b) <= max_shift
+    zx, zr = zx[inside], zr[inside]
+    b, scale, angle = b[inside], scale[inside], angle[inside]
+    n_hyp = len(zx)
+    if n_hyp == 0:
+        return [], 0, n_tri
+
+    # Vote in (log scale, angle, shift): the radius of the shift axis allows
+    # for a triangle's angle error extrapolated to the field's extent.
+    extent = float(np.sqrt(np.mean(np.sum(x**2, axis=1))))
+    ang_tol = 0.01
+    shift_tol = max(3.0 * tolerance, ang_tol * extent)
+    feats = np.column_stack(
+        [
+            np.log(scale) / ang_tol,
+            angle / ang_tol,
+            b.real / shift_tol,
+            b.imag / shift_tol,
+        ]
+    )
+    density = _density(feats)
+    candidates = []
+    used = np.zeros(n_hyp, dtype=bool)
+    for seed in np.argsort(-density, kind="stable"):
+        if len(candidates) >= max_candidates or density[seed] < 2:
+            break
+        if used[seed]:
+            continue
+        members = np.nonzero(np.sum((feats - feats[seed]) ** 2, axis=1) <= 1.0)[0]
+        seed_a, seed_b = _similarity(zx[members].ravel(), zr[members].ravel())
+        matrix = _matrix_of(complex(seed_a))
+        shift = np.array([seed_b.real, seed_b.imag])
+        matrix, shift, i, j = _refine(x, r, tree_r, matrix, shift, tolerance, general)
+        candidates.append((len(i), matrix, shift, i, j))
+        # Hypotheses this candidate explains need no seed of their own.
+        todo = np.nonzero(~used)[0]
+        a_c = complex(matrix[0, 0], matrix[1, 0])
+        b_c = complex(*shift)
+        err = np.max(np.abs(a_c * zx[todo] + b_c - zr[todo]), axis=1)
+        used[todo[err < 4.0 * tolerance]] = True
+        used[members] = True
+    return candidates, n_hyp, n_tri
+
+
 # ---------------------------------------------------------------------------
 # Public entry point
 
@@ -371,6 +455,7 @@ def match_points(
     min_significance: float = 2.0,
     max_points: int | None = 1000,
     n_neighbors: int = 5,
+    fallback_neighbors: int | None = 9,
     invariant_tolerance: float = 0.01,
     max_candidates: int = 12,
     nclip: int | None = 3,
@@ -406,6 +491,11 @@ def match_points(
         Points of each set (the first ones) used to build triangles.
     n_neighbors : int, optional
         Neighbours of each point that form its triangles.
+    fallback_neighbors : int or None, optional
+        When the first search finds fewer than ``min_matches`` pairs, search
+        again among the brightest 150 points with this many neighbours
+        (more triangles: finds a few common sources among many unrelated
+        ones); None disables it.
     invariant_tolerance : float, optional
         Match radius of the triangle side ratios.
     max_candidates : int, optional
@@ -462,6 +552,15 @@ def match_points(
         if isinstance(val, bool) or not isinstance(val, int) or val < low:
             msg = f"{name} must be an integer >= {low}, got {val!r}"
             raise ValueError(msg)
+    bad_fb = isinstance(fallback_neighbors, bool) or not isinstance(
+        fallback_neighbors, int
+    )
+    if fallback_neighbors is not None and (bad_fb or fallback_neighbors < 2):
+        msg = (
+            "fallback_neighbors must be an integer >= 2 or None, "
+            f"got {fallback_neighbors!r}"
+        )
+        raise ValueError(msg)
     bad_max = isinstance(max_points, bool) or not isinstance(max_points, int)
     if max_points is not None and (bad_max or max_points < 3):
         msg = f"max_points must be an integer >= 3 or None, got {max_points!r}"
@@ -514,98 +613,53 @@ def match_points(
     # Work about c: x' = x − c, r' = r − c, so r' ≈ A x' + s.
     x = xy[keep_x] - c
     r = ref[keep_r] - c
-    nt = len(x) if max_points is None else min(len(x), max_points)
-    nr = len(r) if max_points is None else min(len(r), max_points)
-    tri_x, key_x = _triangles(x[:nt], n_neighbors)
-    tri_r, key_r = _triangles(r[:nr], n_neighbors)
-
     # Chance matches for any transform: xy points landing within tolerance
     # of some ref point, ref density from its bounding box.
     lo, hi = r.min(axis=0), r.max(axis=0)
     area = max(float(np.prod(np.maximum(hi - lo, tolerance))), 1.0)
     n_random = len(x) * min(len(r) * math.pi * tolerance**2 / area, 1.0)
-
-    hyp = np.zeros((0, 2), dtype=np.intp)
-    if len(tri_x) and len(tri_r):
-        near = cKDTree(key_x).sparse_distance_matrix(
-            cKDTree(key_r), invariant_tolerance, output_type="ndarray"
-        )
-        hyp = np.column_stack([near["i"], near["j"]]).astype(np.intp)
-    if len(hyp):
-        zx = _complex(x[tri_x[hyp[:, 0]]])
-        zr = _complex(r[tri_r[hyp[:, 1]]])
-        a, b = _similarity(zx, zr)
-        # a is about the origin (= c): b is the shift at c.
-        scale = np.abs(a)
-        angle = np.angle(a)
-        inside = (scale >= smin) & (scale <= smax)
-        if max_rotation is not None:
-            inside &= np.abs(angle) <= math.radians(max_rotation)
-        if max_shift is not None:
-            inside &= np.abs(b) <= max_shift
-        hyp, zx, zr = hyp[inside], zx[inside], zr[inside]
-        b, scale, angle = b[inside], scale[inside], angle[inside]
-    n_hyp = len(hyp)
-    if n_hyp == 0:
-        return result(
-            MatchStatus.TOO_FEW_MATCHES,
-            f"no triangle of {len(tri_x)} (xy) matched one of {len(tri_r)} (ref) "
-            f"within the priors",
-            n_random=n_random,
-        )
-
-    # Vote in (log scale, angle, shift): the radius of the shift axis allows
-    # for a triangle's angle error extrapolated to the field's extent.
-    extent = float(np.sqrt(np.mean(np.sum(x**2, axis=1))))
-    ang_tol = 0.01
-    shift_tol = max(3.0 * tolerance, ang_tol * extent)
-    feats = (
-        np.column_stack(
-            [
-                np.log(scale),
-                angle,
-                b.real * (ang_tol / shift_tol),
-                b.imag * (ang_tol / shift_tol),
-            ]
-        )
-        / ang_tol
-    )
-    density = _density(feats)
     tree_r = cKDTree(r)
-    candidates = []
-    used = np.zeros(n_hyp, dtype=bool)
-    for seed in np.argsort(-density, kind="stable"):
-        if len(candidates) >= max_candidates or density[seed] < 2:
-            break
-        if used[seed]:
-            continue
-        members = np.nonzero(np.sum((feats - feats[seed]) ** 2, axis=1) <= 1.0)[0]
-        seed_a, seed_b = _similarity(zx[members].ravel(), zr[members].ravel())
-        matrix = _matrix_of(complex(seed_a))
-        shift = np.array([seed_b.real, seed_b.imag])
-        matrix, shift, i, j = _refine(x, r, tree_r, matrix, shift, tolerance, general)
-        candidates.append((len(i), matrix, shift, i, j))
-        # Hypotheses this candidate explains need no seed of their own.
-        todo = np.nonzero(~used)[0]
-        a_c = complex(matrix[0, 0], matrix[1, 0])
-        b_c = complex(*shift)
-        err = np.max(np.abs(a_c * zx[todo] + b_c - zr[todo]), axis=1)
-        used[todo[err < 4.0 * tolerance]] = True
-        used[members] = True
+    search = {
+        "tree_r": tree_r,
+        "tolerance": tolerance,
+        "priors": (smin, smax, max_rotation, max_shift),
+        "invariant_tolerance": invariant_tolerance,
+        "max_candidates": max_candidates,
+        "general": general,
+    }
+    limit = len(x) if max_points is None else max_points
+    candidates, n_hyp, n_tri = _search(x, r, limit, n_neighbors, **search)
+    best = max((cand[0] for cand in candidates), default=0)
+    if best < min_matches and fallback_neighbors:
+        # Few common sources drown in neighbourhoods full of unrelated
+        # ones: retry the brightest with larger neighbourhoods.
+        more, n_more, _ = _search(
+            x, r, min(limit, _FALLBACK_POINTS), fallback_neighbors, **search
+        )
+        candidates += more
+        n_hyp += n_more
     if not candidates:
         return result(
             MatchStatus.TOO_FEW_MATCHES,
-            f"no two of {n_hyp} triangle hypotheses agree on a transform",
+            f"no two triangles of {n_tri[0]} (xy) and {n_tri[1]} (ref) agree on "
+            f"a transform within the priors ({n_hyp} triangle pairs)",
             n_random=n_random,
             n_hypotheses=n_hyp,
         )
     candidates.sort(key=lambda cand: -cand[0])
     _, matrix, shift, i, j = candidates[0]
+    # The runner-up: a different transform (RMS difference over the points
+    # above tolerance), counted by the pairs it does not share with the best.
+    best_pairs = set(zip(i.tolist(), j.tolist(), strict=True))
     n_second = 0
-    for n_c, m_c, s_c, *_ in candidates[1:]:
+    for _, m_c, s_c, i_c, j_c in candidates[1:]:
         diff = x @ (m_c - matrix).T + (s_c - shift)
         if np.sqrt(np.mean(np.sum(diff**2, axis=1))) > tolerance:
-            n_second = max(n_second, n_c)
+            own = sum(
+                p not in best_pairs
+                for p in zip(i_c.tolist(), j_c.tolist(), strict=True)
+            )
+            n_second = max(n_second, own)
 
     fit = None
     rms = math.nan
