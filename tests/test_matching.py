@@ -190,6 +190,7 @@ def test_nan_rows_ignored_and_indices_kept():
         ({"max_points": 2}, "max_points"),
         ({"center": (1.0,)}, "center"),
         ({"max_shift": -1.0}, "max_shift"),
+        ({"fallback_neighbors": 1}, "fallback_neighbors"),
     ],
 )
 def test_bad_options_named(kwargs, name):
@@ -209,3 +210,21 @@ def test_result_is_frozen():
     assert isinstance(res, MatchResult)
     with pytest.raises(AttributeError):
         res.n_matches = 0
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_fallback_finds_few_common_among_many(seed):
+    # 20 common sources among 120 per set, in no particular order: the
+    # 5-neighbour triangles of the common sources are polluted by the others,
+    # the fallback's 9-neighbour triangles are not.
+    xy, ref, c, m = _field(
+        n=20, shift=(117.0, 40.0), rotation=3.0, n_extra=100, seed=seed
+    )
+    rng = np.random.default_rng(seed)
+    px, pr = rng.permutation(len(xy)), rng.permutation(len(ref))
+    found = match_points(xy[px], ref[pr], center=c)
+    assert found.ok, found.reason
+    assert np.sum(px[found.pairs[:, 0]] == pr[found.pairs[:, 1]]) == 20
+    np.testing.assert_allclose(found.matrix, m, atol=1e-4)
+    plain = match_points(xy[px], ref[pr], center=c, fallback_neighbors=None)
+    assert plain.status == MatchStatus.TOO_FEW_MATCHES
