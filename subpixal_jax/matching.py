@@ -60,11 +60,16 @@ Steps:
    similarity from their vertex pairs), then every candidate is scored on
    **all** points: one-to-one nearest-neighbour pairs within ``tolerance``,
    refitted a few times with a shrinking radius.
-4. The best candidate is refitted with clipping (``iter_linear_fit``,
+4. If no candidate reaches ``min_matches``, steps 1–3 run again on the
+   brightest 150 points with ``fallback_neighbors`` (9) neighbours: local
+   triangles fail when the common sources are a small minority (their
+   nearest neighbours are unrelated sources); wider neighbourhoods still
+   hold common triangles, at a cost acceptable for 150 points.
+5. The best candidate is refitted with clipping (``iter_linear_fit``,
    ``fitgeom``). Its match count is compared with the best *distinct*
    candidate (one whose transform differs by more than ``tolerance`` RMS over
-   the points) and with the number expected by chance
-   (``N_xy ρ_ref π tolerance²``).
+   the points, counted by the pairs it does not share with the winner) and
+   with the number expected by chance (``N_xy ρ_ref π tolerance²``).
 
 Never a silent wrong answer: a result is :attr:`MatchStatus.OK` only with at
 least ``min_matches`` matches and a ``significance`` (best matches over
