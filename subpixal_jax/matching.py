@@ -419,6 +419,7 @@ def _search(
         ]
     )
     density = _density(feats)
+    tree_f = cKDTree(feats)
     candidates = []
     used = np.zeros(n_hyp, dtype=bool)
     for seed in np.argsort(-density, kind="stable"):
@@ -426,14 +427,16 @@ def _search(
             break
         if used[seed]:
             continue
-        members = np.nonzero(np.sum((feats - feats[seed]) ** 2, axis=1) <= 1.0)[0]
+        members = np.asarray(tree_f.query_ball_point(feats[seed], 1.0), dtype=np.intp)
         seed_a, seed_b = _similarity(zx[members].ravel(), zr[members].ravel())
         matrix = _matrix_of(complex(seed_a))
         shift = np.array([seed_b.real, seed_b.imag])
         matrix, shift, i, j = _refine(x, r, tree_r, matrix, shift, tolerance, general)
         candidates.append((len(i), matrix, shift, i, j))
-        # Hypotheses this candidate explains need no seed of their own.
-        todo = np.nonzero(~used)[0]
+        # Hypotheses this candidate explains need no seed of their own (they
+        # lie near it in parameter space).
+        todo = np.asarray(tree_f.query_ball_point(feats[seed], 4.0), dtype=np.intp)
+        todo = todo[~used[todo]]
         a_c = complex(matrix[0, 0], matrix[1, 0])
         b_c = complex(*shift)
         err = np.max(np.abs(a_c * zx[todo] + b_c - zr[todo]), axis=1)
