@@ -52,17 +52,24 @@ def reference(sim):
     return wcslin, wcslin.all_world2pix(sky, 0), np.asarray(sim.sources["flux"])
 
 
+class _Captures(dict):
+    """Exposure and capture result per case, computed on first use."""
+
+    def __init__(self, sim, reference):
+        super().__init__()
+        self.sim, self.reference = sim, reference
+
+    def __missing__(self, name):
+        wcslin, ref_xy, flux = self.reference
+        exposure = read_exposure(self.sim.paths[NAMES.index(name)])
+        res = coarse_transform(exposure, ref_xy, wcslin, reference_flux=flux)
+        self[name] = (exposure, res)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def captures(sim, reference):
-    wcslin, ref_xy, flux = reference
-    out = {}
-    for k, name in enumerate(NAMES):
-        exposure = read_exposure(sim.paths[k])
-        out[name] = (
-            exposure,
-            coarse_transform(exposure, ref_xy, wcslin, reference_flux=flux),
-        )
-    return out
+    return _Captures(sim, reference)
 
 
 def _corrected(exposure, wcslin, res, *, inverse=False):
