@@ -3,6 +3,7 @@ import math
 import astropy.units as u
 import numpy as np
 import pytest
+from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
@@ -243,6 +244,14 @@ def test_tie_without_proper_motion_is_worse():
     wcslin, truth, cat = _gaia(rng)
     ra, dec, *_ = _aligned(rng, wcslin, truth, np.eye(2), np.array([31.7, -18.2]))
     good = tie_to_catalog((ra, dec), positions_at(cat, 2026.0), wcslin)
+    # A SkyCoord or a table of the same positions gives the same tie.
+    sky = SkyCoord(ra * u.deg, dec * u.deg)
+    same = tie_to_catalog(sky, positions_at(cat, 2026.0), wcslin)
+    np.testing.assert_allclose(same.shift, good.shift, atol=1e-9)
+    table = tie_to_catalog(
+        Table({"ra": ra, "dec": dec}), positions_at(cat, 2026.0), wcslin
+    )
+    np.testing.assert_allclose(table.shift, good.shift, atol=1e-9)
     stale = tie_to_catalog((ra, dec), cat, wcslin)  # still at 2016.0
     assert good.ok
     assert good.rms_mas < 2.0
