@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from astropy.table import Table
 from astropy.wcs import WCS
 
 from subpixal_jax import result as res
@@ -30,6 +31,7 @@ from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline import loop, stages
 from subpixal_jax.pipeline.state import AlignState
 from subpixal_jax.preflight import check_inputs
+from subpixal_jax.refcat import read_reference_catalog
 from subpixal_jax.transaction import commit_set, discard, recover
 from subpixal_jax.verdict import WritePolicy, image_reports
 from subpixal_jax.wcs import (
@@ -137,6 +139,7 @@ def align_images(
     options: AlignOptions | None = None,
     state: AlignState | None = None,
     checkpoint: Callable[[AlignState], None] | None = None,
+    reference_catalog=None,
     **kwargs,
 ) -> res.AlignmentResult:
     """Align images by sub-pixel cross-correlation and correct their WCS.
@@ -180,6 +183,11 @@ def align_images(
     checkpoint : callable, optional
         Called with the :class:`~subpixal_jax.pipeline.AlignState` after every
         iteration (e.g. ``lambda s: save_state(s, path)``).
+    reference_catalog : path or astropy.table.Table, optional
+        Tie the converged set to this catalog (RA/Dec in degrees, optional
+        errors, proper motions and epoch; Gaia DR3 names accepted): one
+        ``absolute_fitgeom`` correction applied to every image, so the
+        relative alignment is kept exactly.
     **kwargs
         The options by name (:class:`~subpixal_jax.options.AlignOptions`
         fields, and the seed's ``nmax`` and ``sigma`` forms): ``fitgeom``,
@@ -212,7 +220,15 @@ def align_images(
         progress=progress,
         state=state,
         checkpoint=checkpoint,
+        reference_catalog=_reference_table(reference_catalog),
     )
+
+
+def _reference_table(reference_catalog):
+    """Read a reference catalog given as a path (tables pass through)."""
+    if reference_catalog is None or isinstance(reference_catalog, Table):
+        return reference_catalog
+    return read_reference_catalog(reference_catalog)
 
 
 # --------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def _int_at_least(low: int, *, optional: bool = False) -> tuple[Any, str]:
     def valid(value: Any) -> bool:
         return (optional and value is None) or (_is_int(value) and value >= low)
 
-    kind = "a non-negative int" if low == 0 else "a positive int"
+    kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
     return valid, kind + (" or None" if optional else "")
 
 
@@ -85,6 +85,17 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "keep_diagnostics": _BOOL,
     "joint": _BOOL,
     "cr_reject": ((lambda v: v is None or isinstance(v, bool)), "True, False or None"),
+    "capture": _one_of(("auto", "always", "off")),
+    "capture_min_matches": _int_at_least(3),
+    "capture_max_shift": (
+        (lambda v: v is None or _positive_number(v)),
+        "a positive number or None",
+    ),
+    "capture_max_rotation": (
+        (lambda v: v is None or _positive_number(v)),
+        "a positive number or None",
+    ),
+    "absolute_fitgeom": _one_of(("shift", "rscale")),
 }
 
 
@@ -159,6 +170,32 @@ class AlignOptions:
         "(default: on with 3 or more images)",
     )
     joint: bool = _option(True, "solve the batch corrections of all images jointly")
+    capture: str = _option(
+        "auto",
+        "coarse catalog matching for offsets larger than the cutouts: auto (when "
+        "the first pass cannot measure an image), always, or off",
+        choices=("auto", "always", "off"),
+    )
+    capture_min_matches: int = _option(
+        15, "fewest matched sources the capture accepts", type=int
+    )
+    capture_max_shift: float | None = _option(
+        None,
+        "largest offset the capture searches (fit-frame px; default unlimited)",
+        type=float,
+        metavar="PX",
+    )
+    capture_max_rotation: float | None = _option(
+        None,
+        "largest rotation the capture searches (degrees; default unlimited)",
+        type=float,
+        metavar="DEG",
+    )
+    absolute_fitgeom: str = _option(
+        "shift",
+        "fit geometry of the tie to a reference catalog (--reference-catalog)",
+        choices=("shift", "rscale"),
+    )
     refine: str | None = _option(
         None,
         "least-squares refinement through the blot: of every displacement "

@@ -202,6 +202,10 @@ class AlignmentResult:
         converge reports its fitted images NOT_CONVERGED, never SUCCESS.
     initial_wcs : list of dict of int to WCS
         Each image's chip WCSs before the alignment.
+    captures : list of CaptureResult or None
+        The capture stage's result per image (empty when it did not run).
+    absolute : AbsoluteTie or None
+        The tie to a reference catalog, when one was given.
     """
 
     status: RunOutcome
@@ -215,6 +219,8 @@ class AlignmentResult:
     fitgeom: str = ""
     final_status: list[ImageOutcome] = dataclasses.field(default_factory=list)
     initial_wcs: list[dict[int, WCS]] = dataclasses.field(default_factory=list)
+    captures: list = dataclasses.field(default_factory=list)
+    absolute: Any = None
 
     @property
     def center(self) -> np.ndarray | None:
@@ -244,6 +250,16 @@ class AlignmentResult:
             table.meta["final_status"] = {
                 Path(name).name: str(outcome)
                 for name, outcome in zip(self.names, self.final_status, strict=True)
+            }
+        if self.absolute is not None:
+            tie = self.absolute
+            table.meta["absolute"] = {
+                "status": tie.status.name,
+                "reason": tie.reason,
+                "n_matches": int(tie.n_matches),
+                "rms_mas": float(tie.rms_mas),
+                "shift": [float(v) for v in tie.shift],
+                "shift_err_mas": [float(v) for v in np.ravel(tie.shift_err_mas)],
             }
         if self.wcslin is not None:
             table.meta["wcslin"] = self.wcslin.to_header_string(relax=True)
@@ -320,7 +336,7 @@ def _transform_columns(image: ImageFit) -> dict[str, float]:
     }
 
 
-def _predicted_rms(sources: SourceMeasurements | None) -> float:
+def predicted_rms(sources: SourceMeasurements | None) -> float:
     """Return the fit RMS the kept sources' position errors predict (NaN: unknown).
 
     With weights ``w = 1/σ²`` the weighted mean square residual of a correct
@@ -348,7 +364,7 @@ def summary_row(iteration: int, image: ImageFit) -> dict[str, Any]:
         **_transform_columns(image),
         "rmse": math.nan if fit is None else float(fit.rmse),
         "mae": math.nan if fit is None else float(fit.mae),
-        "noise": _predicted_rms(sources),
+        "noise": predicted_rms(sources),
         "irmse": float(image.irmse),
     }
 

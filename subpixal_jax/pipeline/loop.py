@@ -21,6 +21,13 @@ from subpixal_jax import result as res
 from subpixal_jax.cutouts import create_primary_cutouts
 from subpixal_jax.errors import AlignmentError
 from subpixal_jax.options import AlignOptions
+from subpixal_jax.pipeline.absolute import tie_set
+from subpixal_jax.pipeline.coarse import (
+    capture_stage,
+    captured_state,
+    images_to_capture,
+    with_captures,
+)
 from subpixal_jax.pipeline.stages import CatalogState, measure_and_fit
 from subpixal_jax.pipeline.state import (
     AlignState,
@@ -268,6 +275,30 @@ def _final_summary(summary, iteration, names, outcomes) -> list[dict]:
     ]
 
 
+def _first_steps(state, catalog, resample, wcslin, options, throw):
+    """Run the first iteration, with the capture stage where it is needed.
+
+    'always' captures every moving image before the first iteration; 'auto'
+    runs the first iteration and captures the images it could not measure.
+    Returns the state to go on from and the first iteration's record (None
+    when no iteration ran).
+    """
+    if options.capture == "always":
+        todo = [i for i in range(len(resample.exposures)) if i != options.reference]
+        return captured_state(
+            resample, state, capture_stage(resample, wcslin, options, todo)
+        ), None
+    state, step = align_step(state, catalog, resample, wcslin, options, throw=throw)
+    todo = images_to_capture(step)
+    if todo:
+        log.info(
+            "capture stage for %d image(s) the first pass could not measure", len(todo)
+        )
+        captures = capture_stage(resample, wcslin, options, todo)
+        state = with_captures(state, resample, captures)
+    return state, step
+
+
 def run(
     catalog,
     resample,
@@ -279,36 +310,50 @@ def run(
     progress: bool = False,
     state: AlignState | None = None,
     checkpoint: Callable[[AlignState], None] | None = None,
+    reference_catalog=None,
 ) -> res.AlignmentResult:
     """Iterate :func:`align_step` until :func:`stop_reason` says stop.
 
+    A fresh run starts with the capture stage where the options ask for it;
     ``state`` resumes a run (a loaded checkpoint); ``checkpoint`` is called
-    with the state after every iteration (e.g. to save it).
+    with the state after every iteration (e.g. to save it). With a
+    ``reference_catalog`` (a table of
+    :func:`~subpixal_jax.refcat.read_reference_catalog`) a converged set is
+    tied to it at the end.
     """
-    state = initial_state(resample) if state is None else state
+    fresh = state is None
+    state = initial_state(resample) if fresh else state
     names = [e.name for e in resample.exposures]
-    done = state.iteration
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=options.max_iterations, initial=done, desc="align", unit="iter"
+            total=options.max_iterations,
+            initial=state.iteration,
+            desc="align",
+            unit="iter",
         )
-    outcome = stop_reason(state.max_shifts, options) if state.max_shifts else None
     step = state.history[-1] if state.history else None
+    if fresh and options.capture != "off":
+        state, first = _first_steps(state, catalog, resample, wcslin, options, throw)
+        step = first or step
+        if first is not None:
+            _after_step(state, bar, checkpoint)
+    outcome = stop_reason(state.max_shifts, options) if state.max_shifts else None
+    if outcome is not None and step is not None:
+        outcome = _callback(outcome, step, on_iteration)
     while outcome is None:
         state, step = align_step(state, catalog, resample, wcslin, options, throw=throw)
-        if bar is not None:
-            bar.update(1)
-        if checkpoint is not None:
-            checkpoint(state)
-        outcome = stop_reason(state.max_shifts, options)
-        stoppable = outcome is None or outcome.status is RunStatus.MAX_ITERATIONS
-        if stoppable and on_iteration is not None and on_iteration(step) is False:
-            outcome = RunOutcome(RunStatus.STOPPED)
+        _after_step(state, bar, checkpoint)
+        outcome = _callback(stop_reason(state.max_shifts, options), step, on_iteration)
     if bar is not None:
         bar.close()
+    tie = None
+    if reference_catalog is not None and outcome.converged:
+        tie, affine = tie_set(catalog, resample, wcslin, reference_catalog, options)
+        if affine is not None:
+            state = _with_tie(state, affine, resample)
     final = final_outcomes(step, outcome, options) if step is not None else []
     summary = _final_summary(state.summary, state.iteration, names, final)
     return res.AlignmentResult(
@@ -323,4 +368,29 @@ def run(
         fitgeom=options.fitgeom,
         final_status=final,
         initial_wcs=[dict(w) for w in state.initial_wcs],
+        captures=list(state.captures),
+        absolute=tie,
     )
+
+
+def _after_step(state, bar, checkpoint) -> None:
+    if bar is not None:
+        bar.update(1)
+    if checkpoint is not None:
+        checkpoint(state)
+
+
+def _callback(outcome, step, on_iteration):
+    """Let the callback stop a run that would go on (or end at the limit)."""
+    stoppable = outcome is None or outcome.status is RunStatus.MAX_ITERATIONS
+    if stoppable and on_iteration is not None and on_iteration(step) is False:
+        return RunOutcome(RunStatus.STOPPED)
+    return outcome
+
+
+def _with_tie(state: AlignState, affine: Affine, resample) -> AlignState:
+    """Return the state with the absolute tie composed into every image's total."""
+    totals = tuple(
+        (total or Affine.identity(affine.center)).then(affine) for total in state.totals
+    )
+    return adopt_resample_wcs(dataclasses.replace(state, totals=totals), resample)

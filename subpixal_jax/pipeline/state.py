@@ -56,6 +56,8 @@ class AlignState:
     initial_wcs : tuple of dict of int to WCS
         Every image's chip WCSs before the first iteration (what a solution
         is fitted from).
+    captures : tuple of CaptureResult or None
+        The capture stage's result per image (empty: it did not run).
     """
 
     iteration: int
@@ -69,6 +71,7 @@ class AlignState:
     summary: tuple[dict, ...] = ()
     history: tuple[res.IterationResult, ...] = ()
     initial_wcs: tuple[Mapping[int, WCS], ...] = ()
+    captures: tuple = ()
 
 
 def _resample_wcs(resample) -> tuple[dict[int, WCS], ...]:

@@ -1,0 +1,192 @@
+"""The capture stage: large initial offsets found before the sub-pixel loop.
+
+The cross-correlation only sees offsets that fit inside a source's cutout
+(the segment box plus a 2-pixel pad). :func:`capture_stage` measures larger
+ones by catalog matching (:func:`subpixal_jax.capture.coarse_transform`:
+each exposure's own sources, mapped through its full WCS into the fit frame,
+matched by triangles against an anchor exposure's sources, invariant to
+shift, rotation and scale) and applies the found transform to the WCS when it
+moves sources by more than a pixel.
+
+With ``capture='auto'`` the stage runs only when the first sub-pixel pass
+shows an image it could not measure (:func:`images_to_capture`), so a set
+whose offsets are already small pays nothing; ``'always'`` runs it first;
+``'off'`` never.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from astropy.wcs import WCS
+
+from subpixal_jax import result as res
+from subpixal_jax.capture import (
+    CaptureResult,
+    coarse_transform,
+    detect_exposure_sources,
+    needs_capture,
+)
+from subpixal_jax.options import AlignOptions
+from subpixal_jax.pipeline.stages import corrected_wcs
+from subpixal_jax.pipeline.state import AlignState, initial_state
+from subpixal_jax.status import ImageStatus
+from subpixal_jax.transform import Affine
+
+log = logging.getLogger(__name__)
+
+#: An image is captured when less than this fraction of its sources survives
+#: the first pass's clipped fit (most displacements hit the lag window's edge
+#: or disagree).
+MIN_KEPT_FRACTION = 0.5
+#: ... or when its fit residuals exceed its sources' errors this many times.
+MAX_RMSE_RATIO = 10.0
+
+
+def images_to_capture(step: res.IterationResult) -> list[int]:
+    """Images the first sub-pixel pass could not measure well.
+
+    An image needs the capture stage when its fit failed, or kept fewer than
+    half of its sources, or left residuals far above the sources' errors:
+    the signature of an offset larger than the cutouts.
+    """
+    todo = []
+    for i, image in enumerate(step.images):
+        status = image.status.status
+        if status is ImageStatus.REFERENCE:
+            continue
+        sources = image.sources
+        if (
+            status is not ImageStatus.SUCCESS
+            or sources is None
+            or not sources.n_sources
+        ):
+            todo.append(i)
+            continue
+        kept = np.count_nonzero(sources.fitmask) / sources.n_sources
+        noise = res.predicted_rms(sources)
+        ratio = float(image.fit.rmse) / noise if noise > 0 else 0.0
+        if kept < MIN_KEPT_FRACTION or ratio > MAX_RMSE_RATIO:
+            todo.append(i)
+    return todo
+
+
+def _anchor(options: AlignOptions, exclude: Sequence[int], n: int) -> int:
+    if options.reference is not None:
+        return options.reference
+    return next((i for i in range(n) if i not in exclude), 0)
+
+
+def capture_stage(
+    resample,
+    wcslin: WCS,
+    options: AlignOptions,
+    indices: Sequence[int],
+) -> list[CaptureResult | None]:
+    """Capture the images ``indices`` against an anchor image, and apply.
+
+    The anchor is the fixed ``reference`` image, or the first image not to
+    be captured. Each captured image whose match is good and moves sources
+    by more than a pixel gets its corrected WCS (in ``resample``).
+
+    Returns
+    -------
+    list of CaptureResult or None
+        Per image (None: not captured).
+    """
+    n = len(resample.exposures)
+    anchor = _anchor(options, indices, n)
+    ref_xy, ref_flux = detect_exposure_sources(resample.exposures[anchor], wcslin)
+    out: list[CaptureResult | None] = [None] * n
+    for i in indices:
+        if i == anchor:
+            continue
+        exposure = resample.exposures[i]
+        found = coarse_transform(
+            exposure,
+            ref_xy,
+            wcslin,
+            reference_flux=ref_flux,
+            fitgeom="rscale",
+            min_matches=options.capture_min_matches,
+            max_shift=options.capture_max_shift,
+            max_rotation=options.capture_max_rotation,
+        )
+        out[i] = found
+        log.info(
+            "capture %s against %s: %s, %d matches, shift (%.2f, %.2f) px, "
+            "rotation %.4f deg, scale %.6f",
+            exposure.name,
+            resample.exposures[anchor].name,
+            found.status.name,
+            found.n_matches,
+            *found.shift,
+            found.rotation,
+            found.scale,
+        )
+        if not found.ok:
+            log.warning("capture of %s: %s", exposure.name, found.reason)
+        elif needs_capture(found):
+            before = {c.extver: c.wcs for c in exposure.chips}
+            affine = Affine(found.matrix, found.shift, found.center)
+            resample.update_wcs(i, corrected_wcs(before, wcslin, affine, found.fitgeom))
+    return out
+
+
+def captured_state(
+    resample, state: AlignState, captures: Sequence[CaptureResult | None]
+) -> AlignState:
+    """Return a fresh state after a capture: its corrections start the totals.
+
+    ``state`` is the state the capture started from (the run's first); the
+    resampler holds its WCSs plus the applied captures.
+    """
+    totals = []
+    for capture in captures:
+        applied = capture is not None and capture.ok and needs_capture(capture)
+        totals.append(
+            Affine(capture.matrix, capture.shift, capture.center) if applied else None
+        )
+    fresh = initial_state(resample)
+    return dataclasses.replace(
+        fresh,
+        totals=tuple(totals),
+        initial_wcs=state.initial_wcs or fresh.initial_wcs,
+        captures=tuple(captures),
+    )
+
+
+def with_captures(
+    state: AlignState, resample, captures: Sequence[CaptureResult | None]
+) -> AlignState:
+    """Return ``state`` after captures applied mid-run (after the first pass).
+
+    The applied captures are composed into the totals; captured images are
+    measured again (no longer excluded); the iteration's largest shift
+    becomes at least the largest capture, so the run cannot stop before the
+    captured images have been measured at the sub-pixel level.
+    """
+    totals = list(state.totals)
+    excluded = set(state.excluded)
+    moved = []
+    for i, capture in enumerate(captures):
+        if capture is None or not (capture.ok and needs_capture(capture)):
+            continue
+        affine = Affine(capture.matrix, capture.shift, capture.center)
+        totals[i] = (totals[i] or Affine.identity(affine.center)).then(affine)
+        excluded.discard(i)
+        moved.append(capture.max_displacement)
+    shifts = list(state.max_shifts)
+    if moved:
+        shifts[-1] = max(np.nan_to_num(shifts[-1], nan=0.0), *moved)
+    return dataclasses.replace(
+        state,
+        wcs=tuple({c.extver: c.wcs for c in e.chips} for e in resample.exposures),
+        totals=tuple(totals),
+        excluded=frozenset(excluded),
+        max_shifts=tuple(shifts),
+        captures=tuple(captures),
+    )
