@@ -75,9 +75,9 @@ def _tidy_ticks(fig) -> None:
     """Thin every axis of ``fig`` to a few major ticks, so labels cannot collide.
 
     Linear axes get a :class:`~matplotlib.ticker.MaxNLocator`; log axes keep
-    only decade ticks (1, 2 and 5 times a power of ten when the axis spans
-    less than 1.5 decades, labelled plainly) and lose the minor-tick labels
-    Matplotlib otherwise adds to short log axes.
+    a few decade ticks, or, when they span under 1.5 decades, a few evenly
+    spaced plainly labelled ones, and lose the minor-tick labels Matplotlib
+    otherwise adds to short log axes.
     """
     from matplotlib import ticker
 
@@ -87,7 +87,13 @@ def _tidy_ticks(fig) -> None:
                 lo, hi = sorted(limits())
                 decades = math.log10(hi / lo) if lo > 0 and hi > 0 else math.inf
                 if decades < 1.5:
-                    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                    # Too short for decade ticks (LogLocator would fall back
+                    # to a dense linear locator): a few plain, even ticks.
+                    axis.set_major_locator(
+                        ticker.MaxNLocator(
+                            nbins=_MAX_TICKS - 1, steps=[1, 2, 2.5, 5, 10]
+                        )
+                    )
                     axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
                 else:
                     axis.set_major_locator(ticker.LogLocator(numticks=_MAX_TICKS + 1))
