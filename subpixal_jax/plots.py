@@ -250,7 +250,10 @@ class VectorScale:
 def _vector_panel(
     ax, s: res.SourceMeasurements | None, vectors: np.ndarray | None, title: str
 ):
-    """Draw ``vectors`` as arrows at the sources; return the VectorScale (or None).
+    """Draw ``vectors`` as arrows at the sources.
+
+    Returns the panel's VectorScale and the Quiver for its scale bar, or
+    None when nothing was measured.
 
     Fitted sources are blue arrows; sources the fit clipped are thin grey
     arrows from a red ring; flagged sources (no measurement) grey crosses.
@@ -327,14 +330,22 @@ def _vector_panel(
             zorder=4,
             gid="capped tips",
         )
-    # Quivers do not enter the data limits: add the arrow tips, and head room
-    # for the scale bar.
+    # Quivers do not enter the data limits: add the arrow tips.
     ax.update_datalim(tips[measured])
     ax.autoscale_view()
+    _vector_legend(ax, scale, fitted, clipped, flagged, over)
+    return scale, key_quiver
+
+
+def _scale_bar(ax, scale: VectorScale, quiver) -> None:
+    """Add the scale bar at the panel's top left, once its limits are final."""
     bar = _nice_length(scale.reference)
+    x0, x1 = ax.get_xlim()
+    # labelpos "E" puts the arrow's tip at X: keep its tail inside the axes.
+    tip = 0.04 + bar * scale.gain / abs(x1 - x0)
     ax.quiverkey(
-        key_quiver,
-        0.06,
+        quiver,
+        tip,
         0.94,
         bar,
         f"{bar:g} px",
@@ -343,8 +354,6 @@ def _vector_panel(
         color="k",
         fontproperties={"size": "small"},
     )
-    _vector_legend(ax, scale, fitted, clipped, flagged, over)
-    return scale
 
 
 def _vector_legend(ax, scale, fitted, clipped, flagged, over) -> None:
@@ -530,15 +539,20 @@ def plot_residual_map(
         (before_ax, first, s0, displacement, titles[0], first.wcs_before),
         (after_ax, last, s1, residual, titles[1], last.wcs_after or last.wcs_before),
     )
+    keys = []
     for ax, fit, s, vectors, title, outlines in panels:
         if wcslin is not None:
             _chip_outlines(ax, outlines, wcslin, fit.name)
-        _vector_panel(ax, s, vectors, title)
+        drawn = _vector_panel(ax, s, vectors, title)
+        if drawn is not None:
+            keys.append((ax, *drawn))
     if last.fit is None:
         after_ax.text(0.5, 0.42, "no fit", transform=after_ax.transAxes, ha="center")
     # Room above the sources for the scale bars.
     y0, y1 = before_ax.get_ylim()
     before_ax.set_ylim(y0, y1 + 0.12 * (y1 - y0))
+    for ax, scale, quiver in keys:
+        _scale_bar(ax, scale, quiver)
     rmse = math.nan if last.fit is None else float(last.fit.rmse)
     n_fit = 0 if s1 is None else int(np.count_nonzero(s1.fitmask))
     n_src = 0 if s1 is None else s1.n_sources

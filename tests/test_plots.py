@@ -9,7 +9,7 @@ import pytest
 matplotlib = pytest.importorskip("matplotlib")
 
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.quiver import Quiver  # noqa: E402
+from matplotlib.quiver import Quiver, QuiverKey  # noqa: E402
 
 from subpixal_jax import plots  # noqa: E402
 from subpixal_jax.align import align_images  # noqa: E402
@@ -100,6 +100,13 @@ def _check_arrows(ax, s, vectors):
     np.testing.assert_allclose(quiver.U[short], vectors[fitted][short, 0])
     np.testing.assert_allclose(quiver.V[short], vectors[fitted][short, 1])
     np.testing.assert_allclose(drawn[~short], cap)
+    # The scale bar: a round length near p90, its whole arrow inside the axes.
+    (key,) = [a for a in ax.artists if isinstance(a, QuiverKey)]
+    assert 0.5 * p90 <= key.U <= 1.5 * p90
+    mantissa = key.U / 10 ** np.floor(np.log10(key.U))
+    assert round(mantissa, 9) in (1.0, 2.0, 5.0)
+    x0, x1 = ax.get_xlim()
+    assert 0.0 < key.X - key.U * gain / (x1 - x0) < key.X < 0.5
     return gain, cap
 
 
@@ -327,7 +334,6 @@ def test_tick_labels_never_overlap(aligned, image):
     figures = [
         plots.plot_residual_map(aligned, image=1),
         plots.plot_residuals(image),
-        plots.plot_gallery(image, n_sources=3),  # the shapes compiled below
         plots.plot_summary_table(aligned),
     ]
     # A long run with values over many decades, and a narrow figure.
@@ -384,6 +390,7 @@ def test_gallery_rows_and_peak_marker(image):
         assert im.get_array().shape == (2 * ny, 2 * nx)
         assert fig.axes[4 * r].get_images()[0].get_array().shape == (ny, nx)
     assert all(s.flags[k] == 0 for k in rows)
+    assert _overlapping_tick_labels(fig) == []
 
 
 def test_gallery_recovers_a_known_lag():
