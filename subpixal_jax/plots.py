@@ -10,9 +10,16 @@ with :func:`write_figures`. Matplotlib is the optional ``plot`` extra
 
 Positions and fit residuals are in the fit frame (``wcslin`` pixels,
 0-based), as in :class:`subpixal_jax.result.SourceMeasurements`. The fit maps
-measured to predicted positions, ``xy ≈ T(uv) = M (uv − c) + c + s``; "before
-the fit" shows ``xy − uv`` (the residual of the identity) and "after the fit"
-``xy − T(uv)``.
+measured to predicted positions, ``xy ≈ T(uv) = M (uv − c) + c + s``; the
+residual map's "before" panel shows the first iteration's ``xy − uv`` (the
+misalignment the run started from) and its "after" panel the last
+iteration's ``xy − T(uv)`` (what the alignment left).
+
+Scales come from the sources the fit kept, never from the ones it clipped:
+arrows are scaled by a high percentile of the fitted vector lengths and
+outliers' arrows are capped (and marked), residual axes span the fitted
+residuals and outliers sit on their edge. Every axis has a few major ticks
+so that tick labels do not collide.
 """
 
 from __future__ import annotations
@@ -717,7 +724,7 @@ def plot_residuals(image: res.ImageFit):
             )
             gauss = np.exp(-0.5 * grid**2) / math.sqrt(2 * math.pi)
             hist.plot(grid, values.size * width * gauss, color=color, ls=":", lw=1)
-    hist.set_xlabel("residual / expected σ (values beyond ±5 in the end bins)")
+    hist.set_xlabel("residual / expected σ (end bins: beyond ±5)")
     hist.set_ylabel("sources")
     hist.legend(fontsize="small")
     fig.suptitle(f"{_short_name(image.name)}: fit residuals ({image.status})")

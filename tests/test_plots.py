@@ -197,6 +197,32 @@ def test_residual_map_single_iteration_says_so(aligned, image):
     assert "only iteration 2 of 2 kept" in fig.get_suptitle()
 
 
+def test_residual_map_without_fit_or_sources(aligned):
+    first = aligned.history[0].images[0]
+    last = aligned.history[-1].images[0]
+    fig = plots.plot_residual_map(first, dataclasses.replace(last, fit=None))
+    before, after = fig.axes
+    _check_arrows(before, first.sources, first.sources.xy - first.sources.uv)
+    assert not _quivers(after)
+    assert {"no measurement", "no fit"} <= {t.get_text() for t in after.texts}
+    assert "rmse nan" in fig.get_suptitle()
+    history = [
+        dataclasses.replace(
+            aligned.history[0],
+            images=[
+                dataclasses.replace(first, sources=None, fit=None),
+                *aligned.history[0].images[1:],
+            ],
+        ),
+        aligned.history[-1],
+    ]
+    fig = plots.plot_residual_map(dataclasses.replace(aligned, history=history))
+    before, after = fig.axes
+    assert not _quivers(before)
+    assert "no measurement" in {t.get_text() for t in before.texts}
+    _check_arrows(after, last.sources, plots.fit_residuals(last))
+
+
 def test_residual_map_rejects_bad_arguments(aligned, image):
     with pytest.raises(TypeError, match="after"):
         plots.plot_residual_map(aligned, image)
