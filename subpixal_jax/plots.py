@@ -255,7 +255,11 @@ class VectorScale:
 
 
 def _vector_panel(
-    ax, s: res.SourceMeasurements | None, vectors: np.ndarray | None, title: str
+    ax,
+    s: res.SourceMeasurements | None,
+    vectors: np.ndarray | None,
+    title: str,
+    missing: str = "no measurement",
 ):
     """Draw ``vectors`` as arrows at the sources.
 
@@ -272,7 +276,7 @@ def _vector_panel(
     ax.set_xlabel("x (fit-frame px)")
     ax.set_ylabel("y (fit-frame px)")
     if s is None or vectors is None:
-        ax.text(0.5, 0.5, "no measurement", transform=ax.transAxes, ha="center")
+        ax.text(0.5, 0.5, missing, transform=ax.transAxes, ha="center")
         return None
     at = np.all(np.isfinite(s.xy), axis=1)
     measured = at & np.all(np.isfinite(vectors), axis=1)
@@ -550,22 +554,26 @@ def plot_residual_map(
     for ax, fit, s, vectors, title, outlines in panels:
         if wcslin is not None:
             _chip_outlines(ax, outlines, wcslin, fit.name)
-        drawn = _vector_panel(ax, s, vectors, title)
+        missing = "no fit" if s is not None and vectors is None else "no measurement"
+        drawn = _vector_panel(ax, s, vectors, title, missing)
         if drawn is not None:
             keys.append((ax, *drawn))
-    if last.fit is None:
-        after_ax.text(0.5, 0.42, "no fit", transform=after_ax.transAxes, ha="center")
     # Room above the sources for the scale bars.
     y0, y1 = before_ax.get_ylim()
     before_ax.set_ylim(y0, y1 + 0.12 * (y1 - y0))
     for ax, scale, quiver in keys:
         _scale_bar(ax, scale, quiver)
-    rmse = math.nan if last.fit is None else float(last.fit.rmse)
-    n_fit = 0 if s1 is None else int(np.count_nonzero(s1.fitmask))
     n_src = 0 if s1 is None else s1.n_sources
+    if last.fit is None:
+        outcome = f"last iteration: no fit ({n_src} sources)"
+    else:
+        n_fit = int(np.count_nonzero(s1.fitmask))
+        outcome = (
+            f"last fit: {n_fit}/{n_src} sources fitted, "
+            f"rmse {float(last.fit.rmse):.3g} px"
+        )
     fig.suptitle(
-        f"{_short_name(last.name)}: {status}\n"
-        f"last fit: {n_fit}/{n_src} sources fitted, rmse {rmse:.3g} px"
+        f"{_short_name(last.name)}: {status}\n{outcome}"
         + (f" ({note})" if note else "")
     )
     _tidy_ticks(fig)
