@@ -10,13 +10,21 @@ with :func:`write_figures`. Matplotlib is the optional ``plot`` extra
 
 Positions and fit residuals are in the fit frame (``wcslin`` pixels,
 0-based), as in :class:`subpixal_jax.result.SourceMeasurements`. The fit maps
-measured to predicted positions, ``xy ≈ T(uv) = M (uv − c) + c + s``; "before
-the fit" shows ``xy − uv`` (the residual of the identity) and "after the fit"
-``xy − T(uv)``.
+measured to predicted positions, ``xy ≈ T(uv) = M (uv − c) + c + s``; the
+residual map's "before" panel shows the first iteration's ``xy − uv`` (the
+misalignment the run started from) and its "after" panel the last
+iteration's ``xy − T(uv)`` (what the alignment left).
+
+Scales come from the sources the fit kept, never from the ones it clipped:
+arrows are scaled by a high percentile of the fitted vector lengths and
+outliers' arrows are capped (and marked), residual axes span the fitted
+residuals and outliers sit on their edge. Every axis has a few major ticks
+so that tick labels do not collide.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -50,8 +58,11 @@ CONVERGENCE_COLUMNS = (
 )
 
 _FITTED_COLOR = "C0"
-_CLIPPED_COLOR = "C3"
+_CLIPPED_COLOR = "0.55"
+_OUTLIER_EDGE = "C3"
 _FLAGGED_COLOR = "0.5"
+#: At most this many major ticks per axis, so that tick labels never collide.
+_MAX_TICKS = 5
 
 
 def _figure(**kwargs):
@@ -65,6 +76,39 @@ def _figure(**kwargs):
     fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _tidy_ticks(fig) -> None:
+    """Thin every axis of ``fig`` to a few major ticks, so labels cannot collide.
+
+    Linear axes get a :class:`~matplotlib.ticker.MaxNLocator`; log axes keep
+    a few decade ticks, or, when they span under 1.5 decades, a few evenly
+    spaced plainly labelled ones, and lose the minor-tick labels Matplotlib
+    otherwise adds to short log axes.
+    """
+    from matplotlib import ticker
+
+    for ax in fig.axes:
+        for axis, limits in ((ax.xaxis, ax.get_xlim), (ax.yaxis, ax.get_ylim)):
+            if axis.get_scale() == "log":
+                lo, hi = sorted(limits())
+                decades = math.log10(hi / lo) if lo > 0 and hi > 0 else math.inf
+                if decades < 1.5:
+                    # Too short for decade ticks (LogLocator would fall back
+                    # to a dense linear locator): a few plain, even ticks.
+                    axis.set_major_locator(
+                        ticker.MaxNLocator(
+                            nbins=_MAX_TICKS - 1, steps=[1, 2, 2.5, 5, 10]
+                        )
+                    )
+                    axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+                else:
+                    axis.set_major_locator(ticker.LogLocator(numticks=_MAX_TICKS + 1))
+                axis.set_minor_formatter(ticker.NullFormatter())
+            elif axis.get_scale() == "linear":
+                axis.set_major_locator(
+                    ticker.MaxNLocator(nbins=_MAX_TICKS, steps=[1, 2, 2.5, 5, 10])
+                )
 
 
 def _short_name(name: str) -> str:
@@ -130,13 +174,11 @@ def _nice_length(value: float) -> float:
     return 10.0 * power
 
 
-def _chip_outlines(ax, image: res.ImageFit, wcslin: WCS) -> None:
-    """Draw each chip's border (its WCS before the fit) in the fit frame."""
-    for extver, wcs in sorted(image.wcs_before.items()):
+def _chip_outlines(ax, wcs_by_chip: Mapping[int, WCS], wcslin: WCS, name: str) -> None:
+    """Draw each chip's border (the given WCSs) in the fit frame."""
+    for extver, wcs in sorted(wcs_by_chip.items()):
         if wcs.pixel_shape is None:
-            log.debug(
-                "chip %d of %s has no pixel shape: not outlined", extver, image.name
-            )
+            log.debug("chip %d of %s has no pixel shape: not outlined", extver, name)
             continue
         nx, ny = wcs.pixel_shape
         t = np.linspace(0.0, 1.0, 16)
@@ -156,118 +198,385 @@ def _chip_outlines(ax, image: res.ImageFit, wcslin: WCS) -> None:
         )
 
 
-def _vector_panel(ax, s: res.SourceMeasurements, vectors: np.ndarray, title: str):
-    """Quiver of ``vectors`` at the sources; return the Quiver (or None)."""
+#: Percentile of the fitted sources' vector lengths that sets a map's scale.
+SCALE_PERCENTILE = 90.0
+#: Drawn length of the scale length, as a fraction of the sources' extent.
+_SCALE_FRACTION = 0.1
+#: Arrows longer than this many scale lengths are capped (and marked).
+_CAP_FACTOR = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorScale:
+    """How a residual-map panel scales its arrows.
+
+    Attributes
+    ----------
+    reference : float
+        The :data:`SCALE_PERCENTILE` percentile of the fitted sources' vector
+        lengths (fit-frame px), or of all measured ones when none was fitted.
+    gain : float
+        Drawn length (data units) per pixel of vector.
+    cap : float
+        Vector length (fit-frame px) beyond which an arrow is drawn capped.
+    """
+
+    reference: float
+    gain: float
+    cap: float
+
+    @classmethod
+    def from_vectors(
+        cls, xy: np.ndarray, vectors: np.ndarray, fitted: np.ndarray
+    ) -> VectorScale:
+        """Scale the arrows from the fitted (kept) sources only.
+
+        Clipped outliers, however long, do not change the scale: the fitted
+        sources' high percentile does.
+        """
+        length = np.hypot(vectors[:, 0], vectors[:, 1])
+        ok = np.isfinite(length)
+        pool = length[ok & fitted] if np.any(ok & fitted) else length[ok]
+        reference = float(np.percentile(pool, SCALE_PERCENTILE)) if pool.size else 1.0
+        reference = reference if math.isfinite(reference) and reference > 0 else 1.0
+        at = xy[np.all(np.isfinite(xy), axis=1)]
+        extent = float(np.ptp(at, axis=0).max()) if len(at) > 1 else 100.0
+        extent = extent if extent > 0 else 100.0
+        return cls(
+            reference, _SCALE_FRACTION * extent / reference, _CAP_FACTOR * reference
+        )
+
+    def capped(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return the vectors shortened to :attr:`cap`, and which were."""
+        length = np.hypot(vectors[:, 0], vectors[:, 1])
+        over = length > self.cap
+        factor = np.where(over, self.cap / np.where(over, length, 1.0), 1.0)
+        return vectors * factor[:, None], over
+
+
+def _vector_panel(
+    ax,
+    s: res.SourceMeasurements | None,
+    vectors: np.ndarray | None,
+    title: str,
+    missing: str = "no measurement",
+):
+    """Draw ``vectors`` as arrows at the sources.
+
+    Returns the panel's VectorScale and the Quiver for its scale bar, or
+    None when nothing was measured.
+
+    Fitted sources are blue arrows; sources the fit clipped are thin grey
+    arrows from a red ring; flagged sources (no measurement) grey crosses.
+    Arrows longer than the scale's cap are drawn at the cap with a red
+    diamond at the tip.
+    """
     ax.set_title(title)
     ax.set_aspect("equal")
     ax.set_xlabel("x (fit-frame px)")
     ax.set_ylabel("y (fit-frame px)")
+    if s is None or vectors is None:
+        ax.text(0.5, 0.5, missing, transform=ax.transAxes, ha="center")
+        return None
     at = np.all(np.isfinite(s.xy), axis=1)
-    good = at & np.all(np.isfinite(vectors), axis=1)
-    flagged = at & ~good
+    measured = at & np.all(np.isfinite(vectors), axis=1)
+    fitted = measured & s.fitmask
+    clipped = measured & ~s.fitmask
+    flagged = at & ~measured
+    if not measured.any():
+        ax.text(0.5, 0.5, "no measurement", transform=ax.transAxes, ha="center")
+        return None
+    scale = VectorScale.from_vectors(
+        s.xy[measured], vectors[measured], fitted[measured]
+    )
+    drawn, over = scale.capped(np.where(measured[:, None], vectors, 0.0))
+    style = {"angles": "xy", "scale_units": "xy", "scale": 1.0 / scale.gain}
+    key_quiver = None
+    # gids name the artists (tests and users can find them).
+    for sel, color, width, gid in (
+        (fitted, _FITTED_COLOR, 0.004, "fitted"),
+        (clipped, _CLIPPED_COLOR, 0.0025, "clipped"),
+    ):
+        if not sel.any():
+            continue
+        quiver = ax.quiver(
+            s.xy[sel, 0],
+            s.xy[sel, 1],
+            drawn[sel, 0],
+            drawn[sel, 1],
+            color=color,
+            width=width,
+            gid=gid,
+            **style,
+        )
+        key_quiver = key_quiver or quiver
+    if clipped.any():
+        ax.scatter(
+            s.xy[clipped, 0],
+            s.xy[clipped, 1],
+            facecolors="none",
+            edgecolors=_OUTLIER_EDGE,
+            s=30,
+            lw=0.8,
+            zorder=3,
+            gid="clipped rings",
+        )
     if flagged.any():
         ax.scatter(
             s.xy[flagged, 0],
             s.xy[flagged, 1],
             marker="x",
             color=_FLAGGED_COLOR,
-            label="flagged",
+            s=20,
+            gid="flagged",
         )
-    if not good.any():
-        ax.text(0.5, 0.5, "no measurement", transform=ax.transAxes, ha="center")
-        return None
-    xy, vec = s.xy[good], vectors[good]
-    fitted = s.fitmask[good]
-    length = np.hypot(vec[:, 0], vec[:, 1])
-    typical = float(np.median(length[fitted] if fitted.any() else length))
-    typical = typical if typical > 0 else 1.0
-    extent = float(np.ptp(xy, axis=0).max()) if len(xy) > 1 else 100.0
-    extent = extent if extent > 0 else 100.0
-    gain = 0.06 * extent / typical
-    colors = np.where(fitted, _FITTED_COLOR, _CLIPPED_COLOR)
-    quiver = ax.quiver(
-        xy[:, 0],
-        xy[:, 1],
-        vec[:, 0],
-        vec[:, 1],
-        color=list(colors),
-        angles="xy",
-        scale_units="xy",
-        scale=1.0 / gain,
-        width=0.004,
-    )
-    if (~fitted).any():
+    tips = s.xy + drawn * scale.gain
+    if over.any():
         ax.scatter(
-            xy[~fitted, 0],
-            xy[~fitted, 1],
-            facecolors="none",
-            edgecolors=_CLIPPED_COLOR,
-            s=30,
-            label="clipped",
+            tips[over, 0],
+            tips[over, 1],
+            marker="D",
+            s=14,
+            color=_OUTLIER_EDGE,
+            zorder=4,
+            gid="capped tips",
         )
-    bar = _nice_length(2.0 * typical)
+    # Quivers do not enter the data limits: add the arrow tips.
+    ax.update_datalim(tips[measured])
+    ax.autoscale_view()
+    _vector_legend(ax, scale, fitted, clipped, flagged, over)
+    return scale, key_quiver
+
+
+def _scale_bar(ax, scale: VectorScale, quiver) -> None:
+    """Add the scale bar at the panel's top left, once its limits are final."""
+    bar = _nice_length(scale.reference)
+    x0, x1 = ax.get_xlim()
+    # labelpos "E" puts the arrow's tip at X: keep its tail inside the axes.
+    tip = 0.04 + bar * scale.gain / abs(x1 - x0)
     ax.quiverkey(
-        quiver, 0.82, 1.06, bar, f"{bar:g} px", labelpos="E", coordinates="axes"
+        quiver,
+        tip,
+        0.94,
+        bar,
+        f"{bar:g} px",
+        labelpos="E",
+        coordinates="axes",
+        color="k",
+        fontproperties={"size": "small"},
     )
-    if flagged.any() or (~fitted).any():
-        ax.legend(loc="lower right", fontsize="small")
-    return quiver
 
 
-def plot_residual_map(image: res.ImageFit, *, wcslin: WCS | None = None):
-    """Displacement vectors at the source positions, before and after the fit.
+def _vector_legend(ax, scale, fitted, clipped, flagged, over) -> None:
+    """Legend below a residual-map panel: what each marker is, and the scale."""
+    from matplotlib.lines import Line2D
 
-    Left: ``xy − uv``, the measured displacement of every source in the fit
-    frame. Right: the fit residuals ``xy − T(uv)``. Each panel has its own
-    scale bar (a quiver key, in fit-frame pixels). Sources clipped by the fit
-    are drawn in red and circled; flagged sources (no measurement) are
-    marked with a grey ``x``.
+    arrow = r"$\rightarrow$"
+    entries = (
+        (fitted, {"marker": arrow, "color": _FITTED_COLOR, "ms": 14}, "fitted"),
+        (
+            clipped,
+            {
+                "marker": "o",
+                "mfc": "none",
+                "mec": _OUTLIER_EDGE,
+                "color": _CLIPPED_COLOR,
+            },
+            "clipped by the fit (grey arrow)",
+        ),
+        (flagged, {"marker": "x", "color": _FLAGGED_COLOR}, "flagged, no measurement"),
+        (
+            over,
+            {"marker": "D", "color": _OUTLIER_EDGE, "ms": 4},
+            f"arrow capped at {scale.cap:.2g} px",
+        ),
+    )
+    handles = [
+        Line2D([], [], ls="none", label=f"{text} ({np.count_nonzero(sel)})", **style)
+        for sel, style, text in entries
+        if sel.any()
+    ]
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.14),
+        ncols=2,
+        fontsize="small",
+        title=(
+            f"scale bar: p{SCALE_PERCENTILE:g} of fitted |vector| is "
+            f"{scale.reference:.2g} px"
+        ),
+        title_fontsize="small",
+        frameon=False,
+    )
+
+
+def _iteration_pair(
+    before, after, image: int | str | None
+) -> tuple[res.ImageFit, res.ImageFit | None, tuple[str, str], str, str]:
+    """Resolve plot_residual_map's arguments to (first, last, titles, status, note)."""
+    if isinstance(before, res.AlignmentResult):
+        result = before
+        if after is not None:
+            msg = "after must be None when an AlignmentResult is given"
+            raise TypeError(msg)
+        if not result.history:
+            msg = "the result keeps no iteration (history=None): no residual map"
+            raise ValueError(msg)
+        k = _image_index(result, 0 if image is None else image)
+        first_it, last_it = result.history[0], result.history[-1]
+        first, last = first_it.images[k], last_it.images[k]
+        status = (
+            str(result.final_status[k]) if result.final_status else str(last.status)
+        )
+        i0, i1 = first_it.iteration, last_it.iteration
+        if i0 == i1:
+            if result.n_iterations > 1:
+                note = f"only iteration {i1} of {result.n_iterations} kept"
+                titles = (
+                    f"before: iteration {i1} displacements (earlier not kept)",
+                    f"after: iteration {i1} fit residuals",
+                )
+            else:
+                note = ""
+                titles = ("before: displacements", "after: fit residuals")
+        else:
+            note = ""
+            titles = (
+                f"before: iteration {i0} displacements",
+                f"after: iteration {i1} fit residuals",
+            )
+        return first, last, titles, status, note
+    if image is not None:
+        msg = "image selects an image of an AlignmentResult; pass ImageFits alone"
+        raise TypeError(msg)
+    first = _checked_image(before, "before")
+    if after is None:
+        titles = (
+            "before fit: displacements (this iteration)",
+            "after fit: residuals (this iteration)",
+        )
+        note = "one iteration given: 'before' is not the first iteration's"
+        return first, first, titles, str(first.status), note
+    last = _checked_image(after, "after")
+    titles = (
+        "before: first iteration displacements",
+        "after: last iteration fit residuals",
+    )
+    return first, last, titles, str(last.status), ""
+
+
+def _image_index(result: res.AlignmentResult, image: int | str) -> int:
+    n = len(result.history[-1].images)
+    if isinstance(image, str):
+        matches = [
+            k
+            for k, name in enumerate(result.names)
+            if image in (name, _short_name(name))
+        ]
+        if not matches:
+            msg = f"no image named {image!r} in the result"
+            raise ValueError(msg)
+        return matches[0]
+    if isinstance(image, bool) or not isinstance(image, int | np.integer):
+        msg = f"image must be an index or a name, got {image!r}"
+        raise TypeError(msg)
+    if not -n <= image < n:
+        msg = f"image index {image} out of range for {n} images"
+        raise ValueError(msg)
+    return int(image) % n
+
+
+def plot_residual_map(
+    before,
+    after: res.ImageFit | None = None,
+    *,
+    image: int | str | None = None,
+    wcslin: WCS | None = None,
+):
+    """Displacement vectors at the source positions, before and after alignment.
+
+    Left: ``xy − uv``, the displacement measured for every source in the
+    first iteration (before any correction). Right: the fit residuals
+    ``xy − T(uv)`` of the last iteration (what the alignment left). Each
+    panel scales its arrows from its fitted sources alone (the
+    :data:`SCALE_PERCENTILE` percentile of their lengths, shown with the
+    scale bar), so outliers do not shrink the arrows that matter; arrows
+    longer than twice that are drawn capped with a diamond at the tip.
+    Sources clipped by the fit are thin grey arrows from a red ring;
+    flagged sources (no measurement) are grey crosses.
 
     Parameters
     ----------
-    image : ImageFit
-        One image's outcome (e.g. ``result.history[-1].images[k]``).
+    before : AlignmentResult or ImageFit
+        The result (best with ``history='all'``; ``image`` picks the image),
+        or the first iteration's ImageFit of one image. An ImageFit alone is
+        drawn as before and after its own fit, and the title says so.
+    after : ImageFit, optional
+        The last iteration's ImageFit of the same image (with an ImageFit
+        ``before`` only).
+    image : int or str, optional
+        With an AlignmentResult: the image's index (default 0) or name.
     wcslin : astropy.wcs.WCS, optional
-        The fit frame of the alignment (``AlignmentResult.wcslin``). When
-        given, every chip's border (its WCS before this iteration's
-        correction) is drawn.
+        The fit frame (default: the result's ``wcslin``). When known, every
+        chip's border is drawn (before its first correction on the left,
+        after its last on the right).
 
     Returns
     -------
     matplotlib.figure.Figure
-        Two axes titled "before fit" and "after fit".
+        Two axes, titled ``"before: ..."`` and ``"after: ..."``.
 
     Raises
     ------
     ImportError
         If matplotlib is not installed.
     TypeError
-        If ``image`` is not an ImageFit.
+        If the arguments are of the wrong kinds.
     ValueError
-        If ``image`` has no source measurements.
+        If the result keeps no iteration, the image is unknown, or an
+        ImageFit has no source measurements.
     """
-    fig = _figure(figsize=(12.0, 5.5), layout="constrained")
-    image = _checked_image(image)
-    s = image.sources
+    fig = _figure(figsize=(12.0, 6.5), layout="constrained")
+    if isinstance(before, res.AlignmentResult) and wcslin is None:
+        wcslin = before.wcslin
+    first, last, titles, status, note = _iteration_pair(before, after, image)
     before_ax, after_ax = fig.subplots(1, 2, sharex=True, sharey=True)
+    s0, s1 = first.sources, last.sources
     with np.errstate(invalid="ignore"):
-        before = s.xy - s.uv
-    after = (
-        fit_residuals(image) if image.fit is not None else np.full_like(s.xy, np.nan)
+        displacement = None if s0 is None else s0.xy - s0.uv
+    residual = fit_residuals(last) if last.fit is not None and s1 is not None else None
+    panels = (
+        (before_ax, first, s0, displacement, titles[0], first.wcs_before),
+        (after_ax, last, s1, residual, titles[1], last.wcs_after or last.wcs_before),
     )
-    for ax, vectors, title in (
-        (before_ax, before, "before fit"),
-        (after_ax, after, "after fit"),
-    ):
+    keys = []
+    for ax, fit, s, vectors, title, outlines in panels:
         if wcslin is not None:
-            _chip_outlines(ax, image, wcslin)
-        _vector_panel(ax, s, vectors, title)
-    rmse = math.nan if image.fit is None else float(image.fit.rmse)
+            _chip_outlines(ax, outlines, wcslin, fit.name)
+        missing = "no fit" if s is not None and vectors is None else "no measurement"
+        drawn = _vector_panel(ax, s, vectors, title, missing)
+        if drawn is not None:
+            keys.append((ax, *drawn))
+    # Room above the sources for the scale bars.
+    y0, y1 = before_ax.get_ylim()
+    before_ax.set_ylim(y0, y1 + 0.12 * (y1 - y0))
+    for ax, scale, quiver in keys:
+        _scale_bar(ax, scale, quiver)
+    n_src = 0 if s1 is None else s1.n_sources
+    if last.fit is None:
+        outcome = f"last iteration: no fit ({n_src} sources)"
+    else:
+        n_fit = int(np.count_nonzero(s1.fitmask))
+        outcome = (
+            f"last fit: {n_fit}/{n_src} sources fitted, "
+            f"rmse {float(last.fit.rmse):.3g} px"
+        )
     fig.suptitle(
-        f"{_short_name(image.name)}: {image.status}, "
-        f"{int(np.count_nonzero(s.fitmask))}/{s.n_sources} sources fitted, "
-        f"rmse {rmse:.3g} px"
+        f"{_short_name(last.name)}: {status}\n{outcome}"
+        + (f" ({note})" if note else "")
     )
+    _tidy_ticks(fig)
     return fig
 
 
@@ -278,13 +587,40 @@ def _image_px_per_fit_px(image: res.ImageFit) -> float:
     return ratio if math.isfinite(ratio) and ratio > 0 else 1.0
 
 
+def residual_limit(resid: np.ndarray, fitted: np.ndarray) -> float:
+    """Half-range of a residual axis: 15 % beyond the largest fitted residual.
+
+    Parameters
+    ----------
+    resid : numpy.ndarray
+        ``(N, 2)`` residuals (NaN allowed).
+    fitted : numpy.ndarray
+        ``(N,)`` bool, the sources the fit kept.
+
+    Returns
+    -------
+    float
+        The limit (fit-frame px): every finite fitted residual lies within
+        it; clipped outliers do not widen it (all finite residuals set it
+        when none was fitted).
+    """
+    ok = np.all(np.isfinite(resid), axis=1)
+    pool = resid[ok & fitted] if np.any(ok & fitted) else resid[ok]
+    largest = float(np.max(np.abs(pool))) if pool.size else 0.0
+    return 1.15 * largest if largest > 0 else 1.0
+
+
 def plot_residuals(image: res.ImageFit):
     """Fit residuals against x, y and source weight, and their distribution.
 
     The first three panels show both components of ``xy − T(uv)`` (fit-frame
     pixels) against the predicted position and the fit weight (the catalog
     weight with its systematic floor, the best per-source brightness/S/N
-    measure the result keeps); clipped sources are hollow. The histogram
+    measure the result keeps); clipped sources are hollow. The residual axis
+    spans the fitted sources (:func:`residual_limit`): clipped outliers
+    beyond it are drawn on its edge as hollow triangles pointing their way.
+    The weight axis is logarithmic when the weights span over a decade. The
+    histogram
     shows the fitted sources' residuals in units of their expected scatter,
     ``r / sigma`` (residuals converted to image pixels by ``irmse / rmse``),
     against a unit normal.
@@ -316,6 +652,12 @@ def plot_residuals(image: res.ImageFit):
     ok = np.all(np.isfinite(resid), axis=1)
     fitted = ok & s.fitmask
     clipped = ok & ~s.fitmask
+    limit = residual_limit(resid, fitted)
+    # Residuals beyond the axis (clipped outliers) sit on its edge, as
+    # triangles pointing the way they went.
+    edge = 0.96 * limit
+    beyond = np.abs(resid) > limit
+    shown = np.clip(resid, -edge, edge)
     axes = fig.subplots(2, 2)
     abscissae = (
         (axes[0, 0], s.xy[:, 0], "x", "x (fit-frame px)"),
@@ -325,24 +667,50 @@ def plot_residuals(image: res.ImageFit):
     for ax, values, what, label in abscissae:
         for comp, color in ((0, "C0"), (1, "C1")):
             name = "xy"[comp]
+            inside = clipped & ~beyond[:, comp]
             ax.scatter(
                 values[fitted], resid[fitted, comp], s=12, color=color, label=f"d{name}"
             )
             ax.scatter(
-                values[clipped],
-                resid[clipped, comp],
+                values[inside],
+                resid[inside, comp],
                 s=24,
                 facecolors="none",
                 edgecolors=color,
-                label=f"d{name} clipped" if clipped.any() else None,
+                label=f"d{name} clipped" if inside.any() else None,
             )
+            edge_label = f"d{name} clipped, beyond ±{limit:.2g} px (▲/▼)"
+            for sign, marker in ((1, "^"), (-1, "v")):
+                out = clipped & beyond[:, comp] & (np.sign(resid[:, comp]) == sign)
+                if not out.any():
+                    continue
+                ax.scatter(
+                    values[out],
+                    shown[out, comp],
+                    s=36,
+                    marker=marker,
+                    facecolors="none",
+                    edgecolors=color,
+                    label=edge_label,
+                )
+                edge_label = None
         ax.axhline(0.0, color="0.5", lw=0.8)
+        ax.set_ylim(-limit, limit)
         ax.set_title(f"residual vs {what}")
         ax.set_xlabel(label)
         ax.set_ylabel("residual (fit-frame px)")
-    if np.any(s.weight[ok] > 0) and np.ptp(s.weight[ok]) > 0:
+    weights = s.weight[ok]
+    if np.all(weights > 0) and weights.max() > 10.0 * weights.min():
         axes[1, 0].set_xscale("log")
-    axes[0, 0].legend(fontsize="small")
+    # One legend entry per kind of marker, not per panel.
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    for ax in axes.ravel()[1:3]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    # Below the panels, where it hides no point.
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize="small")
 
     hist = axes[1, 1]
     hist.set_title("normalised residuals")
@@ -364,10 +732,11 @@ def plot_residuals(image: res.ImageFit):
             )
             gauss = np.exp(-0.5 * grid**2) / math.sqrt(2 * math.pi)
             hist.plot(grid, values.size * width * gauss, color=color, ls=":", lw=1)
-    hist.set_xlabel("residual / expected σ (values beyond ±5 in the end bins)")
+    hist.set_xlabel("residual / expected σ (end bins: beyond ±5)")
     hist.set_ylabel("sources")
     hist.legend(fontsize="small")
     fig.suptitle(f"{_short_name(image.name)}: fit residuals ({image.status})")
+    _tidy_ticks(fig)
     return fig
 
 
@@ -499,6 +868,7 @@ def plot_gallery(image: res.ImageFit, *, n_sources: int = 4, cc_type: str = "NCC
         cc_ax.set_ylabel(f"dy = {s.dxdy[k, 1]:+.3f} ± {s.sigma[k, 1]:.3f} px")
     axes[0, 3].legend(fontsize="x-small", loc="upper right")
     fig.suptitle(f"{_short_name(image.name)}: source diagnostics ({cc_type})")
+    _tidy_ticks(fig)
     return fig
 
 
@@ -608,13 +978,15 @@ def plot_summary_table(summary):
         finite = finite[np.isfinite(finite)]
         if title in ("shift", "fit rmse") and finite.size and np.all(finite > 0):
             ax.set_yscale("log")
-    for ax in axes[2:]:
-        ax.set_xlabel("iteration")
-        ax.xaxis.get_major_locator().set_params(integer=True)
     if axes[0].get_lines():
         axes[0].legend(fontsize="small")
     status = table.meta.get("status")
     fig.suptitle("convergence" + (f" ({status})" if status else ""))
+    _tidy_ticks(fig)
+    for ax in axes[2:]:
+        ax.set_xlabel("iteration")
+        # The x axis is shared: this sets the integer ticks of all four.
+        ax.xaxis.get_major_locator().set_params(integer=True)
     return fig
 
 
@@ -649,11 +1021,13 @@ def write_figures(
     """Write every diagnostic figure of an alignment as PNG files.
 
     Writes ``<prefix>_convergence.png`` and, for every image of the last
-    kept iteration that has source measurements (chips outlined when the
-    result records its fit frame, ``result.wcslin``),
-    ``<prefix>_<k>_<name>_residual_map.png``, ``..._residuals.png`` (when it
-    has a fit) and ``..._gallery.png`` (when the alignment kept diagnostics);
-    ``k`` is the image's 0-based input index.
+    kept iteration that has source measurements,
+    ``<prefix>_<k>_<name>_residual_map.png`` (first kept iteration's
+    displacements against the last one's fit residuals, chips outlined when
+    the result records its fit frame, ``result.wcslin``),
+    ``..._residuals.png`` (the last iteration's, when it has a fit) and
+    ``..._gallery.png`` (when the alignment kept diagnostics); ``k`` is the
+    image's 0-based input index.
 
     Parameters
     ----------
@@ -702,7 +1076,7 @@ def write_figures(
             continue
         stem = outdir / f"{prefix}_{k:03d}_{_slug(image.name)}"
         figures: list[tuple[str, Any]] = [
-            ("residual_map", plot_residual_map(image, wcslin=wcslin))
+            ("residual_map", plot_residual_map(result, image=k, wcslin=wcslin))
         ]
         if image.fit is not None:
             figures.append(("residuals", plot_residuals(image)))

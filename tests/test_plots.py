@@ -1,5 +1,6 @@
 """Diagnostic figures: content checks on one small real alignment."""
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -8,14 +9,13 @@ import pytest
 matplotlib = pytest.importorskip("matplotlib")
 
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.quiver import Quiver  # noqa: E402
+from matplotlib.quiver import Quiver, QuiverKey  # noqa: E402
 
 from subpixal_jax import plots  # noqa: E402
 from subpixal_jax.align import align_images  # noqa: E402
 from subpixal_jax.catalog import PhotutilsCatalog  # noqa: E402
 from subpixal_jax.resample import DrizzleResample  # noqa: E402
 from subpixal_jax.simulate import simulate_exposures  # noqa: E402
-from subpixal_jax.status import ImageOutcome, ImageStatus  # noqa: E402
 
 N_EXPOSURES = 3
 
@@ -66,35 +66,176 @@ def _quivers(ax):
     return [c for c in ax.collections if isinstance(c, Quiver)]
 
 
-def test_residual_map_has_one_arrow_per_measured_source(aligned, image):
+def _quiver(ax, gid):
+    (quiver,) = [q for q in _quivers(ax) if q.get_gid() == gid]
+    return quiver
+
+
+def _collection(ax, gid):
+    found = [c for c in ax.collections if c.get_gid() == gid]
+    return found[0] if found else None
+
+
+def _measured(s, vectors):
+    return np.all(np.isfinite(s.xy), axis=1) & np.all(np.isfinite(vectors), axis=1)
+
+
+def _check_arrows(ax, s, vectors):
+    """The panel's arrows are ``vectors``, capped at the scale's cap (marked)."""
+    measured = _measured(s, vectors)
+    fitted = measured & s.fitmask
+    quiver = _quiver(ax, "fitted")
+    gain = 1.0 / quiver.scale
+    assert np.count_nonzero(fitted) == quiver.N
+    np.testing.assert_allclose(quiver.X, s.xy[fitted, 0])
+    np.testing.assert_allclose(quiver.Y, s.xy[fitted, 1])
+    length = np.hypot(*vectors[fitted].T)
+    p90 = np.percentile(length, plots.SCALE_PERCENTILE)
+    extent = np.ptp(s.xy[measured], axis=0).max()
+    # The fitted sources' p90 length is drawn at a tenth of the sources' extent.
+    np.testing.assert_allclose(p90 * gain, 0.1 * extent)
+    cap = 2.0 * p90
+    drawn = np.hypot(quiver.U, quiver.V)
+    short = length <= cap
+    np.testing.assert_allclose(quiver.U[short], vectors[fitted][short, 0])
+    np.testing.assert_allclose(quiver.V[short], vectors[fitted][short, 1])
+    np.testing.assert_allclose(drawn[~short], cap)
+    # The scale bar: a round length near p90, its whole arrow inside the axes.
+    (key,) = [a for a in ax.artists if isinstance(a, QuiverKey)]
+    assert 0.5 * p90 <= key.U <= 1.5 * p90
+    mantissa = key.U / 10 ** np.floor(np.log10(key.U))
+    assert round(mantissa, 9) in (1.0, 2.0, 5.0)
+    x0, x1 = ax.get_xlim()
+    assert 0.0 < key.X - key.U * gain / (x1 - x0) < key.X < 0.5
+    return gain, cap
+
+
+def test_residual_map_before_first_after_last_iteration(aligned):
     assert aligned.wcslin is not None
-    fig = plots.plot_residual_map(image, wcslin=aligned.wcslin)
+    assert len(aligned.history) == 2
+    fig = plots.plot_residual_map(aligned, image=0)
     assert isinstance(fig, Figure)
     before, after = fig.axes
-    assert before.get_title() == "before fit"
-    assert after.get_title() == "after fit"
+    assert before.get_title() == "before: iteration 1 displacements"
+    assert after.get_title() == "after: iteration 2 fit residuals"
+    first = aligned.history[0].images[0]
+    last = aligned.history[-1].images[0]
+    # The two iterations measured different source sets (full resample).
+    assert first.sources.n_sources != last.sources.n_sources
+    # Before: the first iteration's xy - uv; after: the last one's residuals.
+    _check_arrows(before, first.sources, first.sources.xy - first.sources.uv)
+    _check_arrows(after, last.sources, plots.fit_residuals(last))
+    # The first iteration was ~1.5 px off, the last fit leaves ~0.2 px.
+    scale_before = np.hypot(
+        *(first.sources.xy - first.sources.uv)[first.sources.fitmask].T
+    )
+    scale_after = np.hypot(*plots.fit_residuals(last)[last.sources.fitmask].T)
+    assert np.median(scale_before) > 3 * np.median(scale_after)
+    for ax, im in ((before, first), (after, last)):
+        # One outline per chip (wcslin defaults to the result's), plus labels.
+        assert len(ax.get_lines()) == len(im.wcs_before)
+        assert {t.get_text() for t in ax.texts} == {f"chip {e}" for e in im.wcs_before}
+        legend = ax.get_legend()
+        assert "scale bar" in legend.get_title().get_text()
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert f"fitted ({np.count_nonzero(im.sources.fitmask)})" in labels
+    assert "sim00_flt.fits" in fig.get_suptitle()
+    assert str(aligned.final_status[0]) in fig.get_suptitle()
+    # By name, and as a pair of ImageFits, the same arrows.
+    by_name = plots.plot_residual_map(aligned, image="sim00_flt.fits")
+    pair = plots.plot_residual_map(first, last, wcslin=aligned.wcslin)
+    for other in (by_name, pair):
+        for a, b in zip(fig.axes, other.axes, strict=True):
+            np.testing.assert_array_equal(
+                _quiver(a, "fitted").U, _quiver(b, "fitted").U
+            )
+    assert pair.axes[0].get_title().startswith("before: first iteration")
+
+
+def test_residual_map_clipped_outliers_do_not_set_the_scale(image):
     s = image.sources
-    measured = np.all(np.isfinite(s.uv), axis=1) & np.all(np.isfinite(s.xy), axis=1)
-    for ax in (before, after):
-        (quiver,) = _quivers(ax)
-        assert np.count_nonzero(measured) == quiver.N
-        # One outline per chip, plus the chip labels.
-        assert len(ax.get_lines()) == len(image.wcs_before)
-        assert {t.get_text() for t in ax.texts} == {
-            f"chip {e}" for e in image.wcs_before
-        }
-    # The after-fit arrows are the fit residuals.
-    (quiver,) = _quivers(after)
-    resid = plots.fit_residuals(image)[measured]
-    np.testing.assert_allclose(quiver.U, resid[:, 0])
-    np.testing.assert_allclose(quiver.V, resid[:, 1])
-    assert image.name.split("/")[-1] in fig.get_suptitle()
+    before = s.xy - s.uv
+    k = int(np.flatnonzero(s.fitmask)[0])  # the source _with_outlier copies
+    # Add a copy of a fitted source, 10 px off, that the fit clipped.
+    bad = _with_outlier(image, [10.0, 0.0])
+    clean_gain, _ = _check_arrows(plots.plot_residual_map(image).axes[0], s, before)
+    fig = plots.plot_residual_map(bad)
+    ax = fig.axes[0]
+    gain, cap = _check_arrows(ax, bad.sources, bad.sources.xy - bad.sources.uv)
+    # The outlier leaves the scale exactly as it was.
+    assert gain == clean_gain
+    clipped = _quiver(ax, "clipped")
+    row = np.flatnonzero(
+        np.isclose(clipped.X, s.xy[k, 0]) & np.isclose(clipped.Y, s.xy[k, 1])
+    )
+    (row,) = row
+    # Drawn at the cap (~2 fitted p90 lengths), not 10 px long, and marked.
+    np.testing.assert_allclose(np.hypot(clipped.U[row], clipped.V[row]), cap)
+    assert cap < 0.3 * 10.0
+    tips = _collection(ax, "capped tips").get_offsets()
+    tip = s.xy[k] + np.array([clipped.U[row], clipped.V[row]]) * gain
+    assert np.min(np.hypot(*(tips - tip).T)) < 1e-6
+    rings = _collection(ax, "clipped rings").get_offsets()
+    assert np.min(np.hypot(*(rings - s.xy[k]).T)) < 1e-9
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("clipped by the fit") for t in labels)
+    assert any(t.startswith("arrow capped at") for t in labels)
 
 
-def test_residual_map_without_wcslin_draws_no_outlines(image):
+def test_residual_map_single_iteration_says_so(aligned, image):
     fig = plots.plot_residual_map(image)
+    before, after = fig.axes
+    assert "this iteration" in before.get_title()
+    assert "one iteration given" in fig.get_suptitle()
+    # Without wcslin there is nothing to outline.
     assert all(not ax.get_lines() for ax in fig.axes)
-    assert len(_quivers(fig.axes[0])) == 1
+    _check_arrows(before, image.sources, image.sources.xy - image.sources.uv)
+    _check_arrows(after, image.sources, plots.fit_residuals(image))
+    last_only = dataclasses.replace(aligned, history=aligned.history[-1:])
+    fig = plots.plot_residual_map(last_only, image=0)
+    assert "earlier not kept" in fig.axes[0].get_title()
+    assert "only iteration 2 of 2 kept" in fig.get_suptitle()
+
+
+def test_residual_map_without_fit_or_sources(aligned):
+    first = aligned.history[0].images[0]
+    last = aligned.history[-1].images[0]
+    fig = plots.plot_residual_map(first, dataclasses.replace(last, fit=None))
+    before, after = fig.axes
+    _check_arrows(before, first.sources, first.sources.xy - first.sources.uv)
+    assert not _quivers(after)
+    assert [t.get_text() for t in after.texts] == ["no fit"]
+    assert "last iteration: no fit" in fig.get_suptitle()
+    history = [
+        dataclasses.replace(
+            aligned.history[0],
+            images=[
+                dataclasses.replace(first, sources=None, fit=None),
+                *aligned.history[0].images[1:],
+            ],
+        ),
+        aligned.history[-1],
+    ]
+    fig = plots.plot_residual_map(dataclasses.replace(aligned, history=history))
+    before, after = fig.axes
+    assert not _quivers(before)
+    assert "no measurement" in {t.get_text() for t in before.texts}
+    _check_arrows(after, last.sources, plots.fit_residuals(last))
+
+
+def test_residual_map_rejects_bad_arguments(aligned, image):
+    with pytest.raises(TypeError, match="after"):
+        plots.plot_residual_map(aligned, image)
+    with pytest.raises(TypeError, match="image"):
+        plots.plot_residual_map(image, image=0)
+    with pytest.raises(ValueError, match="out of range"):
+        plots.plot_residual_map(aligned, image=N_EXPOSURES)
+    with pytest.raises(ValueError, match="no image named"):
+        plots.plot_residual_map(aligned, image="nope.fits")
+    with pytest.raises(ValueError, match="history"):
+        plots.plot_residual_map(dataclasses.replace(aligned, history=[]))
+    with pytest.raises(TypeError, match="ImageFit"):
+        plots.plot_residual_map(42)
 
 
 def test_fit_residuals_match_the_definition(image):
@@ -123,7 +264,10 @@ def test_residuals_figure_panels_and_points(image):
         # dx and dy, fitted and clipped: every finite residual twice.
         plotted = sum(len(c.get_offsets()) for c in ax.collections)
         assert plotted == 2 * np.count_nonzero(ok)
-    assert fig.axes[2].get_xscale() == "log"
+    # Log weights only when they span over a decade (these do not).
+    w = s.weight[ok]
+    assert w.max() < 10 * w.min()
+    assert fig.axes[2].get_xscale() == "linear"
     hist = fig.axes[3]
     assert len(hist.patches) == 2  # one step histogram per component
     assert len(hist.get_lines()) == 2  # the two unit-normal curves
@@ -131,6 +275,124 @@ def test_residuals_figure_panels_and_points(image):
     assert labels[0].startswith("dx/σ")
     assert labels[1].startswith("dy/σ")
     assert np.count_nonzero(s.fitmask & ok) > 0
+
+
+def _with_outlier(image, offset):
+    """``image`` plus a copy of its first fitted source, ``offset`` px off, clipped."""
+    s = image.sources
+    k = int(np.flatnonzero(s.fitmask)[0])
+    rows = {
+        f.name: np.concatenate([getattr(s, f.name), getattr(s, f.name)[k : k + 1]])
+        for f in dataclasses.fields(s)
+    }
+    rows["uv"][-1] -= offset
+    rows["fitmask"][-1] = False
+    return dataclasses.replace(image, sources=type(s)(**rows))
+
+
+def test_residual_axes_span_the_fitted_sources(image):
+    bad = _with_outlier(image, [0.0, 10.0])
+    resid = plots.fit_residuals(bad)
+    s = bad.sources
+    ok = np.all(np.isfinite(resid), axis=1)
+    fitted = ok & s.fitmask
+    largest = np.abs(resid[fitted]).max()
+    # The outlier's residual is ~10 px, the fitted ones well under 1 px.
+    assert resid[-1, 1] > 9.0
+    assert largest < 1.0
+    fig = plots.plot_residuals(bad)
+    for ax in fig.axes[:3]:
+        lo, hi = ax.get_ylim()
+        # Every fitted residual is inside, and the outlier does not stretch it.
+        assert lo < -largest
+        assert hi > largest
+        np.testing.assert_allclose([lo, hi], [-1.15 * largest, 1.15 * largest])
+        points = np.concatenate([c.get_offsets() for c in ax.collections])
+        assert np.all((points[:, 1] > lo) & (points[:, 1] < hi))
+        # Clipped residuals beyond the axis sit on its edge as triangles.
+        edge = [c for c in ax.collections if "beyond" in str(c.get_label())]
+        assert edge
+        at_edge = np.concatenate([c.get_offsets() for c in edge])[:, 1]
+        np.testing.assert_allclose(np.abs(at_edge), 0.96 * 1.15 * largest)
+    # The outlier's dy sits on the top edge of the residual-vs-x panel.
+    tops = [
+        c.get_offsets()
+        for c in fig.axes[0].collections
+        if str(c.get_label()).startswith("dy clipped, beyond")
+    ]
+    assert np.any(
+        np.isclose(np.concatenate(tops), [s.xy[-1, 0], 0.96 * 1.15 * largest]).all(
+            axis=1
+        )
+    )
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("beyond ±" in t for t in labels)
+    # Without fitted sources the axis falls back to all residuals.
+    assert (
+        plots.residual_limit(np.array([[3.0, -4.0]]), np.array([False])) == 1.15 * 4.0
+    )
+    assert plots.residual_limit(np.full((2, 2), np.nan), np.ones(2, bool)) == 1.0
+
+
+def _overlapping_tick_labels(fig):
+    """Pairs of tick labels, on any axis of ``fig``, whose boxes overlap."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    clashes = []
+    for k, ax in enumerate(fig.axes):
+        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            texts = [
+                t
+                for t in axis.get_majorticklabels() + axis.get_minorticklabels()
+                if t.get_visible() and t.get_text()
+            ]
+            boxes = [t.get_window_extent(renderer) for t in texts]
+            for i in range(len(boxes)):
+                for j in range(i + 1, len(boxes)):
+                    if boxes[i].overlaps(boxes[j]):
+                        clashes.append(
+                            (k, name, texts[i].get_text(), texts[j].get_text())
+                        )
+    return clashes
+
+
+def test_tick_labels_never_overlap(aligned, image):
+    figures = [
+        plots.plot_residual_map(aligned, image=1),
+        plots.plot_residuals(image),
+        plots.plot_summary_table(aligned),
+    ]
+    # A long run with values over many decades, and a narrow figure.
+    rows = [
+        {
+            "iteration": i,
+            "image": name,
+            "dx": 12.0 * 0.3**i,
+            "dy": -3.0 * 0.3**i,
+            "rot_x": 1e-3 * (-0.5) ** i + 123.456,
+            "rot_y": 1e-3 * (-0.5) ** i + 123.456,
+            "scale_x": 1.0 + 1e-6 * i,
+            "scale_y": 1.0 + 1e-6 * i,
+            "rmse": 0.15 + 0.4 * 0.5**i,
+        }
+        for name in ("a.fits", "b.fits")
+        for i in range(1, 31)
+    ]
+    long_run = plots.plot_summary_table(rows)
+    long_run.set_size_inches(6.0, 4.0)
+    figures.append(long_run)
+    for fig in figures:
+        assert _overlapping_tick_labels(fig) == []
+    # A short log axis gets a few plain labels (no minor or 10^n labels).
+    rmse_axis = long_run.axes[3].yaxis
+    assert rmse_axis.get_scale() == "log"
+    labels = [t.get_text() for t in rmse_axis.get_majorticklabels() if t.get_text()]
+    assert 2 <= len(labels) <= 5
+    assert all(float(t) > 0 for t in labels)
+    assert not [t for t in rmse_axis.get_minorticklabels() if t.get_text()]
+    # The iteration axis keeps integer ticks.
+    ticks = long_run.axes[3].get_xticks()
+    np.testing.assert_array_equal(ticks, np.round(ticks))
 
 
 def test_gallery_rows_and_peak_marker(image):
@@ -154,12 +416,14 @@ def test_gallery_rows_and_peak_marker(image):
         assert im.get_array().shape == (2 * ny, 2 * nx)
         assert fig.axes[4 * r].get_images()[0].get_array().shape == (ny, nx)
     assert all(s.flags[k] == 0 for k in rows)
+    assert _overlapping_tick_labels(fig) == []
 
 
 def test_gallery_recovers_a_known_lag():
     # A synthetic ImageFit whose cutout is the blot moved by a known lag.
     from subpixal_jax import result as res
     from subpixal_jax.cutouts import SourceCutouts
+    from subpixal_jax.status import ImageOutcome, ImageStatus
 
     n = 15
     y, x = np.mgrid[0:n, 0:n].astype(float)
@@ -201,13 +465,13 @@ def test_gallery_recovers_a_known_lag():
         fitmask=np.array([True]),
     )
     image = res.ImageFit(
-        "fake.fits",
-        ImageOutcome(ImageStatus.SUCCESS),
-        None,
-        sources,
-        np.nan,
-        {},
-        {},
+        name="fake.fits",
+        status=ImageOutcome(ImageStatus.SUCCESS),
+        fit=None,
+        sources=sources,
+        irmse=np.nan,
+        wcs_before={},
+        wcs_after={},
         extras={"cutouts": [cut], "blots": [blots]},
     )
     fig = plots.plot_gallery(image, n_sources=5)
