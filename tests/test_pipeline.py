@@ -290,3 +290,12 @@ def test_every_option_is_validated_with_its_name(kwargs, name):
 def test_unknown_option_is_named():
     with pytest.raises(TypeError, match="fitgeometry"):
         AlignOptions.create(fitgeometry="shift")
+
+
+def test_readme_documents_every_option():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Options") : readme.index("## Results and statuses")]
+    missing = [
+        f.name for f in dataclasses.fields(AlignOptions) if f"`{f.name}`" not in table
+    ]
+    assert not missing, missing
