@@ -335,13 +335,13 @@ def run(
             unit="iter",
         )
     step = state.history[-1] if state.history else None
+    first = None
     if fresh and options.capture != "off":
         state, first = _first_steps(state, catalog, resample, wcslin, options, throw)
-        step = first or step
-        if first is not None:
-            _after_step(state, bar, checkpoint)
     outcome = stop_reason(state.max_shifts, options) if state.max_shifts else None
-    if outcome is not None and step is not None:
+    if first is not None:
+        step = first
+        _after_step(state, bar, checkpoint)
         outcome = _callback(outcome, step, on_iteration)
     while outcome is None:
         state, step = align_step(state, catalog, resample, wcslin, options, throw=throw)
