@@ -40,13 +40,17 @@ replaces it by its first-order expansion at the plane point of the chip
 centre (value and Jacobian exact there, the Jacobian by a central
 difference with a step of 1e-4 rad, whose truncation error is of relative
 order 1e-15). Away from the centre the difference is second order in the
-(tiny) projective part of ``h``: below 1e-8 px on these detectors.
+(tiny) projective part of ``h``. Measured on 128-px synthetic detectors for
+a 0.03 deg, 1.5 px, 1e-4 scale fit (``tests/test_jwst.py``): the corrected
+gWCS agrees with the exact ``G`` to 6e-9 px, about the double-precision
+floor of the sky round trip ``L(L⁻¹(·))`` (4e-9 px).
 
+The inserted ``v2v3corr`` model is the one tweakwcs' ``JWSTWCSCorrector``
+builds for the same plane transform (identical to rounding: 0 px apart).
 tweakwcs transfers a fit from the reference tangent plane to the image's
 with its own linearisation (``_tp2tp``: finite differences about the
-reference frame's pixel origin); the two agree with each other to about
-1e-7 px over a detector, and ours agrees with the exact ``G`` to the figure
-above (both measured in ``tests/test_jwst.py``).
+reference frame's pixel origin); given the same fit in the ``wcslin``
+frame, its gWCS and ours are 9e-9 px apart.
 """
 
 from __future__ import annotations
@@ -459,8 +463,15 @@ class GWCSAdapter:
 
     @property
     def pixel_shape(self) -> tuple[int, int]:
-        """``(nx, ny)`` of the chip."""
+        """``(nx, ny)`` of the chip (settable only to the same shape)."""
         return self.array_shape[::-1]
+
+    @pixel_shape.setter
+    def pixel_shape(self, value) -> None:
+        # The FITS shell sets ``wcs.pixel_shape = chip.shape[::-1]`` after a copy.
+        if value is None or tuple(int(v) for v in value) != self.pixel_shape:
+            msg = f"pixel_shape is {self.pixel_shape} for this chip, got {value!r}"
+            raise ValueError(msg)
 
     @property
     def bounding_box(self):
@@ -637,6 +648,15 @@ class GWCSAdapter:
 
         return _astropy_call(inv, args, inverse=True)
 
+    # -- APE 14 (what drizzle.utils.calc_pixmap calls) -------------------------
+    def pixel_to_world_values(self, x, y):
+        """APE 14 ``pixel_to_world_values``: 0-based pixels to (ra, dec) degrees."""
+        return self.pixel_to_sky(x, y)
+
+    def world_to_pixel_values(self, ra, dec):
+        """APE 14 ``world_to_pixel_values``: (ra, dec) degrees to 0-based pixels."""
+        return self.sky_to_pixel(ra, dec)
+
     # -- pixmaps --------------------------------------------------------------
     def pixel_map(self, output_wcs, *, step: int = 16, margin: int = 8) -> Callable:
         """Return a fast map from this chip's pixels to another WCS' pixels.
@@ -644,8 +664,8 @@ class GWCSAdapter:
         The exact map (this gWCS, then ``output_wcs``' inverse) is evaluated
         on a coarse grid every ``step`` pixels, reaching ``margin`` pixels
         past the chip, and interpolated by bicubic splines (the distortion is
-        a low-order polynomial, so the interpolation error is tiny: below
-        1e-6 px for ``step=16``, measured in the tests).
+        a low-order polynomial, so the interpolation error is tiny: 5e-9 px
+        for ``step=16`` on the synthetic detectors, tested to <= 1e-5 px).
 
         Parameters
         ----------
@@ -664,7 +684,10 @@ class GWCSAdapter:
         if not (isinstance(step, int | np.integer) and step >= 1):
             msg = f"step must be a positive integer, got {step!r}"
             raise ValueError(msg)
-        key = (id(output_wcs), int(step), int(margin))
+        # Keyed by the target's header too: a WCS changed in place must not
+        # reuse a stale spline.
+        header = getattr(output_wcs, "to_header_string", None)
+        key = (id(output_wcs), header() if header else None, int(step), int(margin))
         cached = self._spline_cache.get(key)
         if cached is not None and cached[0] is output_wcs:
             return cached[1]
