@@ -1369,7 +1369,8 @@ class JWSTUpdateReport:
     Attributes
     ----------
     path : pathlib.Path or None
-        The file, or None for an in-memory data model.
+        The file written (in ``output_dir`` if one was given), or None for an
+        in-memory data model.
     changed : bool
         Whether a new gWCS was installed (False: the new gWCS moves no pixel
         by ``tolerance`` or more, so nothing was written).
@@ -1548,11 +1549,34 @@ def _stage(model, path: pathlib.Path) -> pathlib.Path:
     staged = tmpdir / path.name
     try:
         model.save(staged)
-        os.chmod(staged, path.stat().st_mode & 0o7777)
+        if path.exists():
+            os.chmod(staged, path.stat().st_mode & 0o7777)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
     return staged
+
+
+def _output_path(path, output_dir):
+    if output_dir is None:
+        return path
+    if path is None:
+        msg = "output_dir needs a file target, not an in-memory data model"
+        raise ValueError(msg)
+    out = pathlib.Path(output_dir)
+    if not out.is_dir():
+        msg = f"output_dir must be an existing folder, got {str(out)!r}"
+        raise ValueError(msg)
+    return out / path.name
+
+
+def _copy_atomic(src: pathlib.Path, dst: pathlib.Path) -> None:
+    tmpdir = pathlib.Path(tempfile.mkdtemp(prefix=".spx-", dir=dst.parent))
+    try:
+        shutil.copy2(src, tmpdir / dst.name)
+        os.replace(tmpdir / dst.name, dst)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _commit(staged: pathlib.Path, path: pathlib.Path) -> None:
@@ -1569,6 +1593,7 @@ def update_jwst_wcs(
     tolerance: float = 1e-6,
     sip_max_pix_error: float = 0.01,
     sip_limit: float = 0.02,
+    output_dir: str | os.PathLike | None = None,
     dry_run: bool = False,
 ) -> JWSTUpdateReport:
     """Install a corrected gWCS in a JWST file (or data model), safely.
@@ -1602,6 +1627,10 @@ def update_jwst_wcs(
     sip_limit : float, optional
         Largest accepted SIP error (pixels), measured independently; above
         it nothing is written.
+    output_dir : path, optional
+        Write the updated file (or, if nothing changed, a verbatim copy)
+        into this existing folder under the same name, leaving ``target``
+        as it is. Only for a file ``target``.
     dry_run : bool, optional
         Compute the report but write nothing (a data model is left as is).
 
@@ -1630,8 +1659,12 @@ def update_jwst_wcs(
             sip_limit=sip_limit,
             name=name,
         )
-        if changed and path is not None and not dry_run:
-            _commit(_stage(work, path), path)
+        out = _output_path(path, output_dir)
+        if path is not None and not dry_run:
+            if changed:
+                _commit(_stage(work, out), out)
+            elif out != path:
+                _copy_atomic(path, out)
     finally:
         if path is not None:
             model.close()
@@ -1642,7 +1675,7 @@ def update_jwst_wcs(
     else:
         log.info("%s: unchanged (max change %.2e px)", name, change)
     return JWSTUpdateReport(
-        path=path,
+        path=out if path is not None else None,
         changed=changed,
         max_change=change,
         sip_max_error=err,
@@ -1672,7 +1705,7 @@ def update_jwst_exposure_wcs(
     **kwargs
         Keyword arguments of :func:`update_jwst_wcs` (``wcsname``,
         ``fit_info``, ``tolerance``, ``sip_max_pix_error``, ``sip_limit``,
-        ``dry_run``).
+        ``output_dir``, ``dry_run``).
 
     Returns
     -------
@@ -1680,6 +1713,7 @@ def update_jwst_exposure_wcs(
         One per chip, in ``extver`` order.
     """
     dry_run = bool(kwargs.pop("dry_run", False))
+    output_dir = kwargs.pop("output_dir", None)
     unknown = set(kwargs) - {
         "wcsname",
         "fit_info",
@@ -1702,6 +1736,7 @@ def update_jwst_exposure_wcs(
         msg = f"wcs_after lacks extver(s) {missing} of exposure {exposure.name}"
         raise ValueError(msg)
     staged: list[tuple[pathlib.Path, pathlib.Path]] = []
+    copies: list[tuple[pathlib.Path, pathlib.Path]] = []
     reports = []
     try:
         for extver in sorted(exposure.paths):
@@ -1714,12 +1749,15 @@ def update_jwst_exposure_wcs(
                 changed, change, err, degree, idx, current = _prepare_update(
                     model, wcs_after[extver], name=str(path), **opts
                 )
+                out = _output_path(path, output_dir)
                 if changed and not dry_run:
-                    staged.append((_stage(model, path), path))
+                    staged.append((_stage(model, out), out))
             finally:
                 model.close()
+            if not changed and not dry_run and out != path:
+                copies.append((path, out))
             reports.append(
-                JWSTUpdateReport(path, changed, change, err, degree, current, idx)
+                JWSTUpdateReport(out, changed, change, err, degree, current, idx)
             )
     except BaseException:
         for tmp, _ in staged:
@@ -1727,4 +1765,6 @@ def update_jwst_exposure_wcs(
         raise
     for tmp, path in staged:
         _commit(tmp, path)
+    for src, dst in copies:
+        _copy_atomic(src, dst)
     return reports

@@ -385,8 +385,9 @@ def test_exposure_writer_is_all_or_nothing(sim, tmp_path):
     m, s, c = _fit()
     after = {ch.extver: ch.wcs.corrected(lin, m, s, center=c) for ch in exp.chips}
     before = [p.read_bytes() for p in paths]
+    # The second detector's new WCS is for the wrong shape: its file fails
+    # after the first one was prepared, and neither file changes.
     bad = dict(after)
-    bad[2] = after[1]  # NRCA1's WCS for NRCA2: frames fit, but so would pixels
     bad[2] = jwst.GWCSAdapter(after[2].gwcs, shape=(64, 64))
     with pytest.raises(ValueError, match="shape"):
         jwst.update_jwst_exposure_wcs(exp, bad)
@@ -395,6 +396,14 @@ def test_exposure_writer_is_all_or_nothing(sim, tmp_path):
     dry = jwst.update_jwst_exposure_wcs(exp, after, dry_run=True)
     assert all(r.changed for r in dry)
     assert [p.read_bytes() for p in paths] == before
+    out = tmp_path / "out"
+    out.mkdir()
+    copies = jwst.update_jwst_exposure_wcs(exp, after, output_dir=out)
+    assert [r.path for r in copies] == [out / p.name for p in paths]
+    assert [p.read_bytes() for p in paths] == before
+    with datamodels.open(out / paths[1].name) as model:
+        assert "v2v3corr" in model.meta.wcs.available_frames
+    shutil.rmtree(out)
     reports = jwst.update_jwst_exposure_wcs(exp, after, wcsname="EXP")
     assert [r.changed for r in reports] == [True, True]
     assert all(r.sip_max_error <= 0.02 for r in reports)

@@ -101,8 +101,10 @@ def test_four_two_detector_exposures_align_to_001_px(tmp_path, monkeypatch):
     exposures = jwst.read_jwst_exposures([p for ps in sim.paths for p in ps])
     assert [len(e.chips) for e in exposures] == [2, 2, 2, 2]
     resample = _GWCSResample(exposures)
+    # Measured on this set: 0.0059/0.0055/0.0062 px RMS after with
+    # refine='sources' (0.0094/0.0072/0.0091 px without refinement).
     result = align_mod.align_images(
-        PhotutilsCatalog(), resample, reference=0, cr_reject=False
+        PhotutilsCatalog(), resample, reference=0, cr_reject=False, refine="sources"
     )
     before, after = [], []
     for i, e in enumerate(exposures):
