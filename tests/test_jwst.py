@@ -433,3 +433,47 @@ def test_writer_in_memory_model(sim):
         rep = jwst.update_jwst_wcs(model, new)
         assert rep.max_change == pytest.approx(1.0, rel=0.01)
         assert "v2v3corr" in model.meta.wcs.available_frames
+
+
+def test_correction_goes_after_the_velocity_aberration_frame(chip):
+    correctors = pytest.importorskip("tweakwcs.correctors")
+    import copy
+
+    import gwcs
+    from astropy.modeling import models
+
+    _, w, info = chip
+    # The pipeline's fast DVA correction: a scale about the reference point.
+    k = 1.00004
+    va = (models.Scale(k) & models.Scale(k)) | (
+        models.Shift((1 - k) * info["v2_ref"]) & models.Shift((1 - k) * info["v3_ref"])
+    )
+    steps = copy.deepcopy(w.pipeline)
+    vacorr = copy.deepcopy(steps[1].frame)
+    vacorr.name = "v2v3vacorr"
+    wva = gwcs.WCS(
+        [
+            (steps[0].frame, steps[0].transform),
+            (steps[1].frame, va),
+            (vacorr, steps[1].transform),
+            (steps[2].frame, None),
+        ]
+    )
+    a = jwst.GWCSAdapter(wva, shape=SHAPE, wcsinfo=info)
+    lin = _wcslin()
+    m, s, c = _fit()
+    new = a.corrected(lin, m, s, center=c)
+    assert new.gwcs.available_frames == [
+        "detector",
+        "v2v3",
+        "v2v3vacorr",
+        "v2v3corr",
+        "world",
+    ]
+    jac, t = jwst.plane_correction(a, lin, m, s, center=c)
+    oracle = correctors.JWSTWCSCorrector(wva, info)
+    oracle.set_correction(matrix=jac, shift=t)
+    assert oracle.wcs.available_frames == new.gwcs.available_frames
+    xx, yy = _grid()
+    theirs = oracle.wcs(xx, yy, with_bounding_box=False)
+    assert np.max(_px(new.pixel_to_sky(xx, yy), theirs)) < 1e-9
