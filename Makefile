@@ -16,7 +16,7 @@ $(VENV)/.installed-base: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test,plot,distributed]'
+	$(PY) -m pip install --quiet -e '.[test,plot,distributed,jwst]'
 	touch $@ $(VENV)/.installed-base
 
 demo: $(VENV)/.installed-base
