@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
@@ -30,7 +31,7 @@ from subpixal_jax.images import Exposure
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline import loop, stages
 from subpixal_jax.pipeline.state import AlignState
-from subpixal_jax.preflight import check_inputs
+from subpixal_jax.preflight import InputError, check_inputs
 from subpixal_jax.refcat import read_reference_catalog
 from subpixal_jax.transaction import commit_set, discard, recover
 from subpixal_jax.verdict import WritePolicy, image_reports
@@ -448,10 +449,14 @@ def align_files(
         for path in (*recovered.completed, *recovered.rolled_back):
             log.warning("%s: finished an interrupted earlier commit", path)
     files = list(checked.paths)
+    jwst_exposures = _jwst_exposures(files)
     log.info("reading and drizzling %d files", len(files))
     start = time.perf_counter()
     resample = DrizzleResample(
-        files, dq_bits=dq_bits, pixel_scale=pixel_scale, rotation=rotation or 0.0
+        jwst_exposures or files,
+        dq_bits=dq_bits,
+        pixel_scale=pixel_scale,
+        rotation=rotation or 0.0,
     )
     log.info(
         "drizzle grid %d x %d px ready in %.1f s",
@@ -469,6 +474,10 @@ def align_files(
         return result, []
     if output_dir is not None and not dry_run:
         Path(output_dir).mkdir(exist_ok=True)
+    if jwst_exposures:
+        return result, _write_jwst(
+            result, jwst_exposures, wcsname, output_dir, dry_run, policy
+        )
     reports = write_corrections(
         result,
         files,
@@ -478,6 +487,62 @@ def align_files(
         policy=policy,
     )
     return result, reports
+
+
+def _is_jwst(path: Path) -> bool:
+    """Tell a JWST data-model file (its gWCS lives in an ASDF extension)."""
+    with fits.open(path) as hdul:
+        return any(h.name == "ASDF" for h in hdul)
+
+
+def _jwst_exposures(files: Sequence[Path]) -> list | None:
+    """Read the files as JWST exposures (detectors grouped); None for FITS WCS.
+
+    Raises
+    ------
+    InputError
+        If the set mixes JWST (gWCS) files and FITS-WCS files.
+    """
+    kinds = [_is_jwst(f) for f in files]
+    if not any(kinds):
+        return None
+    if not all(kinds):
+        msg = "a run cannot mix JWST files (gWCS) with FITS-WCS files: " + ", ".join(
+            f"{f.name} ({'JWST' if k else 'FITS WCS'})"
+            for f, k in zip(files, kinds, strict=True)
+        )
+        raise InputError(msg)
+    from subpixal_jax.jwst import read_jwst_exposures
+
+    return read_jwst_exposures(files)
+
+
+def _write_jwst(result, exposures, wcsname, output_dir, dry_run, policy) -> list:
+    """Write the corrected gWCS of every JWST exposure whose verdict allows it."""
+    from subpixal_jax.jwst import update_jwst_exposure_wcs
+
+    reports = []
+    for exposure, verdict, final in zip(
+        exposures, image_reports(result, policy), result.final_wcs, strict=True
+    ):
+        if not verdict.write:
+            log.info(
+                "%s: left unchanged (%s)",
+                exposure.name,
+                verdict.reason or "not aligned",
+            )
+            continue
+        reports.extend(
+            update_jwst_exposure_wcs(
+                exposure,
+                final,
+                wcsname=wcsname,
+                fit_info=_fit_info(result, verdict.name),
+                output_dir=output_dir,
+                dry_run=dry_run,
+            )
+        )
+    return reports
 
 
 def apply_solution(

@@ -65,7 +65,7 @@ import pathlib
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -74,6 +74,7 @@ from astropy.time import Time
 from scipy.interpolate import RectBivariateSpline
 
 from subpixal_jax.images import Chip, Exposure
+from subpixal_jax.skywcs import SkyWCS
 
 try:
     import gwcs
@@ -182,36 +183,6 @@ _NIRCAM_SW = tuple(f"NRC{m}{i}" for m in "AB" for i in range(1, 5))
 
 # ---------------------------------------------------------------------------
 # The WCS interface
-
-
-@runtime_checkable
-class SkyWCS(Protocol):
-    """The WCS interface the shell needs from a chip (FITS or gWCS).
-
-    Pixel coordinates are 0-based ``(x, y)`` = (column, row) of pixel
-    centres; sky coordinates are ICRS degrees; arrays in, float64 arrays out.
-    """
-
-    @property
-    def pixel_shape(self) -> tuple[int, int] | None:
-        """``(nx, ny)`` of the chip, or None if unknown."""
-        ...
-
-    def pixel_to_sky(self, x, y) -> tuple[np.ndarray, np.ndarray]:
-        """Map pixels to sky ``(ra, dec)`` through the full WCS."""
-        ...
-
-    def sky_to_pixel(self, ra, dec) -> tuple[np.ndarray, np.ndarray]:
-        """Map sky ``(ra, dec)`` to pixels (inverse of :meth:`pixel_to_sky`)."""
-        ...
-
-    def pixel_scale(self, x=None, y=None) -> float:
-        """Local pixel scale in degrees (square root of the pixel area)."""
-        ...
-
-    def corrected(self, wcslin, matrix, shift, *, center=None) -> SkyWCS:
-        """Return a new WCS with an affine fit in ``wcslin`` pixels applied."""
-        ...
 
 
 # ---------------------------------------------------------------------------

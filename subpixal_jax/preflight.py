@@ -176,8 +176,13 @@ def _image_problem(
                 None,
             )
             if dq is not None and dq.data is not None and dq.data.shape == data.shape:
+                # Read unscaled: an unsigned DQ (JWST's uint32) is stored
+                # with BZERO = 2**31, which must be added back.
+                bits = np.asarray(dq.data).astype(np.int64) + int(
+                    dq.header.get("BZERO", 0)
+                )
                 good &= bitfield_to_boolean_mask(
-                    np.asarray(dq.data).astype(np.int64, copy=False),
+                    bits,
                     ignore_flags=dq_bits,
                     good_mask_value=True,
                     dtype=bool,
@@ -302,7 +307,10 @@ def _check_file(
             frames.setdefault(_frame_of(hdr), [])
             if str(given) not in frames[_frame_of(hdr)]:
                 frames[_frame_of(hdr)].append(str(given))
-        exptime = primary.get("EXPTIME", hdul[chips[0]].header.get("EXPTIME"))
+        # JWST data models give the effective exposure time instead.
+        keys = ("EXPTIME", "EFFEXPTM", "XPOSURE")
+        found = [h.get(k) for k in keys for h in (primary, hdul[chips[0]].header)]
+        exptime = next((v for v in found if v is not None), None)
         try:
             ok = math.isfinite(float(exptime)) and float(exptime) > 0
         except (TypeError, ValueError):
@@ -310,6 +318,11 @@ def _check_file(
         if not ok:
             return f"EXPTIME must be a positive number, got {exptime!r}"
         if check_data:
+            if any(h.name == "ASDF" for h in hdul):
+                # A JWST data model: only its "bad" DQ bits make a pixel unusable.
+                from subpixal_jax.jwst import DEFAULT_DQ_BAD
+
+                dq_bits = (2**32 - 1) ^ int(DEFAULT_DQ_BAD)
             return _image_problem(hdul, chips, extname, dq_bits)
     return None
 

@@ -41,6 +41,7 @@ from subpixal_jax.cutouts import (
 from subpixal_jax.images import Exposure
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.sharding import shard_batch
+from subpixal_jax.skywcs import SkyWCS
 from subpixal_jax.status import ImageOutcome, ImageStatus, SourceFlag, refine_flags
 from subpixal_jax.transform import Affine, RefinedFit, fit_affine
 from subpixal_jax.wcs import correct_wcs
@@ -486,18 +487,22 @@ def joint_corrections(
 def corrected_wcs(
     before: Mapping[int, WCS], wcslin: WCS, correction: Affine, fitgeom: str
 ) -> dict[int, WCS]:
-    """Return new WCS objects of every chip, corrected by ``correction``."""
-    return {
-        ext: correct_wcs(
-            wcs,
-            wcslin,
-            correction.matrix,
-            correction.shift,
-            center=correction.center,
-            fitgeom=fitgeom,
-        )
-        for ext, wcs in before.items()
-    }
+    """Return new WCS objects of every chip, corrected by ``correction``.
+
+    FITS chips are corrected by :func:`subpixal_jax.wcs.correct_wcs` (CRVAL
+    and CD; distortion kept); gWCS chips (:class:`subpixal_jax.jwst.SkyWCS`)
+    get a tangent-plane correction the JWST pipeline reads.
+    """
+    out = {}
+    for ext, wcs in before.items():
+        args = (wcslin, correction.matrix, correction.shift)
+        if isinstance(wcs, SkyWCS):
+            out[ext] = wcs.corrected(*args, center=correction.center)
+        else:
+            out[ext] = correct_wcs(
+                wcs, *args, center=correction.center, fitgeom=fitgeom
+            )
+    return out
 
 
 def irmse(fit: LinearFit, exposure: Exposure, wcslin: WCS) -> float:
