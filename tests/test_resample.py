@@ -7,7 +7,12 @@ from astropy.wcs import WCS
 from scipy.special import erf
 
 from subpixal_jax.images import read_exposure
-from subpixal_jax.resample import DrizzleResample, Resample, chip_pixmap
+from subpixal_jax.resample import (
+    DrizzleResample,
+    Resample,
+    _focal_homography,
+    chip_pixmap,
+)
 
 RA0, DEC0 = 6.02, -72.08
 SCALE = 0.05 / 3600.0
@@ -299,3 +304,65 @@ def test_bad_input(scene, exposures):
     nan[1].data[:] = np.nan
     with pytest.raises(ValueError, match="no valid"):
         DrizzleResample([nan, exposures[0]])
+
+
+def _acs_wcs():
+    """The real ACS/WFC chip WCS astropy ships: TAN-SIP order 4, D2IM, NPOL."""
+    import importlib.resources
+
+    ref = (
+        importlib.resources.files("astropy.wcs.tests") / "data" / "dist_lookup.fits.gz"
+    )
+    with importlib.resources.as_file(ref) as path, fits.open(path) as hdul:
+        return WCS(hdul[1].header, hdul)
+
+
+def _grid_for(w, rot_deg=20.0, ctype=("RA---TAN", "DEC--TAN"), offset=0.01):
+    out = WCS(naxis=2)
+    out.wcs.ctype = list(ctype)
+    out.wcs.crval = w.wcs.crval + np.array([offset, offset])
+    out.wcs.crpix = [2100.0, 2100.0]
+    t = np.radians(rot_deg)
+    out.wcs.cd = SCALE * np.array([[-np.cos(t), np.sin(t)], [np.sin(t), np.cos(t)]])
+    out.wcs.set()
+    return out
+
+
+def test_fast_pixmap_matches_full_evaluation_on_acs_chip():
+    w = _acs_wcs()
+    assert w.sip is not None
+    assert w.det2im1 is not None
+    assert w.cpdis1 is not None
+    out = _grid_for(w)
+    shape = (2048, 4096)  # the chip's real domain (CRPIX 2048, 1024), not NAXIS
+    fast = chip_pixmap(w, out, shape)
+    assert fast.shape == (*shape, 2)
+    # The exact map on a lattice of rows/columns (covering edges and corners).
+    ys = np.r_[0 : shape[0] : 61, shape[0] - 1]
+    xs = np.r_[0 : shape[1] : 53, shape[1] - 1]
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    ra, dec = w.all_pix2world(xx.ravel(), yy.ravel(), 0)
+    ex, ey = out.all_world2pix(ra, dec, 0)
+    got = fast[yy, xx].reshape(-1, 2)
+    err = np.hypot(got[:, 0] - ex, got[:, 1] - ey)
+    assert err.max() < 1e-7  # measured 6e-9 px
+    # NPOL/D2IM are really in there: dropping them moves pixels by > 0.01 px
+    sip_only = w.deepcopy()
+    sip_only.cpdis1 = sip_only.cpdis2 = sip_only.det2im1 = None
+    plain = chip_pixmap(sip_only, out, (64, 64))
+    assert np.abs(plain - fast[:64, :64]).max() > 1e-2
+
+
+def test_fast_pixmap_falls_back_for_non_gnomonic_output():
+    w = _acs_wcs()
+    out = _grid_for(w, ctype=("RA---SIN", "DEC--SIN"), offset=0.5)
+    shape = (8, 4096)
+    assert _focal_homography(w, out, shape) is None
+    fast = chip_pixmap(w, out, shape)
+    np.testing.assert_array_equal(fast, chip_pixmap(w, out, shape, exact=True))
+    # and a small TAN case agrees with the exact path too
+    shape = (40, 50)
+    out = _grid_for(w, rot_deg=-35.0)
+    np.testing.assert_allclose(
+        chip_pixmap(w, out, shape), chip_pixmap(w, out, shape, exact=True), atol=1e-8
+    )
