@@ -39,9 +39,11 @@ from scipy import ndimage
 
 from subpixal_jax.core.batch import (
     CUTOUT_BUCKETS,
+    REFERENCE_BUCKETS,
     CutoutBatch,
     cutout_bucket,
     source_bucket,
+    source_chunk,
 )
 from subpixal_jax.core.blot import blot_scale
 from subpixal_jax.errors import NoOverlapError, PartialOverlapError
@@ -1098,13 +1100,18 @@ def build_batches(
     image_index: Sequence[int],
     *,
     single: bool = False,
+    chunk: int | None = None,
 ) -> list[tuple[CutoutBatch, np.ndarray]]:
     """Pad source cutouts into a few bucket-shaped batches.
 
-    Sources are grouped by ``(cutout_bucket(max image side),
-    cutout_bucket(max reference side))``; each group becomes one batch of
-    square ``(B, B)`` image and ``(BR, BR)`` reference cutouts with the source
-    count padded to `source_bucket`. Real data sit at the low-index corner.
+    Sources are grouped by ``cutout_bucket(max image side)``; each group is
+    cut into batches of square ``(B, B)`` image and ``(BR, BR)`` reference
+    cutouts, ``BR`` the `~subpixal_jax.core.batch.REFERENCE_BUCKETS` side
+    that holds the group's largest reference cutout, each batch holding a
+    fixed number of sources, `~subpixal_jax.core.batch.source_chunk` of
+    ``B`` (the last batch of a group padded to it). So the compiled kernel
+    shapes are about one per image-cutout bucket, however many sources
+    there are. Real data sit at the low-index corner.
 
     Padding is harmless by construction: padded pixels are invalid and zero
     (variance 1); padded half-grid nodes of a real source are set to
@@ -1120,8 +1127,14 @@ def build_batches(
     image_index : sequence of int
         Index of the exposure each cutout belongs to (same length).
     single : bool, optional
-        Put every cutout into one batch of the largest bucket shapes (for
+        Put every cutout into one batch of the largest bucket shapes, its
+        source count padded to `~subpixal_jax.core.batch.source_bucket` (for
         kernels that need all sources of an image together).
+    chunk : int, optional
+        Sources per batch instead of `~subpixal_jax.core.batch.source_chunk`
+        (e.g. larger on a GPU). 0: the former layout, one batch per
+        ``(image bucket, reference bucket)`` pair with the source count
+        padded to `~subpixal_jax.core.batch.source_bucket`.
 
     Returns
     -------
@@ -1142,17 +1155,36 @@ def build_batches(
     ):
         msg = f"image_index must be {len(cutouts)} integers, got {image_index!r}"
         raise ValueError(msg)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, c in enumerate(cutouts):
-        key = (cutout_bucket(max(c.shape)), cutout_bucket(max(c.ref_shape)))
-        groups.setdefault(key, []).append(i)
-    if single and groups:
-        largest = (max(k[0] for k in groups), max(k[1] for k in groups))
-        groups = {largest: list(range(len(cutouts)))}
+    if chunk is not None and (not isinstance(chunk, int | np.integer) or chunk < 0):
+        msg = f"chunk must be a non-negative number of sources, got {chunk!r}"
+        raise ValueError(msg)
+    pieces = []
+    if single or chunk == 0:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(cutouts):
+            key = (cutout_bucket(max(c.shape)), cutout_bucket(max(c.ref_shape)))
+            groups.setdefault(key, []).append(i)
+        if single and groups:
+            largest = (max(k[0] for k in groups), max(k[1] for k in groups))
+            groups = {largest: list(range(len(cutouts)))}
+        for (side, rside), members in sorted(groups.items()):
+            pieces.append((side, rside, members, source_bucket(len(members))))
+    else:
+        # Group by image side only: the kernels' cost follows the image
+        # cutout (blot nodes, FFTs), while a larger reference cutout costs
+        # only memory, so every group shares one coarse reference side.
+        by_side: dict[int, list[int]] = {}
+        for i, c in enumerate(cutouts):
+            by_side.setdefault(cutout_bucket(max(c.shape)), []).append(i)
+        for side, members in sorted(by_side.items()):
+            rmax = max(max(cutouts[i].ref_shape) for i in members)
+            rside = cutout_bucket(rmax, REFERENCE_BUCKETS)
+            n = int(chunk) if chunk else source_chunk(side)
+            for start in range(0, len(members), n):
+                pieces.append((side, rside, members[start : start + n], n))
 
     batches = []
-    for (side, rside), members in sorted(groups.items()):
-        n = source_bucket(len(members))
+    for side, rside, members, n in pieces:
         image = np.zeros((n, side, side), np.float32)
         image_valid = np.zeros((n, side, side), bool)
         variance = np.ones((n, side, side), np.float32)

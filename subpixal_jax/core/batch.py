@@ -27,8 +27,25 @@ import jax
 #: 2, 3 and 5 only, so the FFT lengths derived from them stay fast.
 CUTOUT_BUCKETS: tuple[int, ...] = (16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256)
 
+#: Side lengths that reference cutouts are padded to in measurement batches:
+#: coarser than `CUTOUT_BUCKETS`, so that one image-cutout bucket needs one
+#: reference side (the kernels never take FFTs of reference cutouts).
+REFERENCE_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256)
+
 #: Smallest padded number of sources; larger counts go to the next power of 2.
 MIN_SOURCE_BUCKET = 32
+
+#: Most sources in one measurement call (the CPU sweet spot is 32-128 sources
+#: per jitted call; a call over thousands is 3-8x slower per source).
+MAX_SOURCE_CHUNK = 128
+
+#: Fewest sources in one measurement call (a multiple of any local device
+#: count up to 8, so that chunks still shard evenly).
+MIN_SOURCE_CHUNK = 8
+
+#: Padded pixels per measurement call that `source_chunk` aims at: 128
+#: sources of 48x48 cutouts (larger cutouts get fewer sources per call).
+CHUNK_PIXELS = MAX_SOURCE_CHUNK * 48 * 48
 
 #: Order of the four half-pixel shifts ``(a, b)`` along the blot axis.
 HALF_PIXEL_SHIFTS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (0, 1), (1, 1))
@@ -97,6 +114,39 @@ def source_bucket(count: int, minimum: int = MIN_SOURCE_BUCKET) -> int:
     if count <= minimum:
         return minimum
     return 1 << math.ceil(math.log2(count))
+
+
+def source_chunk(side: int) -> int:
+    """Return the fixed number of sources per measurement call for a bucket.
+
+    Every batch of one cutout bucket is padded to this many sources, so the
+    number of compiled kernel shapes is bounded by the number of cutout
+    buckets, whatever the source counts. Larger cutouts get fewer sources
+    per call, which bounds the memory of a call (the half-pixel pixmaps of a
+    256x256 cutout take 4 MB) and the work wasted on padding.
+
+    Parameters
+    ----------
+    side : int
+        Padded side of the bucket's cutouts (pixels).
+
+    Returns
+    -------
+    int
+        The largest power of two with ``n * side**2 <= CHUNK_PIXELS``,
+        clipped to ``[MIN_SOURCE_CHUNK, MAX_SOURCE_CHUNK]``.
+
+    Examples
+    --------
+    >>> source_chunk(24), source_chunk(64), source_chunk(128), source_chunk(256)
+    (128, 64, 16, 8)
+    """
+    side = int(side)
+    if side < 1:
+        msg = f"side must be a positive number of pixels, got {side}"
+        raise ValueError(msg)
+    n = 1 << max(0, math.floor(math.log2(CHUNK_PIXELS / side**2)))
+    return min(MAX_SOURCE_CHUNK, max(MIN_SOURCE_CHUNK, n))
 
 
 class CutoutBatch(NamedTuple):
