@@ -47,6 +47,7 @@ from subpixal_jax.core.batch import (
 )
 from subpixal_jax.core.blot import blot_scale
 from subpixal_jax.errors import NoOverlapError, PartialOverlapError
+from subpixal_jax.resample import _apply_homography, _focal_homography
 
 __all__ = [
     "PIXMAP_OUTSIDE",
@@ -679,16 +680,19 @@ def _pixmap_nodes(
     shapes: np.ndarray,
     *,
     exact: bool,
+    chip_shape: tuple[int, int] | None = None,
 ) -> list[np.ndarray]:
     """Half-grid pixmaps (absolute reference pixels) of every cutout of a chip.
 
     ``exact``: every node goes through ``all_pix2world`` and the reference
     inverse. Otherwise only the distortion (``pix2foc``: SIP, D2IM and NPOL
-    lookup tables, cheap) is evaluated at every node; the remaining smooth map
-    focal plane -> sky -> reference pixel (a plane-to-plane gnomonic
-    reprojection, i.e. nearly a homography) is evaluated exactly at a 3x3
-    subset of each cutout's nodes and represented by a quadratic least-squares
-    polynomial in the focal coordinates.
+    lookup tables, cheap) is evaluated at every node; the remaining map
+    focal plane -> sky -> reference pixel is a plane-to-plane gnomonic
+    reprojection, exactly a homography, fitted once per chip and verified
+    (as in :func:`subpixal_jax.resample.chip_pixmap`). Where that check
+    fails, it is evaluated exactly at a 3x3 subset of each cutout's nodes and
+    represented by a quadratic least-squares polynomial in the focal
+    coordinates.
     """
     counts = (2 * shapes[:, 0] + 1) * (2 * shapes[:, 1] + 1)
     bounds = np.concatenate([[0], np.cumsum(counts)])
@@ -704,6 +708,13 @@ def _pixmap_nodes(
         return [ref[bounds[k] : bounds[k + 1]] for k in range(len(shapes))]
 
     foc = chip_wcs.pix2foc(nodes, 0)
+    if chip_shape is None:  # fit over the nodes' extent from the origin
+        top = np.ceil(nodes.max(axis=0)).astype(int) + 1
+        chip_shape = (max(int(top[1]), 2), max(int(top[0]), 2))
+    h = _focal_homography(chip_wcs, ref_wcs, chip_shape)
+    if h is not None:
+        ref = _apply_homography(h, foc[:, 0], foc[:, 1])
+        return [ref[bounds[k] : bounds[k + 1]] for k in range(len(shapes))]
     # 3x3 coarse subset: half-grid rows 0, h, 2h and columns 0, w, 2w.
     frac = np.arange(_COARSE_NODES)
     ncol = 2 * shapes[:, 1] + 1
@@ -810,9 +821,9 @@ def create_cutouts(
         half-pixel blot shifts.
     exact_pixmaps : bool, optional
         Evaluate the full WCS chain at every pixmap node instead of the fast
-        path (exact distortion at every node, smooth reprojection from a
-        quadratic fit on 3x3 nodes per cutout). The two agree to ~1e-8 px on
-        real ACS/WFC headers; the fast path is ~3-4x quicker.
+        path (exact distortion at every node, then the focal plane -> sky ->
+        reference reprojection as one verified homography per chip). The two
+        agree to ~1e-8 px on real ACS/WFC headers.
 
     Returns
     -------
@@ -1028,7 +1039,9 @@ def _chip_cutouts(
     # Stage 3: pixmaps of the survivors (one WCS call for all of them).
     shapes = np.array([c["image"].shape for c in kept], dtype=np.int64)
     blcs = np.array([c["blc"] for c in kept], dtype=np.int64)
-    maps = _pixmap_nodes(chip.wcs, ref_wcs, blcs, shapes, exact=exact_pixmaps)
+    maps = _pixmap_nodes(
+        chip.wcs, ref_wcs, blcs, shapes, exact=exact_pixmaps, chip_shape=(ny, nx)
+    )
 
     predicted = []
     area = np.empty(len(kept))
