@@ -15,7 +15,7 @@ Compilations are counted with :func:`subpixal_jax.compilation.count_compilations
 Run::
 
     .venv/bin/python benchmarks/bench_gpu.py              # demo size
-    .venv/bin/python benchmarks/bench_gpu.py --quick      # 2 exposures, 256x512
+    .venv/bin/python benchmarks/bench_gpu.py --quick      # 4 exposures, 256x512
     .venv/bin/python benchmarks/bench_gpu.py --chip-shape 2048 4096   # ACS-size
 
 On a GPU machine install the CUDA wheels first (``pip install -e .[gpu]``);
@@ -109,11 +109,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fitgeom", default="general")
     parser.add_argument(
-        "--quick", action="store_true", help="2 exposures of 2 chips of 256x512"
+        "--quick", action="store_true", help="4 exposures of 2 chips of 256x512"
     )
     args = parser.parse_args()
     if args.quick:
-        args.chip_shape, args.n_exposures = (256, 512), 2
+        args.chip_shape, args.n_exposures = (256, 512), 4
 
     with tempfile.TemporaryDirectory() as tmp:
         enable_compilation_cache(f"{tmp}/jax-cache")
