@@ -43,7 +43,7 @@ STAGES = (
     ("resampler set-up (drizzle all)", None, "setup", 0),
     ("  chip pixel maps", resample_module, "chip_pixmap", 1),
     ("  drizzle exposures (add_image)", DrizzleResample, "_drizzle_exposure", 1),
-    ("catalog (photutils)", PhotutilsCatalog, "set_image", 0),
+    ("catalog detection (photutils)", PhotutilsCatalog, "_detect", 0),
     ("cutouts + pixmap nodes", align, "create_cutouts", 0),
     ("measure displacements", align, "measure_displacements", 0),
     ("  build batches", align, "build_batches", 1),
