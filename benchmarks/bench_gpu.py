@@ -9,7 +9,9 @@ Simulates the demo data set (default 4 exposures x 2 chips of 512x1024,
 * **warm**: same shapes again, nothing compiled.
 
 Stage times come from wrapping the library's stage functions for the
-duration of the runs (nested stages are indented; a parent includes them).
+duration of the runs. Indented stages are nested: chip pixel maps are made
+inside "drizzle exposures", which runs in the set-up, in every re-drizzle
+and in cosmic-ray rejection, so those rows overlap.
 Compilations are counted with :func:`subpixal_jax.compilation.count_compilations`.
 
 Run::
@@ -42,7 +44,7 @@ from subpixal_jax.simulate import simulate_exposures
 STAGES = (
     ("resampler set-up (drizzle all)", None, "setup", 0),
     ("  chip pixel maps", resample_module, "chip_pixmap", 1),
-    ("  drizzle exposures (add_image)", DrizzleResample, "_drizzle_exposure", 1),
+    ("  drizzle exposures (+ maps)", DrizzleResample, "_drizzle_exposure", 1),
     ("catalog detection (photutils)", PhotutilsCatalog, "_detect", 0),
     ("cutouts + pixmap nodes", align, "create_cutouts", 0),
     ("measure displacements", align, "measure_displacements", 0),
