@@ -39,12 +39,15 @@ from scipy import ndimage
 
 from subpixal_jax.core.batch import (
     CUTOUT_BUCKETS,
+    REFERENCE_BUCKETS,
     CutoutBatch,
     cutout_bucket,
     source_bucket,
+    source_chunk,
 )
 from subpixal_jax.core.blot import blot_scale
 from subpixal_jax.errors import NoOverlapError, PartialOverlapError
+from subpixal_jax.resample import _apply_homography, _focal_homography
 
 __all__ = [
     "PIXMAP_OUTSIDE",
@@ -677,16 +680,19 @@ def _pixmap_nodes(
     shapes: np.ndarray,
     *,
     exact: bool,
+    chip_shape: tuple[int, int] | None = None,
 ) -> list[np.ndarray]:
     """Half-grid pixmaps (absolute reference pixels) of every cutout of a chip.
 
     ``exact``: every node goes through ``all_pix2world`` and the reference
     inverse. Otherwise only the distortion (``pix2foc``: SIP, D2IM and NPOL
-    lookup tables, cheap) is evaluated at every node; the remaining smooth map
-    focal plane -> sky -> reference pixel (a plane-to-plane gnomonic
-    reprojection, i.e. nearly a homography) is evaluated exactly at a 3x3
-    subset of each cutout's nodes and represented by a quadratic least-squares
-    polynomial in the focal coordinates.
+    lookup tables, cheap) is evaluated at every node; the remaining map
+    focal plane -> sky -> reference pixel is a plane-to-plane gnomonic
+    reprojection, exactly a homography, fitted once per chip and verified
+    (as in :func:`subpixal_jax.resample.chip_pixmap`). Where that check
+    fails, it is evaluated exactly at a 3x3 subset of each cutout's nodes and
+    represented by a quadratic least-squares polynomial in the focal
+    coordinates.
     """
     counts = (2 * shapes[:, 0] + 1) * (2 * shapes[:, 1] + 1)
     bounds = np.concatenate([[0], np.cumsum(counts)])
@@ -702,6 +708,13 @@ def _pixmap_nodes(
         return [ref[bounds[k] : bounds[k + 1]] for k in range(len(shapes))]
 
     foc = chip_wcs.pix2foc(nodes, 0)
+    if chip_shape is None:  # fit over the nodes' extent from the origin
+        top = np.ceil(nodes.max(axis=0)).astype(int) + 1
+        chip_shape = (max(int(top[1]), 2), max(int(top[0]), 2))
+    h = _focal_homography(chip_wcs, ref_wcs, chip_shape)
+    if h is not None:
+        ref = _apply_homography(h, foc[:, 0], foc[:, 1])
+        return [ref[bounds[k] : bounds[k + 1]] for k in range(len(shapes))]
     # 3x3 coarse subset: half-grid rows 0, h, 2h and columns 0, w, 2w.
     frac = np.arange(_COARSE_NODES)
     ncol = 2 * shapes[:, 1] + 1
@@ -808,9 +821,9 @@ def create_cutouts(
         half-pixel blot shifts.
     exact_pixmaps : bool, optional
         Evaluate the full WCS chain at every pixmap node instead of the fast
-        path (exact distortion at every node, smooth reprojection from a
-        quadratic fit on 3x3 nodes per cutout). The two agree to ~1e-8 px on
-        real ACS/WFC headers; the fast path is ~3-4x quicker.
+        path (exact distortion at every node, then the focal plane -> sky ->
+        reference reprojection as one verified homography per chip). The two
+        agree to ~1e-8 px on real ACS/WFC headers.
 
     Returns
     -------
@@ -1026,7 +1039,9 @@ def _chip_cutouts(
     # Stage 3: pixmaps of the survivors (one WCS call for all of them).
     shapes = np.array([c["image"].shape for c in kept], dtype=np.int64)
     blcs = np.array([c["blc"] for c in kept], dtype=np.int64)
-    maps = _pixmap_nodes(chip.wcs, ref_wcs, blcs, shapes, exact=exact_pixmaps)
+    maps = _pixmap_nodes(
+        chip.wcs, ref_wcs, blcs, shapes, exact=exact_pixmaps, chip_shape=(ny, nx)
+    )
 
     predicted = []
     area = np.empty(len(kept))
@@ -1098,13 +1113,18 @@ def build_batches(
     image_index: Sequence[int],
     *,
     single: bool = False,
+    chunk: int | None = None,
 ) -> list[tuple[CutoutBatch, np.ndarray]]:
     """Pad source cutouts into a few bucket-shaped batches.
 
-    Sources are grouped by ``(cutout_bucket(max image side),
-    cutout_bucket(max reference side))``; each group becomes one batch of
-    square ``(B, B)`` image and ``(BR, BR)`` reference cutouts with the source
-    count padded to `source_bucket`. Real data sit at the low-index corner.
+    Sources are grouped by ``cutout_bucket(max image side)``; each group is
+    cut into batches of square ``(B, B)`` image and ``(BR, BR)`` reference
+    cutouts, ``BR`` the `~subpixal_jax.core.batch.REFERENCE_BUCKETS` side
+    that holds the group's largest reference cutout, each batch holding a
+    fixed number of sources, `~subpixal_jax.core.batch.source_chunk` of
+    ``B`` (the last batch of a group padded to it). So the compiled kernel
+    shapes are about one per image-cutout bucket, however many sources
+    there are. Real data sit at the low-index corner.
 
     Padding is harmless by construction: padded pixels are invalid and zero
     (variance 1); padded half-grid nodes of a real source are set to
@@ -1120,8 +1140,14 @@ def build_batches(
     image_index : sequence of int
         Index of the exposure each cutout belongs to (same length).
     single : bool, optional
-        Put every cutout into one batch of the largest bucket shapes (for
+        Put every cutout into one batch of the largest bucket shapes, its
+        source count padded to `~subpixal_jax.core.batch.source_bucket` (for
         kernels that need all sources of an image together).
+    chunk : int, optional
+        Sources per batch instead of `~subpixal_jax.core.batch.source_chunk`
+        (e.g. larger on a GPU). 0: the former layout, one batch per
+        ``(image bucket, reference bucket)`` pair with the source count
+        padded to `~subpixal_jax.core.batch.source_bucket`.
 
     Returns
     -------
@@ -1142,17 +1168,36 @@ def build_batches(
     ):
         msg = f"image_index must be {len(cutouts)} integers, got {image_index!r}"
         raise ValueError(msg)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, c in enumerate(cutouts):
-        key = (cutout_bucket(max(c.shape)), cutout_bucket(max(c.ref_shape)))
-        groups.setdefault(key, []).append(i)
-    if single and groups:
-        largest = (max(k[0] for k in groups), max(k[1] for k in groups))
-        groups = {largest: list(range(len(cutouts)))}
+    if chunk is not None and (not isinstance(chunk, int | np.integer) or chunk < 0):
+        msg = f"chunk must be a non-negative number of sources, got {chunk!r}"
+        raise ValueError(msg)
+    pieces = []
+    if single or chunk == 0:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(cutouts):
+            key = (cutout_bucket(max(c.shape)), cutout_bucket(max(c.ref_shape)))
+            groups.setdefault(key, []).append(i)
+        if single and groups:
+            largest = (max(k[0] for k in groups), max(k[1] for k in groups))
+            groups = {largest: list(range(len(cutouts)))}
+        for (side, rside), members in sorted(groups.items()):
+            pieces.append((side, rside, members, source_bucket(len(members))))
+    else:
+        # Group by image side only: the kernels' cost follows the image
+        # cutout (blot nodes, FFTs), while a larger reference cutout costs
+        # only memory, so every group shares one coarse reference side.
+        by_side: dict[int, list[int]] = {}
+        for i, c in enumerate(cutouts):
+            by_side.setdefault(cutout_bucket(max(c.shape)), []).append(i)
+        for side, members in sorted(by_side.items()):
+            rmax = max(max(cutouts[i].ref_shape) for i in members)
+            rside = cutout_bucket(rmax, REFERENCE_BUCKETS)
+            n = int(chunk) if chunk else source_chunk(side)
+            for start in range(0, len(members), n):
+                pieces.append((side, rside, members[start : start + n], n))
 
     batches = []
-    for (side, rside), members in sorted(groups.items()):
-        n = source_bucket(len(members))
+    for side, rside, members, n in pieces:
         image = np.zeros((n, side, side), np.float32)
         image_valid = np.zeros((n, side, side), bool)
         variance = np.ones((n, side, side), np.float32)

@@ -17,11 +17,13 @@ drizzle at all, and a WCS update of exposure *i* re-drizzles only exposure *i*.
 Memory: besides the float64 sums ``S`` and ``W``, every exposure keeps its
 drizzled image and weight as two float32 output-sized arrays, i.e. 8 bytes per
 output pixel per exposure (about 40 MB per exposure for a 2200² grid): fine
-for tens of exposures.
+for tens of exposures. Each chip's pixel map is cached as well (16 bytes per
+input pixel, 134 MB for a 4096x2048 chip), so that drizzling, cosmic-ray
+rejection and WCS updates evaluate the WCS once per chip.
 
 WCS objects are turned into pixel maps in exactly one place,
-:func:`chip_pixmap` (``drizzle.utils.calc_pixmap``); drizzle and blot only see
-arrays.
+:func:`chip_pixmap`; drizzle and blot only see arrays. A WCS correction from
+the alignment loop can move a cached map directly (:func:`affine_pixmap`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from scipy import ndimage
 from subpixal_jax.images import Chip, Exposure, read_exposure
 from subpixal_jax.wcs import celestial_frame, frame_label
 
-__all__ = ["DrizzleResample", "Resample", "chip_pixmap"]
+__all__ = ["DrizzleResample", "Resample", "affine_pixmap", "chip_pixmap"]
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +98,20 @@ class Resample(Protocol):
         """Return ``(sci, wht)`` of all exposures except exposure *i*."""
         ...
 
-    def update_wcs(self, i: int, wcs: Mapping[int, WCS]) -> None:
-        """Replace exposure *i*'s chip WCSs and update the combination."""
+    def update_wcs(
+        self, i: int, wcs: Mapping[int, WCS], *, affine: tuple | None = None
+    ) -> None:
+        """Replace exposure *i*'s chip WCSs and update the combination.
+
+        ``affine=(matrix, shift, center)``, when given, is the output-frame
+        correction that produced ``wcs`` (see :func:`affine_pixmap`).
+        """
         ...
 
 
-def chip_pixmap(chip_wcs: WCS, output_wcs: WCS, shape: tuple[int, int]) -> np.ndarray:
+def chip_pixmap(
+    chip_wcs: WCS, output_wcs: WCS, shape: tuple[int, int], *, exact: bool = False
+) -> np.ndarray:
     """Map every pixel of a chip to the output grid (the only WCS touch point).
 
     Parameters
@@ -112,6 +122,9 @@ def chip_pixmap(chip_wcs: WCS, output_wcs: WCS, shape: tuple[int, int]) -> np.nd
         The output grid's WCS.
     shape : tuple of int
         ``(ny, nx)`` of the chip.
+    exact : bool, optional
+        Evaluate the full sky round trip at every pixel
+        (``drizzle.utils.calc_pixmap``) instead of the fast path.
 
     Returns
     -------
@@ -119,6 +132,19 @@ def chip_pixmap(chip_wcs: WCS, output_wcs: WCS, shape: tuple[int, int]) -> np.nd
         ``(ny, nx, 2)`` float64: the 0-based output ``x, y`` of each chip pixel
         centre. Used both to drizzle the chip forward and to blot an output
         image back onto the chip.
+
+    Notes
+    -----
+    The map is ``G(foc(p))``: astropy's ``pix2foc`` (SIP, D2IM and NPOL,
+    exact at every pixel, since D2IM tables have one node per pixel) followed
+    by the sky round trip ``G`` from the chip's focal plane to the output
+    pixels. For two gnomonic (TAN) WCSs ``G`` is a central projection between
+    two tangent planes, i.e. exactly a plane homography, whatever the
+    frames' relative rotation; it is fitted on a coarse grid of exact sky
+    round trips and checked there and on a second, offset grid. A 4096x2048
+    ACS/WFC chip then takes about 1 s instead of 7.4 s, agreeing with the
+    full evaluation to about 1e-9 px. When the check fails (a non-TAN or
+    distorted output grid) the full evaluation is used.
 
     Examples
     --------
@@ -131,7 +157,191 @@ def chip_pixmap(chip_wcs: WCS, output_wcs: WCS, shape: tuple[int, int]) -> np.nd
     >>> chip_pixmap(w, v, (2, 2))[0, 0].round(6) + 0.0
     array([2., 0.])
     """
-    return calc_pixmap(chip_wcs, output_wcs, shape=shape)
+    ny, nx = (int(n) for n in shape)
+    if exact:
+        return calc_pixmap(chip_wcs, output_wcs, shape=(ny, nx))
+    h = _focal_homography(chip_wcs, output_wcs, (ny, nx))
+    if h is None:
+        return calc_pixmap(chip_wcs, output_wcs, shape=(ny, nx))
+    out = np.empty((ny, nx, 2))
+    x = np.arange(nx, dtype=np.float64)
+    rows = max(1, _PIXMAP_BLOCK // max(nx, 1))
+    for r0 in range(0, ny, rows):
+        yy, xx = np.meshgrid(
+            np.arange(r0, min(r0 + rows, ny), dtype=float), x, indexing="ij"
+        )
+        fx, fy = chip_wcs.pix2foc(xx.ravel(), yy.ravel(), 0)
+        out[r0 : r0 + rows] = _apply_homography(h, fx, fy).reshape(*yy.shape, 2)
+    return out
+
+
+#: Pixels per block of the fast pixel map (bounds its temporaries to ~50 MB).
+_PIXMAP_BLOCK = 1 << 20
+#: Nodes per axis of the grid on which the focal-plane homography is fitted.
+_HOMOGRAPHY_NODES = 9
+#: Largest disagreement (px) with the exact sky round trip the fast map accepts.
+_HOMOGRAPHY_TOL = 1e-7
+
+
+def _apply_homography(h: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``(..., 2)`` image of the points ``x, y`` under the 3x3 homography ``h``."""
+    w = h[2, 0] * x + h[2, 1] * y + h[2, 2]
+    return np.stack(
+        [
+            (h[0, 0] * x + h[0, 1] * y + h[0, 2]) / w,
+            (h[1, 0] * x + h[1, 1] * y + h[1, 2]) / w,
+        ],
+        axis=-1,
+    )
+
+
+def _focal_round_trip(chip_wcs, output_wcs, fx, fy) -> np.ndarray:
+    """Exact output pixels of chip focal-plane points (0-based)."""
+    ra, dec = chip_wcs.wcs_pix2world(fx, fy, 0)
+    ox, oy = output_wcs.all_world2pix(ra, dec, 0)
+    return np.stack([ox, oy], axis=-1)
+
+
+def _focal_homography(chip_wcs, output_wcs, shape) -> np.ndarray | None:
+    """Homography from the chip's focal plane to output pixels, or None.
+
+    Fitted (direct linear transform, normalised coordinates) on a coarse
+    grid of exact sky round trips over the chip's focal-plane footprint and
+    accepted only if it reproduces them, and those of an offset grid, to
+    `_HOMOGRAPHY_TOL` pixels.
+    """
+    ny, nx = shape
+    try:
+        u = np.linspace(-0.5, nx - 0.5, _HOMOGRAPHY_NODES)
+        v = np.linspace(-0.5, ny - 0.5, _HOMOGRAPHY_NODES)
+        px, py = (a.ravel() for a in np.meshgrid(u, v))
+        fx, fy = chip_wcs.pix2foc(px, py, 0)
+        target = _focal_round_trip(chip_wcs, output_wcs, fx, fy)
+    except Exception:  # anything odd: use the exact path
+        log.debug("chip_pixmap: no focal-plane round trip; exact evaluation")
+        return None
+    if not np.all(np.isfinite(target)):
+        return None
+    # Normalise both planes to O(1) so that the 8x8 system is well conditioned.
+    src = np.stack([fx, fy], axis=-1)
+    s0, ss = src.mean(0), max(float(np.ptp(src, 0).max()), 1.0)
+    t0, ts = target.mean(0), max(float(np.ptp(target, 0).max()), 1.0)
+    a = (src - s0) / ss
+    b = (target - t0) / ts
+    one, zero = np.ones(len(a)), np.zeros(len(a))
+    rows = np.concatenate(
+        [
+            np.stack(
+                [
+                    a[:, 0],
+                    a[:, 1],
+                    one,
+                    zero,
+                    zero,
+                    zero,
+                    -a[:, 0] * b[:, 0],
+                    -a[:, 1] * b[:, 0],
+                ],
+                axis=1,
+            ),
+            np.stack(
+                [
+                    zero,
+                    zero,
+                    zero,
+                    a[:, 0],
+                    a[:, 1],
+                    one,
+                    -a[:, 0] * b[:, 1],
+                    -a[:, 1] * b[:, 1],
+                ],
+                axis=1,
+            ),
+        ]
+    )
+    sol = np.linalg.lstsq(rows, np.concatenate([b[:, 0], b[:, 1]]), rcond=None)[0]
+    hn = np.append(sol, 1.0).reshape(3, 3)
+    pre = np.array([[1 / ss, 0, -s0[0] / ss], [0, 1 / ss, -s0[1] / ss], [0, 0, 1]])
+    post = np.array([[ts, 0, t0[0]], [0, ts, t0[1]], [0, 0, 1]])
+    h = post @ hn @ pre
+    # Check on the fit nodes and on a grid offset from them by half a cell.
+    du, dv = 0.5 * (u[1] - u[0]), 0.5 * (v[1] - v[0])
+    cx, cy = (a.ravel() for a in np.meshgrid(u[:-1] + du, v[:-1] + dv))
+    gx, gy = chip_wcs.pix2foc(cx, cy, 0)
+    check = _focal_round_trip(chip_wcs, output_wcs, gx, gy)
+    err = max(
+        float(np.max(np.abs(_apply_homography(h, fx, fy) - target))),
+        float(np.max(np.abs(_apply_homography(h, gx, gy) - check))),
+    )
+    if not err <= _HOMOGRAPHY_TOL:
+        log.debug("chip_pixmap: homography off by %.2g px; exact evaluation", err)
+        return None
+    return h
+
+
+def affine_pixmap(
+    pixmap: np.ndarray, matrix, shift, center, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    r"""Pixel map after an affine correction measured in the output frame.
+
+    The correction is the fit model of :func:`subpixal_jax.wcs.correct_wcs`
+    with ``wcslin`` the output grid: :math:`T(u) = M (u - c) + c + s` maps
+    where a source *is* to where the old WCS *predicts* it, and the corrected
+    WCS maps a chip pixel to :math:`T^{-1}` of its old output position. So the
+    new map is
+
+    .. math:: p' = M^{-1} (p - c - s) + c.
+
+    This is the exact composite; ``correct_wcs`` can only represent it to a
+    second-order tangent-plane term (below 1e-6 px over an ACS/WFC chip for
+    a 0.05 deg, 2 px, 1e-4 scale correction, measured in
+    ``tests/test_resample.py``).
+
+    Parameters
+    ----------
+    pixmap : numpy.ndarray
+        ``(..., 2)`` output ``x, y`` (0-based), e.g. from :func:`chip_pixmap`.
+    matrix : array_like, shape (2, 2)
+        ``M`` (tweakwcs orientation, ``x' = M[0,0] u + M[0,1] v``).
+    shift : array_like, shape (2,)
+        ``s``, output pixels, about ``center``.
+    center : array_like, shape (2,)
+        ``c``, the 0-based output pixel about which ``M`` acts (the loop uses
+        ``output_wcs.wcs.crpix - 1``).
+    out : numpy.ndarray, optional
+        Where to write the result (may be ``pixmap`` itself).
+
+    Returns
+    -------
+    numpy.ndarray
+        The updated map, float64, same shape as ``pixmap``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = np.array([[[10.0, 20.0]]])
+    >>> affine_pixmap(p, np.eye(2), [1.0, -2.0], [0.0, 0.0])[0, 0]
+    array([ 9., 22.])
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    s = np.asarray(shift, dtype=np.float64)
+    c = np.asarray(center, dtype=np.float64)
+    if m.shape != (2, 2) or s.shape != (2,) or c.shape != (2,):
+        msg = "matrix must be 2x2 and shift, center 2-vectors, got shapes "
+        msg += f"{m.shape}, {s.shape}, {c.shape}"
+        raise ValueError(msg)
+    inv = np.linalg.inv(m)
+    off = c - inv @ (c + s)
+    pixmap = np.asarray(pixmap, dtype=np.float64)
+    # Copies, so that ``out`` may be ``pixmap``; no (N, 2) @ (2, 2) temporaries.
+    x, y = pixmap[..., 0].copy(), pixmap[..., 1].copy()
+    if out is None:
+        out = np.empty_like(pixmap)
+    for k in range(2):
+        np.multiply(x, inv[k, 0], out=out[..., k])
+        out[..., k] += inv[k, 1] * y
+        out[..., k] += off[k]
+    return out
 
 
 def _area_ratio(pixmap: np.ndarray) -> float:
@@ -400,6 +610,9 @@ class DrizzleResample:
         self._check_overlap(borders)
 
         n = len(self.exposures)
+        # Per exposure, {extver: pixel map}: computed once, then moved by
+        # affine corrections (update_wcs(affine=...)) or recomputed on a new WCS.
+        self._pixmaps: list[dict[int, np.ndarray]] = [{} for _ in range(n)]
         self._img: list[np.ndarray | None] = [None] * n
         self._wht: list[np.ndarray | None] = [None] * n
         self._S = np.zeros(self.output_shape, dtype=np.float64)
@@ -620,7 +833,7 @@ class DrizzleResample:
             disable_ctx=True,
         )
         for c in e.chips:
-            pixmap = chip_pixmap(c.wcs, self.output_wcs, c.shape)
+            pixmap = self.pixmap(i, c.extver)
             area = _area_ratio(pixmap)
             rate, wmap, wscale = self._chip_rate(e, c, self.sky[i][c.extver])
             driz.add_image(
@@ -716,7 +929,7 @@ class DrizzleResample:
         for i, e in enumerate(self.exposures):
             scale = e.exptime if e.units == "counts" else 1.0
             for c in e.chips:
-                pixmap = chip_pixmap(c.wcs, self.output_wcs, c.shape)
+                pixmap = self.pixmap(i, c.extver)
                 area = _area_ratio(pixmap)
                 model = blot_image(median, pixmap, iscale=area * scale, interp="poly5")
                 covered = blot_image(cover, pixmap, interp="nearest") > 0.5
@@ -840,7 +1053,43 @@ class DrizzleResample:
         """
         return self.leave_out([i])
 
-    def update_wcs(self, i: int, wcs: Mapping[int, WCS]) -> None:
+    def pixmap(self, i: int, extver: int) -> np.ndarray:
+        """Return the pixel map of chip ``extver`` of exposure *i* (cached).
+
+        Parameters
+        ----------
+        i : int
+            Exposure index.
+        extver : int
+            The chip's ``EXTVER``.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(ny, nx, 2)`` float64 output ``x, y`` of every chip pixel (see
+            :func:`chip_pixmap`); the resampler's own array, read-only.
+        """
+        i = self._check_index(i)
+        maps = self._pixmaps[i]
+        if extver not in maps:
+            chip = next(
+                (c for c in self.exposures[i].chips if c.extver == extver), None
+            )
+            if chip is None:
+                msg = f"exposure {self.exposures[i].name} has no extver {extver!r}"
+                raise ValueError(msg)
+            pm = chip_pixmap(chip.wcs, self.output_wcs, chip.shape)
+            pm.flags.writeable = False
+            maps[extver] = pm
+        return maps[extver]
+
+    def update_wcs(
+        self,
+        i: int,
+        wcs: Mapping[int, WCS],
+        *,
+        affine: tuple | None = None,
+    ) -> None:
         """Give exposure *i*'s chips new WCSs and re-drizzle exposure *i* only.
 
         Parameters
@@ -849,12 +1098,20 @@ class DrizzleResample:
             Exposure index.
         wcs : mapping of int to astropy.wcs.WCS
             New WCS per ``extver`` (chips not listed keep theirs). Copied.
+        affine : tuple of (matrix, shift, center), optional
+            The correction that turned the chips' current WCSs into ``wcs``,
+            as passed to :func:`subpixal_jax.wcs.correct_wcs` with ``wcslin``
+            equal to this resampler's ``output_wcs`` (``center`` 0-based,
+            required). The listed chips' pixel maps are then moved by
+            :func:`affine_pixmap` instead of being evaluated from ``wcs``:
+            about 0.1 s instead of 1 s for a 4096x2048 chip, and the exact
+            composite of the correction, which ``wcs`` matches to < 1e-6 px.
 
         Raises
         ------
         ValueError
-            If *i* is out of range, an extver is unknown, or a WCS is not
-            celestial.
+            If *i* is out of range, an extver is unknown, a WCS is not
+            celestial, or ``affine`` is malformed.
         """
         i = self._check_index(i)
         e = self.exposures[i]
@@ -870,9 +1127,18 @@ class DrizzleResample:
             if not isinstance(w, WCS) or not w.has_celestial:
                 msg = f"wcs[{k}] must be a celestial astropy WCS, got {w!r}"
                 raise ValueError(msg)
+        if affine is not None:
+            if not isinstance(affine, tuple | list) or len(affine) != 3:
+                msg = f"affine must be (matrix, shift, center), got {affine!r}"
+                raise ValueError(msg)
+            moved = {k: affine_pixmap(self.pixmap(i, k), *affine) for k in wcs}
         for c in e.chips:
             if c.extver in wcs:
                 c.wcs = copy.deepcopy(wcs[c.extver])
                 c.wcs.pixel_shape = c.shape[::-1]
+                self._pixmaps[i].pop(c.extver, None)
+                if affine is not None:
+                    moved[c.extver].flags.writeable = False
+                    self._pixmaps[i][c.extver] = moved[c.extver]
         self._set_contribution(i, *self._drizzle_exposure(i))
         self._refresh()

@@ -41,8 +41,8 @@ def shard_batch(
     ----------
     batch : CutoutBatch
         Arrays (numpy or jax) whose leading axis is the padded source count
-        ``N`` (a power of two >= 32, see
-        :func:`~subpixal_jax.core.batch.source_bucket`).
+        ``N`` (a fixed chunk of sources, see
+        :func:`~subpixal_jax.core.batch.source_chunk`).
     devices : sequence of jax.Device, optional
         Devices to split over; default ``jax.local_devices()``. The largest
         number of them that divides ``N`` is used.

@@ -34,3 +34,23 @@ def test_source_bucket(count, expected):
 def test_source_bucket_rejects_negative():
     with pytest.raises(ValueError, match="count"):
         source_bucket(-1)
+
+
+def test_source_chunk_bounds_padded_pixels():
+    from subpixal_jax.core.batch import (
+        CHUNK_SIDE,
+        MAX_SOURCE_CHUNK,
+        MIN_SOURCE_CHUNK,
+        source_chunk,
+    )
+
+    for platform, top in MAX_SOURCE_CHUNK.items():
+        sizes = [source_chunk(side, platform) for side in CUTOUT_BUCKETS]
+        assert sizes == sorted(sizes, reverse=True)
+        for side, n in zip(CUTOUT_BUCKETS, sizes, strict=True):
+            assert MIN_SOURCE_CHUNK <= n <= top
+            assert n & (n - 1) == 0  # a power of two: shards over 2^k devices
+            if n > MIN_SOURCE_CHUNK:
+                assert n * side**2 <= top * CHUNK_SIDE**2
+    with pytest.raises(ValueError, match="side"):
+        source_chunk(0)

@@ -10,7 +10,14 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from subpixal_jax.core.batch import CUTOUT_BUCKETS, CutoutBatch
+from subpixal_jax.core.batch import (
+    CUTOUT_BUCKETS,
+    REFERENCE_BUCKETS,
+    CutoutBatch,
+    cutout_bucket,
+    source_bucket,
+    source_chunk,
+)
 from subpixal_jax.cutouts import (
     PIXMAP_OUTSIDE,
     Cutout,
@@ -525,12 +532,15 @@ def test_build_batches_invariants(cutouts):
     image_index = [i % 3 for i in range(len(cutouts))]
     batches = build_batches(cutouts, image_index)
     shapes = {(b.image.shape[1:], b.ref.shape[1:]) for b, _ in batches}
-    assert len(shapes) == len(batches) <= 3
+    assert len(shapes) <= 3
     seen = []
     for batch, index in batches:
         assert isinstance(batch, CutoutBatch)
         n, side, _ = batch.image.shape
         rside = batch.ref.shape[1]
+        # a fixed number of sources per bucket, whatever the source count
+        assert n == source_chunk(side)
+        assert rside in REFERENCE_BUCKETS
         assert side in CUTOUT_BUCKETS
         assert rside in CUTOUT_BUCKETS
         assert batch.pixmap.shape == (n, 2 * side + 1, 2 * side + 1, 2)
@@ -586,6 +596,28 @@ def test_padded_pixmap_nodes_blot_to_zero(cutouts):
 def test_build_batches_bad_input(cutouts):
     with pytest.raises(ValueError, match="image_index"):
         build_batches(cutouts, [0])
+    with pytest.raises(ValueError, match="chunk"):
+        build_batches(cutouts, [0] * len(cutouts), chunk=-1)
+
+
+def test_build_batches_chunks_bound_the_shapes(cutouts):
+    """Many sources: more calls of the same shapes, not new shapes."""
+    many = list(cutouts) * 7
+    owner = [0] * len(many)
+    small = build_batches(cutouts, [0] * len(cutouts), chunk=4)
+    large = build_batches(many, owner, chunk=4)
+    shape = {(b.image.shape, b.ref.shape) for b, _ in small}
+    assert {(b.image.shape, b.ref.shape) for b, _ in large} == shape
+    assert len(large) > len(small)
+    for batch, _ in large:
+        assert batch.image.shape[0] == 4
+    rows = np.concatenate([index[index >= 0] for _, index in large])
+    assert sorted(rows) == list(range(len(many)))
+    # chunk=0: one batch per bucket, padded to a power of two (former layout)
+    whole = build_batches(many, owner, chunk=0)
+    assert len(whole) == len(shape)
+    for batch, index in whole:
+        assert batch.image.shape[0] == source_bucket(int(np.sum(index >= 0)))
 
 
 # ---------------------------------------------------------------------------
@@ -736,3 +768,43 @@ def test_simulated_reference_points_recover_injected_shift(simulated):
     # Restoring fit F = T^-1: s_F = -s (simulate.py docstring).
     np.testing.assert_allclose(s_fit, -np.array(simulated["error"].shift), atol=2e-3)
     np.testing.assert_allclose(xy - uv, np.broadcast_to(s_fit, xy.shape), atol=5e-3)
+
+
+@pytest.mark.slow
+def test_chunked_batches_measure_the_same_displacements(cutouts, simulated):
+    """The chunked layout changes only padding: displacements agree to 1e-6 px."""
+    from collections import Counter
+
+    import jax
+
+    from subpixal_jax.core.measure import measure_batch
+
+    def key(c):
+        return cutout_bucket(max(c.shape))
+
+    def ref_sides(group, chunk):
+        return {
+            b.ref.shape[1]
+            for b, _ in build_batches(group, [0] * len(group), chunk=chunk)
+        }
+
+    # the smallest image bucket (compiles fastest) whose reference cutouts
+    # the new layout pads differently
+    groups = []
+    for cs in (cutouts, simulated["header"]):
+        counts = Counter(key(c) for c in cs)
+        groups += [[c for c in cs if key(c) == k] for k, n in counts.items() if n > 8]
+    group = next(g for g in groups if ref_sides(g, 0) != ref_sides(g, None))
+
+    def measure(chunk):
+        out = np.full((len(group), 2), np.nan)
+        with jax.enable_x64(True):
+            for batch, index in build_batches(group, [0] * len(group), chunk=chunk):
+                found, _ = measure_batch(batch)
+                real = index >= 0
+                out[index[real]] = np.asarray(found.dxdy)[real]
+        return out
+
+    before, after = measure(0), measure(None)
+    assert np.isfinite(before).sum() > 10
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-6, equal_nan=True)

@@ -7,7 +7,13 @@ from astropy.wcs import WCS
 from scipy.special import erf
 
 from subpixal_jax.images import read_exposure
-from subpixal_jax.resample import DrizzleResample, Resample, chip_pixmap
+from subpixal_jax.resample import (
+    DrizzleResample,
+    Resample,
+    _focal_homography,
+    affine_pixmap,
+    chip_pixmap,
+)
 
 RA0, DEC0 = 6.02, -72.08
 SCALE = 0.05 / 3600.0
@@ -299,3 +305,127 @@ def test_bad_input(scene, exposures):
     nan[1].data[:] = np.nan
     with pytest.raises(ValueError, match="no valid"):
         DrizzleResample([nan, exposures[0]])
+
+
+def _acs_wcs():
+    """The real ACS/WFC chip WCS astropy ships: TAN-SIP order 4, D2IM, NPOL."""
+    import importlib.resources
+
+    ref = (
+        importlib.resources.files("astropy.wcs.tests") / "data" / "dist_lookup.fits.gz"
+    )
+    with importlib.resources.as_file(ref) as path, fits.open(path) as hdul:
+        return WCS(hdul[1].header, hdul)
+
+
+def _grid_for(w, rot_deg=20.0, ctype=("RA---TAN", "DEC--TAN"), offset=0.01):
+    out = WCS(naxis=2)
+    out.wcs.ctype = list(ctype)
+    out.wcs.crval = w.wcs.crval + np.array([offset, offset])
+    out.wcs.crpix = [2100.0, 2100.0]
+    t = np.radians(rot_deg)
+    out.wcs.cd = SCALE * np.array([[-np.cos(t), np.sin(t)], [np.sin(t), np.cos(t)]])
+    out.wcs.set()
+    return out
+
+
+def test_fast_pixmap_matches_full_evaluation_on_acs_chip():
+    w = _acs_wcs()
+    assert w.sip is not None
+    assert w.det2im1 is not None
+    assert w.cpdis1 is not None
+    out = _grid_for(w)
+    shape = (2048, 4096)  # the chip's real domain (CRPIX 2048, 1024), not NAXIS
+    fast = chip_pixmap(w, out, shape)
+    assert fast.shape == (*shape, 2)
+    # The exact map on a lattice of rows/columns (covering edges and corners).
+    ys = np.r_[0 : shape[0] : 61, shape[0] - 1]
+    xs = np.r_[0 : shape[1] : 53, shape[1] - 1]
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    ra, dec = w.all_pix2world(xx.ravel(), yy.ravel(), 0)
+    ex, ey = out.all_world2pix(ra, dec, 0)
+    got = fast[yy, xx].reshape(-1, 2)
+    err = np.hypot(got[:, 0] - ex, got[:, 1] - ey)
+    assert err.max() < 1e-7  # measured 6e-9 px
+    # NPOL/D2IM are really in there: dropping them moves pixels by > 0.01 px
+    sip_only = w.deepcopy()
+    sip_only.cpdis1 = sip_only.cpdis2 = sip_only.det2im1 = None
+    plain = chip_pixmap(sip_only, out, (64, 64))
+    assert np.abs(plain - fast[:64, :64]).max() > 1e-2
+
+
+def test_fast_pixmap_falls_back_for_non_gnomonic_output():
+    w = _acs_wcs()
+    out = _grid_for(w, ctype=("RA---SIN", "DEC--SIN"), offset=0.5)
+    shape = (8, 4096)
+    assert _focal_homography(w, out, shape) is None
+    fast = chip_pixmap(w, out, shape)
+    np.testing.assert_array_equal(fast, chip_pixmap(w, out, shape, exact=True))
+    # and a small TAN case agrees with the exact path too
+    shape = (40, 50)
+    out = _grid_for(w, rot_deg=-35.0)
+    np.testing.assert_allclose(
+        chip_pixmap(w, out, shape), chip_pixmap(w, out, shape, exact=True), atol=1e-8
+    )
+
+
+def _rotation(deg, scale=1.0):
+    t = np.radians(deg)
+    return scale * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+
+
+def test_affine_pixmap_equals_corrected_wcs_on_acs_chip():
+    from subpixal_jax.wcs import correct_wcs
+
+    w = _acs_wcs()
+    out = _grid_for(w)
+    out.wcs.radesys, out.wcs.equinox = "FK5", 2000.0  # the chip's frame
+    out.wcs.set()
+    # exact maps on a lattice over the chip's full 4096x2048 domain
+    yy, xx = np.meshgrid(np.r_[0:2048:31, 2047], np.r_[0:4096:29, 4095], indexing="ij")
+
+    def exact(wcs):
+        ra, dec = wcs.all_pix2world(xx.ravel(), yy.ravel(), 0)
+        return np.stack(out.all_world2pix(ra, dec, 0), axis=-1)
+
+    before = exact(w)
+    # a realistic correction (0.05 deg, 1e-4 scale, 2 px), about the grid's
+    # reference pixel (what the loop uses) and about a point off the chip
+    matrix, shift = _rotation(0.05, 1 + 1e-4), np.array([2.0, -1.5])
+    for center in (out.wcs.crpix - 1.0, np.array([3000.0, 500.0])):
+        corrected = correct_wcs(w, out, matrix, shift, center=center)
+        moved = affine_pixmap(before, matrix, shift, center)
+        # measured 7.5e-7 px: correct_wcs's second-order tangent-plane term
+        np.testing.assert_allclose(moved, exact(corrected), rtol=0, atol=1e-6)
+        # T(moved) is the old map (the definition, to rounding)
+        back = (moved - center) @ matrix.T + center + shift
+        np.testing.assert_allclose(back, before, rtol=0, atol=1e-9)
+
+
+def test_update_wcs_with_affine_moves_cached_pixmaps(exposures):
+    from subpixal_jax.wcs import correct_wcs
+
+    r = DrizzleResample(exposures, sky=None)
+    plain = DrizzleResample(exposures, output_wcs=r.output_wcs, sky=None)
+    matrix, shift = _rotation(0.03, 1 - 2e-4), np.array([0.4, -0.3])
+    center = r.output_wcs.wcs.crpix - 1.0
+    new = {
+        c.extver: correct_wcs(c.wcs, r.output_wcs, matrix, shift, center=center)
+        for c in r.exposures[1].chips
+    }
+    old = {c.extver: r.pixmap(1, c.extver).copy() for c in r.exposures[1].chips}
+    n0 = r.n_drizzles
+    r.update_wcs(1, new, affine=(matrix, shift, center))
+    plain.update_wcs(1, new)
+    assert r.n_drizzles == n0 + 2
+    for k, pm in old.items():
+        np.testing.assert_array_equal(
+            r.pixmap(1, k), affine_pixmap(pm, matrix, shift, center)
+        )
+        np.testing.assert_allclose(r.pixmap(1, k), plain.pixmap(1, k), atol=1e-8)
+        assert r.exposures[1].chips[k - 1].wcs.wcs.crval[0] == new[k].wcs.crval[0]
+    np.testing.assert_allclose(r.sci, plain.sci, rtol=1e-5, atol=1e-6 * r.sci.max())
+    with pytest.raises(ValueError, match="affine"):
+        r.update_wcs(1, new, affine=(matrix, shift))
+    with pytest.raises(ValueError, match="2x2"):
+        affine_pixmap(old[1], np.eye(3), shift, center)

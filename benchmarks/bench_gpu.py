@@ -1,0 +1,170 @@
+"""End-to-end alignment time per stage on whatever device JAX sees.
+
+Simulates the demo data set (default 4 exposures x 2 chips of 512x1024,
+``subpixal_jax.simulate.simulate_exposures``), then runs
+``align_images`` twice on fresh resamplers in one process:
+
+* **cold**: every kernel compiled (a private, empty persistent compilation
+  cache, so earlier runs on this machine do not help);
+* **warm**: same shapes again, nothing compiled.
+
+Stage times come from wrapping the library's stage functions for the
+duration of the runs. Indented stages are nested: chip pixel maps are made
+inside "drizzle exposures", which runs in the set-up, in every re-drizzle
+and in cosmic-ray rejection, so those rows overlap.
+Compilations are counted with :func:`subpixal_jax.compilation.count_compilations`.
+
+Run::
+
+    .venv/bin/python benchmarks/bench_gpu.py              # demo size
+    .venv/bin/python benchmarks/bench_gpu.py --quick      # 4 exposures, 256x512
+    .venv/bin/python benchmarks/bench_gpu.py --chip-shape 2048 4096   # ACS-size
+
+On a GPU machine install the CUDA wheels first (``pip install -e .[gpu]``);
+``JAX_PLATFORMS=cpu`` forces the CPU for comparison.
+"""
+
+import argparse
+import contextlib
+import tempfile
+import time
+from collections import defaultdict
+
+import jax
+import numpy as np
+
+from subpixal_jax import align
+from subpixal_jax import resample as resample_module
+from subpixal_jax.catalog import PhotutilsCatalog
+from subpixal_jax.compilation import count_compilations, enable_compilation_cache
+from subpixal_jax.resample import DrizzleResample
+from subpixal_jax.simulate import simulate_exposures
+
+#: (label, owner, attribute, depth): the stages that are timed.
+STAGES = (
+    ("resampler set-up (drizzle all)", None, "setup", 0),
+    ("  chip pixel maps", resample_module, "chip_pixmap", 1),
+    ("  drizzle exposures (+ maps)", DrizzleResample, "_drizzle_exposure", 1),
+    ("catalog detection (photutils)", PhotutilsCatalog, "_detect", 0),
+    ("cutouts + pixmap nodes", align, "create_cutouts", 0),
+    ("measure displacements", align, "measure_displacements", 0),
+    ("  build batches", align, "build_batches", 1),
+    ("linear fits", align, "fit_points", 0),
+    ("WCS corrections", align, "correct_wcs", 0),
+    ("re-drizzle updated images", DrizzleResample, "update_wcs", 0),
+    ("cosmic-ray re-rejection", DrizzleResample, "reject_cosmic_rays", 0),
+)
+
+
+class StageTimer:
+    """Wall time and call count per wrapped stage function."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+        self.calls = defaultdict(int)
+
+    def wrap(self, label, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - start
+                self.calls[label] += 1
+
+        return timed
+
+    @contextlib.contextmanager
+    def patched(self):
+        saved = []
+        for label, owner, attr, _ in STAGES:
+            if owner is None:
+                continue
+            fn = getattr(owner, attr)
+            saved.append((owner, attr, fn))
+            setattr(owner, attr, self.wrap(label, fn))
+        try:
+            yield self
+        finally:
+            for owner, attr, fn in saved:
+                setattr(owner, attr, fn)
+
+
+def run_once(paths, options):
+    """One alignment from the files; returns (timer, compile stats, wall, result)."""
+    timer = StageTimer()
+    with count_compilations() as stats, timer.patched():
+        start = time.perf_counter()
+        t0 = time.perf_counter()
+        resample = DrizzleResample(paths)
+        timer.seconds["resampler set-up (drizzle all)"] += time.perf_counter() - t0
+        timer.calls["resampler set-up (drizzle all)"] += 1
+        result = align.align_images(PhotutilsCatalog(), resample, **options)
+        wall = time.perf_counter() - start
+    return timer, stats, wall, result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chip-shape", type=int, nargs=2, default=(512, 1024))
+    parser.add_argument("--n-exposures", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fitgeom", default="general")
+    parser.add_argument(
+        "--quick", action="store_true", help="4 exposures of 2 chips of 256x512"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.chip_shape, args.n_exposures = (256, 512), 4
+
+    with tempfile.TemporaryDirectory() as tmp:
+        enable_compilation_cache(f"{tmp}/jax-cache")
+        t0 = time.perf_counter()
+        sim = simulate_exposures(
+            f"{tmp}/data",
+            n_exposures=args.n_exposures,
+            chip_shape=tuple(args.chip_shape),
+            seed=args.seed,
+        )
+        t_sim = time.perf_counter() - t0
+        options = {"fitgeom": args.fitgeom, "reference": 0}
+        cold = run_once(sim.paths, options)
+        warm = run_once(sim.paths, options)
+
+    devices = ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices())
+    ny, nx = args.chip_shape
+    print(
+        f"device(s): {devices}; {args.n_exposures} exposures x 2 chips of "
+        f"{ny}x{nx} (simulated in {t_sim:.1f} s)"
+    )
+    result = warm[3]
+    n_src = [r["n_sources"] for r in result.summary if r["iteration"] == 1]
+    print(
+        f"status {result.status} after {result.n_iterations} iterations; "
+        f"sources per image in iteration 1: {n_src}"
+    )
+    print()
+    head = f"{'stage':<34} {'calls':>6} {'cold [s]':>9} {'warm [s]':>9}"
+    print(head)
+    print("-" * len(head))
+    for label, _, _, _ in STAGES:
+        calls = warm[0].calls.get(label, 0)
+        if not calls and not cold[0].calls.get(label, 0):
+            continue
+        print(
+            f"{label:<34} {calls:>6} {cold[0].seconds[label]:>9.2f} "
+            f"{warm[0].seconds[label]:>9.2f}"
+        )
+    print("-" * len(head))
+    print(f"{'total (wall)':<34} {'':>6} {cold[2]:>9.2f} {warm[2]:>9.2f}")
+    print()
+    print(f"cold: {cold[1]}; warm: {warm[1]}")
+    per_image = np.array(
+        [r["rmse"] for r in result.summary if r["iteration"] == result.n_iterations],
+        dtype=float,
+    )
+    print(f"final fit RMS per image [px]: {np.round(per_image, 4).tolist()}")
+
+
+if __name__ == "__main__":
+    main()
