@@ -25,6 +25,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from subpixal_jax import result as res
+from subpixal_jax.compilation import count_compilations, enable_compilation_cache
 from subpixal_jax.core.linfit import LinearFit
 from subpixal_jax.cutouts import SourceCutouts
 from subpixal_jax.images import Exposure
@@ -37,7 +38,9 @@ from subpixal_jax.transaction import commit_set, discard, recover
 from subpixal_jax.verdict import WritePolicy, image_reports
 from subpixal_jax.wcs import (
     TargetState,
+    celestial_frame,
     classify_target,
+    convert_wcs_frame,
     correct_wcs,
     prepare_exposure_update,
     update_exposure_wcs,
@@ -211,18 +214,23 @@ def align_images(
         options = dataclasses.replace(options, **kwargs)
     options = resolve_options(resample, options)
     wcslin = _check_frame(wcslin, resample, options)
-    return loop.run(
-        catalog,
-        resample,
-        wcslin,
-        options,
-        on_iteration=on_iteration,
-        throw=throw,
-        progress=progress,
-        state=state,
-        checkpoint=checkpoint,
-        reference_catalog=_reference_table(reference_catalog),
-    )
+    # Kernels compiled by an earlier process are loaded, not compiled again.
+    enable_compilation_cache()
+    with count_compilations() as compiled:
+        result = loop.run(
+            catalog,
+            resample,
+            wcslin,
+            options,
+            on_iteration=on_iteration,
+            throw=throw,
+            progress=progress,
+            state=state,
+            checkpoint=checkpoint,
+            reference_catalog=_reference_table(reference_catalog),
+        )
+    log.info("%s", compiled)
+    return result
 
 
 def _reference_table(reference_catalog):
@@ -270,6 +278,21 @@ def _commit(updates: Sequence, *, dry_run: bool, force: bool) -> list:
     report = commit_set(pending, force=force)
     log.info("%s", report)
     return [p.info for p in pending]
+
+
+def _in_file_frames(path, final: dict, extname: str) -> dict:
+    """Return the corrected chip WCSs, each in the celestial frame of its file.
+
+    A set that mixes frames is aligned in the grid's frame; each file keeps
+    its own (e.g. FK5), converted back exactly.
+    """
+    out = {}
+    for ext, wcs in final.items():
+        frame = celestial_frame(WCS(fits.getheader(path, (extname, ext))))
+        if not celestial_frame(wcs).is_equivalent_frame(frame):
+            wcs = convert_wcs_frame(wcs, frame)
+        out[(extname, ext)] = wcs
+    return out
 
 
 def _updater(path, wcs_by_ext, **kwargs):
@@ -349,7 +372,7 @@ def write_corrections(
         updates.append(
             _updater(
                 path,
-                {(extname, ext): wcs for ext, wcs in final.items()},
+                _in_file_frames(path, final, extname),
                 wcsname=wcsname,
                 output=output_dir,
                 fit_info=_fit_info(result, verdict.name),

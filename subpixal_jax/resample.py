@@ -47,7 +47,8 @@ from drizzle.utils import calc_pixmap
 from scipy import ndimage
 
 from subpixal_jax.images import Chip, Exposure, read_exposure
-from subpixal_jax.wcs import celestial_frame, frame_label
+from subpixal_jax.skywcs import SkyWCS
+from subpixal_jax.wcs import celestial_frame, convert_wcs_frame, frame_label
 
 __all__ = ["DrizzleResample", "Resample", "affine_pixmap", "chip_pixmap"]
 
@@ -160,6 +161,8 @@ def chip_pixmap(
     ny, nx = (int(n) for n in shape)
     if exact:
         return calc_pixmap(chip_wcs, output_wcs, shape=(ny, nx))
+    if isinstance(chip_wcs, SkyWCS):  # a gWCS chip: its own spline map
+        return chip_wcs.pixmap(output_wcs, (ny, nx))
     h = _focal_homography(chip_wcs, output_wcs, (ny, nx))
     if h is None:
         return calc_pixmap(chip_wcs, output_wcs, shape=(ny, nx))
@@ -608,6 +611,7 @@ class DrizzleResample:
                 output_wcs, output_shape, max_output_pixels
             )
         self._check_overlap(borders)
+        self._to_grid_frame()
 
         n = len(self.exposures)
         # Per exposure, {extver: pixel map}: computed once, then moved by
@@ -708,6 +712,25 @@ class DrizzleResample:
                 out.append((ra, dec))
             converted.append(out)
         return frame, converted
+
+    def _to_grid_frame(self) -> None:
+        """Express every chip's WCS in the grid's celestial frame.
+
+        Pixel maps, cutouts and fits compare chip and grid coordinates as
+        numbers, so a chip in another frame (FK5 among ICRS inputs) is
+        converted once here (exact: the frames differ by a rotation; the
+        distortion is kept). :func:`subpixal_jax.wcs.convert_wcs_frame`
+        brings a corrected WCS back to its file's frame before writing.
+        """
+        if isinstance(self.output_wcs, SkyWCS):
+            return
+        grid = celestial_frame(self.output_wcs, "output_wcs")
+        for e in self.exposures:
+            for c in e.chips:
+                if isinstance(c.wcs, SkyWCS):
+                    continue
+                if not celestial_frame(c.wcs, e.name).is_equivalent_frame(grid):
+                    c.wcs = convert_wcs_frame(c.wcs, grid)
 
     def _build_grid(self, borders, pixel_scale, rotation, max_pixels):
         frame, borders = self._grid_frame(borders)
@@ -1124,7 +1147,9 @@ class DrizzleResample:
                 msg = f"wcs: exposure {e.name} has no extver {k!r} "
                 msg += f"(has {sorted(extvers)})"
                 raise ValueError(msg)
-            if not isinstance(w, WCS) or not w.has_celestial:
+            if not isinstance(w, SkyWCS) and (
+                not isinstance(w, WCS) or not w.has_celestial
+            ):
                 msg = f"wcs[{k}] must be a celestial astropy WCS, got {w!r}"
                 raise ValueError(msg)
         if affine is not None:

@@ -241,13 +241,15 @@ def test_one_compiled_measurement_per_bucket_and_iteration(aligned):
     # Every iteration measures all 3 images' ~240 sources with one call per
     # (image, reference) cutout-size bucket, images pooled: a handful of
     # calls, not one per image or per source.
+    # Sources are measured in fixed-size chunks per cutout-size bucket: a few
+    # distinct shapes per iteration, each called for as many chunks as needed.
     for buckets in per_iteration:
-        assert len(buckets) == len(set(buckets))
-        assert 1 <= len(buckets) <= 10
+        assert 1 <= len(set(buckets)) <= 5
+        assert 1 <= len(buckets) <= 16
     assert all(n > 200 for n in n_sources)
-    # Compilations: at most one per distinct bucket signature over the whole
+    # Compilations: at most one per distinct chunk signature over the whole
     # run (fewer when an earlier test already compiled one).
-    assert aligned["measure_compiles"] <= len(signatures) <= 12
+    assert aligned["measure_compiles"] <= len(signatures) <= 6
     # Fits: the pre-clipping and the clipped fit share one vmapped kernel.
     assert aligned["fit_compiles"] <= 2
 

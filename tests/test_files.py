@@ -116,3 +116,53 @@ def test_apply_twice_is_applying_once_and_foreign_is_refused(copies, tmp_path, c
     code = main(["apply", str(summary), str(copies[2]), "--in-place"])
     assert code == 2
     assert "neither" in capsys.readouterr().err
+
+
+def _to_fk5(path):
+    """Rewrite a file's chip WCSs in FK5 J2000 (the same sky, other numbers)."""
+    from astropy.coordinates import FK5
+    from astropy.wcs import WCS
+
+    from subpixal_jax.wcs import convert_wcs_frame
+
+    with fits.open(path, mode="update") as hdul:
+        for hdu in hdul:
+            if hdu.header.get("EXTNAME") != "SCI":
+                continue
+            fk5 = convert_wcs_frame(WCS(hdu.header, hdul), FK5(equinox="J2000"))
+            hdu.header["RADESYS"] = "FK5"
+            hdu.header["EQUINOX"] = 2000.0
+            for i in (1, 2):
+                hdu.header[f"CRVAL{i}"] = fk5.wcs.crval[i - 1]
+                for j in (1, 2):
+                    hdu.header[f"CD{i}_{j}"] = fk5.wcs.cd[i - 1, j - 1]
+
+
+def _pixels(wcs_a, wcs_b):
+    """Largest distance (px) between where two chip WCSs put a grid of pixels."""
+    import numpy as np
+    from astropy.coordinates import SkyCoord
+
+    xs, ys = np.meshgrid(np.linspace(0, 255, 5), np.linspace(0, 127, 5))
+    sky = wcs_a.pixel_to_world(xs.ravel(), ys.ravel())
+    back = wcs_b.world_to_pixel(SkyCoord(sky).transform_to(wcs_b.pixel_to_world(0, 0)))
+    return float(np.max(np.hypot(back[0] - xs.ravel(), back[1] - ys.ravel())))
+
+
+def test_mixed_fk5_and_icrs_set_aligns_like_an_all_icrs_set(copies, tmp_path):
+    from astropy.wcs import WCS
+
+    from subpixal_jax.align import align_files
+
+    icrs_out, mixed_out = tmp_path / "icrs", tmp_path / "mixed"
+    align_files(copies, reference=0, output_dir=icrs_out, policy=None)
+    _to_fk5(copies[2])
+    result, _ = align_files(copies, reference=0, output_dir=mixed_out)
+    assert result.status.status.value == "CONVERGED"
+    name = copies[2].name
+    for ext in (1, 2):
+        mixed = WCS(fits.getheader(mixed_out / name, ("SCI", ext)))
+        icrs = WCS(fits.getheader(icrs_out / name, ("SCI", ext)))
+        assert fits.getheader(mixed_out / name, ("SCI", ext))["RADESYS"] == "FK5"
+        # The FK5 file is corrected in its own frame to the same sky.
+        assert _pixels(mixed, icrs) < 1e-4

@@ -23,7 +23,6 @@ from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from subpixal_jax import result as res
-from subpixal_jax.core.batch import source_bucket
 from subpixal_jax.core.linfit import (
     FITGEOM_MIN_POINTS,
     FitStatus,
@@ -53,6 +52,9 @@ log = logging.getLogger(__name__)
 #: weight ``1/pos_std²`` can exceed the median by 10⁴ and one imperfect
 #: measurement then decides the whole fit.
 POSITION_ERROR_FLOOR = 0.02
+
+#: Point lists are padded to a multiple of this for the vmapped fit.
+FIT_POINT_STEP = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +217,9 @@ def fit_points(
         Per image, the fit as numpy values (``resids`` and ``fitmask`` cut
         back to the image's real point count).
     """
-    n_pad = source_bucket(max((len(p.xy) for p in points), default=0))
+    # Fixed steps of points keep the fit's compiled shapes few: one per 256.
+    n_max = max((len(p.xy) for p in points), default=0)
+    n_pad = FIT_POINT_STEP * max(1, -(-n_max // FIT_POINT_STEP))
     b = len(points)
     xy = np.zeros((b, n_pad, 2))
     uv = np.zeros((b, n_pad, 2))
