@@ -20,14 +20,12 @@ from subpixal_jax.core.batch import (
 )
 from subpixal_jax.cutouts import (
     PIXMAP_OUTSIDE,
-    Cutout,
     _pixmap_nodes,
     build_batches,
     create_cutouts,
     create_primary_cutouts,
     reference_points,
 )
-from subpixal_jax.errors import NoOverlapError, PartialOverlapError
 from subpixal_jax.images import Chip, Exposure, read_exposure
 from subpixal_jax.simulate import WcsError, simulate_exposures
 
@@ -459,8 +457,7 @@ def test_pixmap_exact_path_matches_node_by_node(scene, cutouts):
     chip = exposure.chip(c.extver)
     h, w = c.shape
     rows, cols = np.mgrid[0 : 2 * h + 1, 0 : 2 * w + 1]
-    cut = Cutout.from_array(chip.data, chip.wcs, c.blc, c.trc)
-    ra, dec = cut.pix2world(cols / 2.0, rows / 2.0)
+    ra, dec = chip.wcs.all_pix2world(cols / 2.0 + c.blc[0], rows / 2.0 + c.blc[1], 0)
     x, y = ref_wcs.wcs_world2pix(ra, dec, 0)
     exact = np.stack([x - c.ref_blc[0], y - c.ref_blc[1]], -1)
     np.testing.assert_allclose(c.pixmap, exact, atol=1e-7)
@@ -618,46 +615,6 @@ def test_build_batches_chunks_bound_the_shapes(cutouts):
     assert len(whole) == len(shape)
     for batch, index in whole:
         assert batch.image.shape[0] == source_bucket(int(np.sum(index >= 0)))
-
-
-# ---------------------------------------------------------------------------
-# Cutout record
-
-
-def test_cutout_record_overlap_modes(scene):
-    chip = scene["exposure"].chips[0]
-    _ny, nx = chip.shape
-    with pytest.raises(PartialOverlapError):
-        Cutout.from_array(chip.data, chip.wcs, (-2, 5), (4, 9))
-    with pytest.raises(NoOverlapError):
-        Cutout.from_array(chip.data, chip.wcs, (nx, 0), (nx + 3, 4))
-    with pytest.raises(ValueError, match="trc"):
-        Cutout.from_array(chip.data, chip.wcs, (5, 5), (4, 9))
-    c = Cutout.from_array(
-        chip.data,
-        chip.wcs,
-        (-2, 5),
-        (4, 9),
-        mode="fill",
-        valid=chip.valid,
-        src_pos=(1.0, 7.0),
-        units="counts",
-        exptime=EXPTIME,
-    )
-    assert c.shape == (5, 7)
-    assert not c.valid[:, :2].any()
-    assert c.valid[:, 2:].all()
-    assert np.all(c.data[:, :2] == 0)
-    assert c.cutout_src_pos == (3.0, 2.0)
-    x = np.array([0.0, 1.5])
-    y = np.array([2.0, 3.0])
-    xc, yc = x.copy(), y.copy()
-    ra, dec = c.pix2world(x, y)
-    np.testing.assert_array_equal(x, xc)
-    np.testing.assert_array_equal(y, yc)
-    xb, yb = c.world2pix(ra, dec)
-    np.testing.assert_allclose(xb, x, atol=1e-7)
-    np.testing.assert_allclose(yb, y, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------
