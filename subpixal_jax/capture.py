@@ -12,7 +12,7 @@ chip's full WCS (SIP, D2IM and NPOL included) into the pixel frame of
 
 Direction
 ---------
-The result is the linear fit of SPEC §6.2 in ``wcslin`` pixels,
+The result is the linear fit of docs/original.md §6.2 in ``wcslin`` pixels,
 ``xy ≈ M (uv − c) + c + s``, with ``xy`` where the exposure's current WCS
 puts its sources and ``uv`` where the reference says they are. It is exactly
 what :func:`subpixal_jax.wcs.correct_wcs` expects, so::

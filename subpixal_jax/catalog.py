@@ -1,11 +1,13 @@
 """Source catalogs with segmentation, and the subpixal filter language.
 
-The alignment loop (SPEC §1.2) detects sources on the full drizzled image and
+The alignment loop (docs/original.md §1.2) detects sources on the full drizzled image
+and
 uses, for every selected source, its position, a weight and its segment.
 :class:`PhotutilsCatalog` replaces the original's SExtractor subprocess with
 photutils (background, convolution, detection with deblending, moments);
 :class:`UserCatalog` wraps a table the user already has. Both share the
-filtering of SPEC §8.1, with one deliberate change (SPEC §9): a filter on a
+filtering of docs/original.md §8.1, with one deliberate change (docs/original.md §9):
+a filter on a
 column that does not exist raises `ValueError` instead of being ignored.
 
 Columns of `catalog` (subpixal names, 0-based pixel positions):
@@ -136,7 +138,7 @@ def _round_half_away(v: np.ndarray) -> np.ndarray:
 
 
 def _add_weights(table: Table) -> None:
-    """Add ``pos_std`` and ``weight`` (SPEC §8.1) in place where possible."""
+    """Add ``pos_std`` and ``weight`` in place where possible (original.md §8.1)."""
     if not {"fwhm", "flux", "fluxerr"} <= set(table.colnames):
         return
     fwhm = np.asarray(table["fwhm"], dtype=np.float64)
@@ -150,7 +152,7 @@ def _add_weights(table: Table) -> None:
 
 
 class _Filtered:
-    """Filter and source-mask logic shared by the catalogs (SPEC §8.1)."""
+    """Filter and source-mask logic shared by the catalogs (docs/original.md §8.1)."""
 
     def __init__(self, *, filters, mask):
         self._filters = _dedupe(filters)

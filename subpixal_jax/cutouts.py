@@ -14,7 +14,7 @@ Conventions (see `subpixal_jax.core.batch`): coordinates are 0-based
 ``(x, y)`` with pixel centres at integers; boxes are inclusive ``(blc, trc)``
 corner pairs ``(x, y)``; masks are *validity* masks (True = good).
 
-Deviations from the original (SPEC §9), all deliberate:
+Deviations from the original (docs/original.md §9), all deliberate:
 
 * every chip of a multi-chip exposure gets cutouts (§9.1, the original used
   the last chip only);
@@ -182,7 +182,7 @@ def _node_grid(height: int, width: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PrimaryCutout:
-    """A source's box in the reference image (SPEC §2.2).
+    """A source's box in the reference image (docs/original.md §2.2).
 
     Attributes
     ----------
@@ -301,7 +301,7 @@ def _check_segmentation(segmentation, name: str = "segmentation") -> np.ndarray:
 def create_primary_cutouts(
     catalog, segmentation, *, ref_valid=None, pad: int = 1
 ) -> list[PrimaryCutout]:
-    """Build each catalog source's box in the reference image (SPEC §2.2).
+    """Build each catalog source's box in the reference image (docs/original.md §2.2).
 
     Segment bounding boxes come from one pass over the segmentation image
     (`scipy.ndimage.find_objects`). A source is kept when its id is both in
@@ -546,7 +546,7 @@ def create_cutouts(
 ) -> list[SourceCutouts]:
     r"""Cut every source out of every chip of an exposure and the reference.
 
-    Per chip (SPEC §2.3, for *every* chip, fixing §9.1):
+    Per chip (docs/original.md §2.3, for *every* chip, fixing §9.1):
 
     1. The primary box's outer corners go through the reference WCS to the
        sky and through the chip's full WCS (``all_world2pix``, tolerance
@@ -588,7 +588,7 @@ def create_cutouts(
         image cutouts. None (or a missing / None entry) subtracts nothing.
     combine_seg_mask : bool, optional
         Mark reference pixels outside the source's own segment invalid
-        (SPEC §2.3 step B3).
+        (docs/original.md §2.3 step B3).
     pad : int, optional
         Image-box padding in chip pixels (>= 0); 2 leaves room for the
         half-pixel blot shifts.
@@ -627,7 +627,7 @@ def create_cutouts(
 
     Unit factor: ``iscale = blot_scale(image_units, image_exptime, |det J|)``
     where ``J`` is the pixmap's Jacobian (image px -> reference px) at the
-    predicted source position (SPEC §3 step 5 with the §9.22 fix).
+    predicted source position (docs/original.md §3 step 5 with the §9.22 fix).
     """
     pad = _check_pad(pad)
     seg = _check_segmentation(segmentation)
@@ -1027,7 +1027,7 @@ def build_batches(
 def reference_points(
     cutouts: Sequence[SourceCutouts], dxdy, exposure, ref_wcs: WCS
 ) -> tuple[np.ndarray, np.ndarray]:
-    r"""Point lists of the linear fit in the reference frame (SPEC §6.1).
+    r"""Point lists of the linear fit in the reference frame (docs/original.md §6.1).
 
     For source ``k`` with image box corner ``blc``, predicted position
     ``q_k`` (image-cutout pixels) and measured displacement ``d_k``:
@@ -1039,7 +1039,7 @@ def reference_points(
 
     with ``W`` the chip's full WCS and ``L`` the reference WCS, both 0-based.
 
-    The sign is SPEC §6.1 taken literally, and it is the right one: §4.3
+    The sign is docs/original.md §6.1 taken literally, and it is the right one: §4.3
     defines ``d = (position in the blot) - (position in the image)``, so the
     source truly sits at ``q - d``. The fit finds ``xy ≈ T(uv)`` and §7
     corrects the chip WCS to ``W'(p) = L(T^{-1}(L^{-1}(W(p))))``. For a pure
@@ -1053,7 +1053,7 @@ def reference_points(
     cutouts : sequence of SourceCutouts
         Cutouts of one exposure (any chips).
     dxdy : array_like
-        ``(K, 2)`` displacements ``(dx, dy)`` in image pixels (SPEC §4.3
+        ``(K, 2)`` displacements ``(dx, dy)`` in image pixels (docs/original.md §4.3
         sign). Non-finite rows give non-finite points.
     exposure : subpixal_jax.images.Exposure
         The exposure the cutouts came from (its chips' WCS are used).

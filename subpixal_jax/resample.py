@@ -1,6 +1,7 @@
 r"""Drizzle-based resampling with exact O(1) leave-one-out references.
 
-The alignment loop (SPEC §1.2) needs, for every exposure *i*, a reference image
+The alignment loop (docs/original.md §1.2) needs, for every exposure *i*, a reference
+image
 built from all the *other* exposures on one output grid that stays frozen for
 the whole alignment. The original re-drizzled n−1 exposures per image per
 iteration; here each exposure's own weighted contribution is kept, so

@@ -41,7 +41,7 @@ class SourceMeasurements:
         Chip (``EXTVER``) the source was measured on.
     dxdy : ndarray of float, shape (N, 2)
         Displacement ``(dx, dy)`` in image pixels: position in the reference
-        blot minus position in the image (SPEC §4.3). NaN where flagged.
+        blot minus position in the image (docs/original.md §4.3). NaN where flagged.
     sigma : ndarray of float, shape (N, 2)
         1-sigma error of ``dxdy`` (image pixels).
     flags : ndarray of int, shape (N,)

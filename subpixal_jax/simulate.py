@@ -28,7 +28,7 @@ The geometry of one exposure
   the header predict every source one frame pixel to the right of where it
   is. To undo the error apply ``T`` itself:
   ``transform_wcs(header, frame, matrix=M, shift=s)`` gives back the true WCS
-  (to rounding). In the correction convention of SPEC.md §7.1,
+  (to rounding). In the correction convention of docs/conventions.md §5,
   ``W_new = L ∘ F⁻¹ ∘ L⁻¹ ∘ W_old`` with a fitted ``F(p) = M_F (p - c) + c + s_F``,
   the fit that restores the truth is ``F = T⁻¹``: ``M_F = M⁻¹`` and
   ``s_F = -M⁻¹ s``.
@@ -115,7 +115,7 @@ class WcsError:
 
     Notes
     -----
-    ``M`` follows the parameterisation of tweakwcs (SPEC.md §6.5): with
+    ``M`` follows the parameterisation of tweakwcs (docs/conventions.md §3): with
     ``rx = rotation - skew/2`` and ``ry = rotation + skew/2``,
 
     .. math:: M = \mathrm{scale} \begin{pmatrix} \cos r_x & \sin r_y \\

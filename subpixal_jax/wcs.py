@@ -7,10 +7,11 @@ Two halves:
 * :func:`correct_wcs` turns a linear fit measured in the pixel frame of an
   undistorted reference WCS (``wcslin``, e.g. the drizzled image's) into a new
   image WCS: a new CRVAL and CD (or PC) matrix, with CRPIX, SIP, D2IM and NPOL
-  left as they are (SPEC §7.1, with a 0-based centre).
+  left as they are (docs/conventions.md §5, with a 0-based centre).
 * :func:`update_image_wcs` and :func:`update_exposure_wcs` write such WCSs into
   FITS files: the replaced WCS is archived under a free alternate key (the
-  drizzlepac >= 3.1.8 policy of SPEC §7.3), the file is replaced atomically, and
+  drizzlepac >= 3.1.8 policy of docs/conventions.md §6), the file is replaced
+  atomically, and
   data bytes are copied verbatim.
 
 Conventions: pixel coordinates are 0-based; the FITS 1-based convention appears
@@ -38,6 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from astropy import units as u
 from astropy.coordinates import (
+    ICRS,
     BaseCoordinateFrame,
     UnitSphericalRepresentation,
     frame_transform_graph,
@@ -46,6 +48,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from astropy.wcs.utils import celestial_frame_to_wcs, wcs_to_celestial_frame
 
+from subpixal_jax.skywcs import SkyWCS
 from subpixal_jax.transaction import PendingWrite, write_temp
 
 __all__ = [
@@ -191,7 +194,7 @@ def correct_wcs(
 ) -> WCS:
     r"""Apply a linear fit measured in ``wcslin`` pixels to an image WCS.
 
-    The fit is the tweakwcs model of SPEC §6.2 with 0-based coordinates,
+    The fit is the tweakwcs model of docs/original.md §6.2 with 0-based coordinates,
     :math:`xy \approx T(uv) = M (uv - c) + c + s`, where ``xy`` are the
     positions the current image WCS predicts and ``uv`` where the sources are,
     both in 0-based ``wcslin`` pixels. The returned WCS moves every sky position
@@ -397,6 +400,8 @@ def celestial_frame(wcs: WCS, name: str = "wcs") -> BaseCoordinateFrame:
     >>> celestial_frame(w).name
     'fk5'
     """
+    if isinstance(wcs, SkyWCS):
+        return ICRS()  # the protocol's sky coordinates are ICRS
     w = wcs.deepcopy()
     w.wcs.set()
     try:
@@ -867,7 +872,7 @@ def _archive(
     hdul: fits.HDUList,
     changes: list[KeywordChange],
 ) -> tuple[int, str, str, bool]:
-    """Archive the primary WCS ``old`` of ``header`` (SPEC §7.3, >= 3.1.8)."""
+    """Archive the primary WCS ``old`` of ``header`` (docs/conventions.md §6)."""
     used = _alt_names(header)
     base = str(header.get("WCSNAME", "")).strip() or "NONAME"
     for n in range(len(_ALT_KEYS) + 1):

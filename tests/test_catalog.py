@@ -109,7 +109,7 @@ def test_injected_sources_recovered(injected):
     # every bright source, blended or not, is found within 1 px
     bright = truth["snr"] > 50
     assert np.mean(d_true[bright] < 1.0) >= 0.95
-    # derived columns as SPEC 8.1
+    # derived columns as docs/original.md §8.1
     np.testing.assert_allclose(
         t["pos_std"], t["fwhm"] / (2.3548200450309493 * t["flux"] / t["fluxerr"])
     )
@@ -170,7 +170,7 @@ def test_filters_select_as_documented(hrc):
     assert set(t["id"]) == top & low
     cat.set_filters([("flux", "h", -5)])  # negative n flips: 5 lowest
     assert set(cat.catalog["id"]) == set(raw["id"][np.argsort(raw["flux"])[:5]])
-    # unknown column: an error, not silently ignored (SPEC 9)
+    # unknown column: an error, not silently ignored (docs/original.md §9)
     cat.set_filters([("stellarity", "<", 0.5)])
     with pytest.raises(ValueError, match="unknown column 'stellarity'"):
         _ = cat.catalog

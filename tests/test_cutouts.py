@@ -634,7 +634,8 @@ def test_reference_points_sign_synthetic(scene, cutouts):
     np.testing.assert_allclose(
         np.linalg.norm(s), np.linalg.norm(shift) * jac_scale, rtol=0.05
     )
-    # Corrected WCS (SPEC §7, pure shift): W'(p) = L(L^-1(W(p)) - s); the true
+    # Corrected WCS (docs/conventions.md §5, pure shift): W'(p) = L(L^-1(W(p)) - s);
+    # the true
     # position predicted - d must land on the catalog position.
     for c, x_cat in zip(cutouts, xy, strict=True):
         chip = exposure.chip(c.extver)

@@ -185,7 +185,7 @@ class CutoutBatch(NamedTuple):
         through the exposure's full distortion.
     iscale : Array, shape (N,), float32
         Factor that converts interpolated reference values to the image's
-        units and pixel area (SPEC §3 step 5).
+        units and pixel area (docs/original.md §3 step 5).
     shape : Array, shape (N, 2), int32
         True ``(ny, nx)`` of each image cutout before padding.
     predicted : Array, shape (N, 2), float64

@@ -3,7 +3,7 @@ r"""Differentiable blot: resample a reference image through a pixmap.
 A *pixmap* follows drizzle's blot convention: ``pixmap[..., 0]`` and
 ``pixmap[..., 1]`` are, for every output pixel, the 0-based ``x`` and ``y``
 position in the array being resampled (``data``), so the output has the
-pixmap's leading shape. The blot of SPEC §3 is
+pixmap's leading shape. The blot of docs/original.md §3 is
 
 .. math::
 
@@ -56,7 +56,7 @@ def blot_scale(*, image_units: str, image_exptime, area_ratio):
     i.e. ``|det J|`` of the Jacobian ``d(ref pixel) / d(image pixel)`` of the
     pixmap at the source. This replaces the original's
     ``1 / pix_ratio**2`` with ``pix_ratio`` built from the instrument's nominal
-    IDCSCALE (SPEC §3 step 2 and §9.22), which ignores the local distortion.
+    IDCSCALE (docs/original.md §3 step 2 and §9.22), which ignores the local distortion.
 
     Parameters
     ----------
@@ -377,7 +377,7 @@ def half_pixel_blots(
     fillval: float = 0.0,
     iscale=1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Compute the four half-pixel blots of SPEC §3 from one half-pixel pixmap.
+    """Compute the four half-pixel blots (docs/original.md §3) from one pixmap.
 
     Node ``(r, c)`` of ``pixmap`` is the image (exposure) position
     ``(c / 2, r / 2)``, so the four blots are strided views of one array, in the

@@ -1,7 +1,8 @@
 """Separable interpolation of 2-D arrays at arbitrary positions.
 
 The kernels reproduce the ones of drizzle's blot (``drizzle.resample.blot_image``,
-formerly drizzlepac's ``cdriz.tblot``; SPEC §3.1) and are differentiable with
+formerly drizzlepac's ``cdriz.tblot``; docs/original.md §3.1) and are differentiable
+with
 respect to both the data and the sample coordinates, which
 ``jax.scipy.ndimage.map_coordinates`` (order <= 1) cannot offer.
 
@@ -34,7 +35,7 @@ kind          T     offsets       1-D weights (``s = x - floor(x)``)
 ============  ====  ============  ================================================
 
 drizzle writes poly3/poly5 in Everett's central-difference form; that is the same
-polynomial as the Lagrange form used here (SPEC §3.1), so the two agree to
+polynomial as the Lagrange form used here (docs/original.md §3.1), so the two agree to
 rounding. Lanczos weights are not renormalised (as in drizzle), so a constant
 image interpolates to the constant times ``sum(w)``, which ripples by up to about
 1e-3 (lanczos3) between pixel centres.

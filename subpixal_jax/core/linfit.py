@@ -1,6 +1,6 @@
 """Clipped, weighted linear fits between two 2-D point sets, in fixed shapes.
 
-The model (tweakwcs 0.9.3, SPEC §6.2) maps ``uv`` onto ``xy`` about a centre
+The model (tweakwcs 0.9.3, docs/original.md §6.2) maps ``uv`` onto ``xy`` about a centre
 ``c``::
 
     xy_k ≈ M · (uv_k − c) + c + s
@@ -23,7 +23,7 @@ different source counts, padded to one bucket, compiles once. Failures are
 data: every fit carries an integer :class:`FitStatus`, and its numbers are NaN
 whenever the status is not ``OK``.
 
-Deviations from tweakwcs 0.9.3 (each deliberate, see SPEC §9.14):
+Deviations from tweakwcs 0.9.3 (each deliberate, see docs/original.md §9.14):
 
 * ``rscale``/``rshift``: tweakwcs sets the rotation angle to 0 whenever its
   numerator equals its denominator, which turns an exact 45° rotation into a
@@ -118,7 +118,7 @@ class LinearFit(NamedTuple):
     proper : Array of bool, shape ()
         True when ``det M >= 0``.
     rmse, mae, std : Array, shape ()
-        Residual statistics over the fitted points (SPEC §6.3; weighted when
+        Residual statistics over the fitted points (docs/original.md §6.3; weighted when
         weights were given).
     resids : Array, shape (N, 2)
         ``xy − (M (uv − c) + c + s)`` for every valid point, clipped ones
@@ -366,7 +366,7 @@ def _statistics(
     npts: jax.Array,
     weighted: jax.Array,
 ) -> jax.Array:
-    """``(rmse, mae, std)`` of the residuals, ``wn`` summing to 1 (SPEC §6.3)."""
+    """``(rmse, mae, std)`` of the residuals, ``wn`` summing to 1 (original.md §6.3)."""
     norm2 = rx * rx + ry * ry
     terms = jnp.stack([norm2, jnp.sqrt(norm2), rx, ry, wn])
     ms, mae, mrx, mry, v2 = jnp.sum(terms * wn[None, :], axis=1)
@@ -516,7 +516,7 @@ def _iter_fit(
     stat_index: jax.Array,
     clip_accum: jax.Array,
 ) -> LinearFit:
-    """Run the clipping loop of SPEC §6.4 on one image, in fixed shapes."""
+    """Run the clipping loop of docs/original.md §6.4 on one image, in fixed shapes."""
     minobj = FITGEOM_MIN_POINTS[fitgeom]
     wmask = valid & (weights > 0)
     xyc = xy - center[None, :]
@@ -629,7 +629,7 @@ def iter_linear_fit(
 ) -> LinearFit:
     """Fit ``xy ≈ M (uv − c) + c + s`` with iterative sigma clipping.
 
-    Clipping follows tweakwcs 0.9.3 (SPEC §6.4). The work runs in one jitted
+    Clipping follows tweakwcs 0.9.3 (docs/original.md §6.4). The work runs in one jitted
     call (compiled once per ``fitgeom`` and ``N``; ``nclip``, ``sigma`` and
     ``clip_accum`` are traced) in float64, whatever the caller's
     ``jax_enable_x64`` setting. The function is pure and may itself be
