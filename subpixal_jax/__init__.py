@@ -17,27 +17,35 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-from subpixal_jax.align import (
-    align_files,
-    align_images,
-    apply_solution,
-    find_linear_fit,
-    write_corrections,
-)
-from subpixal_jax.result import AlignmentResult, ImageFit, IterationResult
-from subpixal_jax.wcs import correct_wcs, update_exposure_wcs, update_image_wcs
+#: Public names and the modules that hold them; imported on first use, so
+#: that ``subpixal-jax --help``, the input checks and the first progress
+#: message come before JAX is loaded.
+_PUBLIC = {
+    "align_files": "subpixal_jax.align",
+    "align_images": "subpixal_jax.align",
+    "apply_solution": "subpixal_jax.align",
+    "find_linear_fit": "subpixal_jax.align",
+    "write_corrections": "subpixal_jax.align",
+    "AlignmentResult": "subpixal_jax.result",
+    "ImageFit": "subpixal_jax.result",
+    "IterationResult": "subpixal_jax.result",
+    "AlignOptions": "subpixal_jax.options",
+    "correct_wcs": "subpixal_jax.wcs",
+    "update_exposure_wcs": "subpixal_jax.wcs",
+    "update_image_wcs": "subpixal_jax.wcs",
+}
 
-__all__ = [
-    "AlignmentResult",
-    "ImageFit",
-    "IterationResult",
-    "__version__",
-    "align_files",
-    "align_images",
-    "apply_solution",
-    "correct_wcs",
-    "find_linear_fit",
-    "update_exposure_wcs",
-    "update_image_wcs",
-    "write_corrections",
-]
+__all__ = ["__version__", *sorted(_PUBLIC)]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    msg = f"module 'subpixal_jax' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -240,6 +240,26 @@ def _policy(args):
 
 
 def _run_align(args: argparse.Namespace) -> int:
+    # Inputs are checked before JAX is even imported: a mistake is reported
+    # within a second, and the first progress line comes at once.
+    from subpixal_jax.preflight import check_inputs
+
+    log = logging.getLogger("subpixal_jax.cli")
+    log.info("checking %d input file(s)", len(args.files))
+    dq_bits = int(args.dq_bits) if args.dq_bits.isdigit() else args.dq_bits
+    try:
+        check_inputs(
+            args.files,
+            in_place=args.in_place and not args.dry_run,
+            output_dir=args.output_dir,
+            summary=args.summary,
+            wcsname=args.wcsname,
+            force=args.force,
+            dq_bits=dq_bits,
+        )
+    except (ValueError, OSError) as exc:
+        return _error("align", exc)
+    log.info("inputs look fine; loading JAX")
     from subpixal_jax.align import align_files
     from subpixal_jax.options import from_arguments
 
@@ -251,7 +271,6 @@ def _run_align(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError) as exc:
         return _error("align", exc)
-    dq_bits = int(args.dq_bits) if args.dq_bits.isdigit() else args.dq_bits
     try:
         result, reports = align_files(
             args.files,
