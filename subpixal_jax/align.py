@@ -530,11 +530,13 @@ def _jwst_exposures(files: Sequence[Path]) -> list | None:
     if not any(kinds):
         return None
     if not all(kinds):
-        msg = "a run cannot mix JWST files (gWCS) with FITS-WCS files: " + ", ".join(
-            f"{f.name} ({'JWST' if k else 'FITS WCS'})"
-            for f, k in zip(files, kinds, strict=True)
+        kind = {True: "a JWST file (gWCS)", False: "a FITS-WCS file"}
+        raise InputError(
+            [
+                (str(f), f"{kind[k]}; a run cannot mix JWST files with FITS-WCS files")
+                for f, k in zip(files, kinds, strict=True)
+            ]
         )
-        raise InputError(msg)
     from subpixal_jax.jwst import read_jwst_exposures
 
     return read_jwst_exposures(files)

@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="orientation of the drizzle grid, degrees East of North (default 0)",
     )
     align.add_argument(
+        "--reference-catalog",
+        metavar="FILE",
+        help="after aligning, tie the set to this catalog (ECSV/CSV/FITS, RA/Dec "
+        "in degrees; Gaia DR3 column names accepted; proper motions propagated "
+        "to the exposures' epoch)",
+    )
+    align.add_argument(
         "--force",
         action="store_true",
         help="write every aligned image even when the verdict refuses it "
@@ -285,6 +292,7 @@ def _run_align(args: argparse.Namespace) -> int:
             pixel_scale=args.pixel_scale,
             rotation=args.rotation,
             policy=_policy(args),
+            reference_catalog=args.reference_catalog,
         )
     except (ValueError, OSError) as exc:
         return _error("align", exc)

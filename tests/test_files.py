@@ -166,3 +166,17 @@ def test_mixed_fk5_and_icrs_set_aligns_like_an_all_icrs_set(copies, tmp_path):
         assert fits.getheader(mixed_out / name, ("SCI", ext))["RADESYS"] == "FK5"
         # The FK5 file is corrected in its own frame to the same sky.
         assert _pixels(mixed, icrs) < 1e-4
+
+
+def test_jwst_and_fits_files_are_not_mixed(copies, tmp_path, capsys):
+    pytest.importorskip("stdatamodels")
+    from subpixal_jax.simulate_jwst import simulate_jwst_exposures
+
+    (tmp_path / "jw").mkdir()
+    sim = simulate_jwst_exposures(tmp_path / "jw", n_exposures=2, shape=(64, 64))
+    jwst_file = sim.paths[0][0]
+    code = main(["align", str(copies[0]), str(copies[1]), str(jwst_file)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cannot mix JWST files" in err
+    assert jwst_file.name in err
