@@ -364,6 +364,36 @@ def _area_ratio(pixmap: np.ndarray) -> float:
     return float(area)
 
 
+def _chip_scale(wcs) -> float:
+    """Pixel scale of a chip WCS at its reference point (degrees)."""
+    if isinstance(wcs, SkyWCS):
+        return wcs.pixel_scale()
+    return math.sqrt(proj_plane_pixel_area(wcs.celestial))
+
+
+def _median_of(singles, shape, *, reject_high: bool = False):
+    """Per-pixel median of single drizzles ``[(sci, wht), ...]`` where >= 3 cover.
+
+    ``reject_high`` drops the highest value where at least 4 cover (see
+    :meth:`DrizzleResample.median_image`).
+    """
+    stack = np.full((len(singles), *shape), np.nan, dtype=np.float32)
+    for i, (img, wht) in enumerate(singles):
+        np.copyto(stack[i], img, where=wht > 0)
+    count = np.sum(np.isfinite(stack), axis=0)
+    enough = count >= 3
+    median = np.zeros(shape, dtype=np.float32)
+    for r0 in range(0, shape[0], 256):
+        block = np.sort(stack[:, r0 : r0 + 256], axis=0)  # NaN sort last
+        c = np.maximum(count[r0 : r0 + 256], 1)[None]
+        if reject_high:
+            c = np.where(c >= 4, c - 1, c)
+        lo = np.take_along_axis(block, (c - 1) // 2, axis=0)[0]
+        hi = np.take_along_axis(block, c // 2, axis=0)[0]
+        median[r0 : r0 + 256] = np.where(enough[r0 : r0 + 256], 0.5 * (lo + hi), 0)
+    return median, enough
+
+
 def _max_neighbour_difference(img: np.ndarray) -> np.ndarray:
     """Largest absolute difference between each pixel and its 4 neighbours."""
     d = np.zeros_like(img)
@@ -591,6 +621,7 @@ class DrizzleResample:
             raise ValueError(msg)
 
         self.kernel = kernel
+        self._max_output_pixels = max_output_pixels
         self.pixfrac = float(pixfrac)
         self.weight = weight
         self.n_drizzles = 0
@@ -751,8 +782,7 @@ class DrizzleResample:
         ra0 = float(np.degrees(np.arctan2(mean[1], mean[0])) % 360.0)
         dec0 = float(np.degrees(np.arcsin(np.clip(mean[2], -1, 1))))
         if pixel_scale is None:
-            cel = self.exposures[0].chips[0].wcs.celestial
-            scale = math.sqrt(proj_plane_pixel_area(cel))
+            scale = self.native_scale() / 3600.0
         else:
             scale = float(pixel_scale) / 3600.0
         th = math.radians(rotation)
@@ -848,16 +878,45 @@ class DrizzleResample:
             wscale = 1.0
         return rate.astype(np.float32), wmap.astype(np.float32), wscale
 
-    def _drizzle_exposure(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def native_scale(self) -> float:
+        """Return the finest chip pixel scale of the inputs (arcsec).
+
+        The default output scale, and the scale of cosmic-ray rejection;
+        taking the finest makes a mixed-scale set independent of file order.
+        """
+        return 3600.0 * min(_chip_scale(c.wcs) for e in self.exposures for c in e.chips)
+
+    def _cr_grid(self):
+        """Return the grid of cosmic-ray rejection: the inputs' own scale.
+
+        A median drizzled onto a coarser grid and blotted back is smoothed at
+        the coarser scale, so star cores would differ from it by much more
+        than the noise and be flagged as cosmic rays (AstroDrizzle's separate
+        drizzles use the input scale for this reason). When the output scale
+        differs from the inputs' by more than 10 %, rejection runs on a grid at
+        the inputs' scale; otherwise on the output grid itself (None).
+        """
+        out_scale = 3600.0 * math.sqrt(proj_plane_pixel_area(self.output_wcs))
+        native = self.native_scale()
+        if abs(out_scale / native - 1.0) <= 0.1:
+            return None
+        borders = [[_chip_border(c) for c in e.chips] for e in self.exposures]
+        return self._build_grid(borders, native, 0.0, self._max_output_pixels)
+
+    def _drizzle_exposure(self, i: int, grid=None) -> tuple[np.ndarray, np.ndarray]:
+        """Drizzle exposure *i* onto the output grid, or onto ``grid=(wcs, shape)``."""
         e = self.exposures[i]
         driz = Drizzle(
             kernel=self.kernel,
             fillval=0.0,
-            out_shape=self.output_shape,
+            out_shape=self.output_shape if grid is None else grid[1],
             disable_ctx=True,
         )
         for c in e.chips:
-            pixmap = self.pixmap(i, c.extver)
+            if grid is None:
+                pixmap = self.pixmap(i, c.extver)
+            else:
+                pixmap = chip_pixmap(c.wcs, grid[0], c.shape)
             area = _area_ratio(pixmap)
             rate, wmap, wscale = self._chip_rate(e, c, self.sky[i][c.extver])
             driz.add_image(
@@ -928,32 +987,32 @@ class DrizzleResample:
         covered : numpy.ndarray
             ``(ny, nx)`` bool, True where at least 3 exposures cover.
         """
-        n = len(self.exposures)
-        stack = np.full((n, *self.output_shape), np.nan, dtype=np.float32)
-        for i in range(n):
-            np.copyto(stack[i], self._img[i], where=self._wht[i] > 0)
-        count = np.sum(np.isfinite(stack), axis=0)
-        enough = count >= 3
-        median = np.zeros(self.output_shape, dtype=np.float32)
-        for r0 in range(0, self.output_shape[0], 256):
-            block = np.sort(stack[:, r0 : r0 + 256], axis=0)  # NaN sort last
-            c = np.maximum(count[r0 : r0 + 256], 1)[None]
-            if reject_high:
-                c = np.where(c >= 4, c - 1, c)
-            lo = np.take_along_axis(block, (c - 1) // 2, axis=0)[0]
-            hi = np.take_along_axis(block, c // 2, axis=0)[0]
-            median[r0 : r0 + 256] = np.where(enough[r0 : r0 + 256], 0.5 * (lo + hi), 0)
-        return median, enough
+        singles = list(zip(self._img, self._wht, strict=True))
+        return _median_of(singles, self.output_shape, reject_high=reject_high)
 
     def _reject_cosmic_rays(self, cr_sigma, cr_scale, read_noise):
-        median, enough = self.median_image()
+        grid = self._cr_grid()
+        if grid is None:
+            median, enough = self.median_image()
+        else:
+            log.info(
+                "cosmic-ray rejection on a %d x %d grid at the inputs' scale",
+                *grid[1][::-1],
+            )
+            singles = [
+                self._drizzle_exposure(i, grid) for i in range(len(self.exposures))
+            ]
+            median, enough = _median_of(singles, grid[1])
         cover = enough.astype(np.float32)
         struct = np.ones((3, 3), dtype=bool)
         total = 0
         for i, e in enumerate(self.exposures):
             scale = e.exptime if e.units == "counts" else 1.0
             for c in e.chips:
-                pixmap = self.pixmap(i, c.extver)
+                if grid is None:
+                    pixmap = self.pixmap(i, c.extver)
+                else:
+                    pixmap = chip_pixmap(c.wcs, grid[0], c.shape)
                 area = _area_ratio(pixmap)
                 model = blot_image(median, pixmap, iscale=area * scale, interp="poly5")
                 covered = blot_image(cover, pixmap, interp="nearest") > 0.5
