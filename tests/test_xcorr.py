@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from scipy.signal import fftconvolve
 from test_peak import numpy_find_peak
 
+from subpixal_jax.accuracy import model_image
 from subpixal_jax.core import xcorr
 from subpixal_jax.core.peak import PeakFlag
 from subpixal_jax.core.xcorr import (
@@ -386,3 +387,55 @@ def test_single_source_bad_arguments():
         cross_correlate(z, np.zeros((5, 6)))
     with pytest.raises(ValueError, match="k11"):
         interlace(z, z, z, np.zeros((6, 5)))
+
+
+# --- zero-lag symmetry (issue #17) -------------------------------------------
+
+
+def _gaussian_blots(pedestal, sigma=1.5, centre=(11.0, 11.0)):
+    """Pixel-integrated Gaussian and its half-pixel blots on a pedestal."""
+    params = {"kind": "gaussian", "sigma": sigma, "x0": centre[0], "y0": centre[1]}
+    blots = np.stack([model_image(params, H, (a / 2, b / 2)) for a, b in SHIFTS])
+    return blots + pedestal * blots[0].max()
+
+
+def _texture_blots(n=512, seed=3):
+    """Band-limited power-law texture sampled at the four half-pixel offsets."""
+    rng = np.random.default_rng(seed)
+    kx, ky = np.meshgrid(np.fft.fftfreq(n), np.fft.fftfreq(n))
+    k = np.hypot(kx, ky)
+    amp = (k + 0.01) ** -1.5 * np.exp(-((k / 0.25) ** 2))
+    spec = amp * (rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n)))
+    blots = np.stack(
+        [
+            np.fft.ifft2(spec * np.exp(2j * np.pi * (kx * a + ky * b) / 2)).real
+            for a, b in SHIFTS
+        ]
+    )
+    return blots - blots.min() + blots.std()  # positive, with a pedestal
+
+
+@pytest.mark.parametrize("cc_type", ["CC", "NCC", "ZNCC"])
+def test_image_equal_to_reference_gives_zero_on_a_pedestal(cc_type):
+    # The original's interlaced map is asymmetric by one overlapping row and
+    # column between lags +1/2 and -1/2: 0.027 / 0.113 px (CC, NCC) on
+    # pedestals of 10% / 100% of the peak, 0.0019 px for ZNCC without one.
+    cases = [(p, s, (11.0, 11.0)) for p in (0.0, 0.1, 1.0) for s in (1.0, 1.5)]
+    cases += [(0.1, 1.2, (10.3, 12.6)), (1.0, 1.2, (12.4, 9.8))]
+    blots = np.stack([_gaussian_blots(*c) for c in cases]).astype(np.float32)
+    out = find_displacements(blots[:, 0], blots, cc_type=cc_type)
+    assert np.all(np.asarray(out.flags) == 0)
+    np.testing.assert_allclose(out.dxdy, 0.0, atol=1e-4)
+    if cc_type == "NCC":  # the original's bias is still there on request
+        old = find_displacements(blots[:, 0], blots, exact_original=True)
+        assert np.asarray(old.dxdy)[2:].min() > 0.01
+
+
+@pytest.mark.slow
+def test_image_equal_to_reference_gives_zero_on_a_texture():
+    # Signal up to the edges of a 512x512 cutout: the original's ZNCC gives
+    # 0.006-0.012 px; the overlap-normalised map is symmetric.
+    blots = _texture_blots().astype(np.float32)[None]
+    out = find_displacements(blots[:, 0], blots, cc_type="ZNCC")
+    assert int(out.flags[0]) == 0
+    np.testing.assert_allclose(out.dxdy, 0.0, atol=1e-4)

@@ -63,10 +63,13 @@ class Displacements(NamedTuple):
         fit was rejected. On the standard cases it is 1.0–1.3x the measured
         RMS error.
     peak : Array, shape (N,)
-        Height of the fitted correlation peak (units of ``cc_type``).
+        Height of the fitted correlation peak (units of ``cc_type``; for
+        NCC/ZNCC outside ``exact_original`` the overlap-normalised
+        correlation coefficient, at most 1).
     quality : Array, shape (N,)
         Peak height over ``sqrt(sum R**2 * sum B**2)`` of the normalised
-        arrays: 1 for a perfect match, near 0 for no match.
+        arrays (for overlap-normalised NCC/ZNCC the peak height itself): 1
+        for a perfect match, near 0 for no match.
     """
 
     dxdy: jax.Array
@@ -90,7 +93,9 @@ class DisplacementMap(NamedTuple):
     peak, quality : Array, shape ()
         As in :class:`Displacements`.
     icc : Array, shape (2H, 2W)
-        Interlaced correlation map.
+        Interlaced correlation map (NCC/ZNCC outside ``exact_original``:
+        normalised at every lag over its overlap, see
+        :func:`find_displacements`).
     kmaps : Array, shape (4, H, W)
         The four correlation maps in blot order ``(00, 10, 01, 11)``.
     """
@@ -214,32 +219,86 @@ def _inverse_dft_rows(first, count, length, dtype, half=False):
     return jax.lax.complex(jnp.cos(phase), jnp.sin(phase)) * weight[:, None]
 
 
+def _ref_spectra(ref, lengths):
+    """Return padded 2-D spectra of exposure-side arrays ``(..., H, W)``."""
+    ly, lx = lengths
+    return jnp.fft.fft(jnp.fft.rfft(ref, n=lx, axis=-1), n=ly, axis=-2)
+
+
+def _blot_spectra(blots, lengths):
+    """Return padded 2-D spectra of blot arrays ``(K, H, W)``, centred."""
+    h, w = blots.shape[-2:]
+    ly, lx = lengths
+    cy, cx = (h - 1) // 2, (w - 1) // 2
+    fb = jnp.fft.rfft(jnp.pad(blots, ((0, 0), (0, 0), (cx, lx - w - cx))), axis=-1)
+    return jnp.fft.fft(jnp.pad(fb, ((0, 0), (cy, ly - h - cy), (0, 0))), axis=-2)
+
+
+def _inverse_same(product, shape, lengths, extent, dtype):
+    """Invert cross-power spectra ``(K, Ly, Lx/2+1)`` at the 'same' lags."""
+    h, w = shape
+    ly, lx = lengths
+    if extent is None or extent == ((0, h), (0, w)):
+        out = jnp.fft.ifft(product, axis=-2)[:, :h]
+        out = jnp.fft.irfft(out, n=lx, axis=-1)[:, :, :w]
+    else:
+        (fy, my), (fx, mx) = extent
+        rows = _inverse_dft_rows(fy, my, ly, dtype)
+        cols = _inverse_dft_rows(fx, mx, lx, dtype, half=True)
+        out = jnp.einsum("ky,bkl->byl", rows, product)
+        out = jnp.real(jnp.einsum("byl,lx->byx", out, cols))
+    return out.astype(dtype)
+
+
 def _correlate_same(ref, blots, lengths, extent=None):
     """Correlate ``ref`` (H, W) with blots (K, H, W) at the 'same' lags.
 
     ``extent = ((first_y, count_y), (first_x, count_x))`` (static) returns
     only that window of the 'same' map, evaluated by a partial inverse DFT.
     """
-    h, w = ref.shape
-    ly, lx = lengths
-    cy, cx = (h - 1) // 2, (w - 1) // 2
     # Separable transforms that skip the all-zero padded rows: rfft along x
     # on the H data rows, then the full FFT along y; inverse along y first,
     # keeping only the H 'same' rows before the inverse along x.
-    fr = jnp.fft.fft(jnp.fft.rfft(ref, n=lx, axis=-1), n=ly, axis=-2)
-    fb = jnp.fft.rfft(jnp.pad(blots, ((0, 0), (0, 0), (cx, lx - w - cx))), axis=-1)
-    fb = jnp.fft.fft(jnp.pad(fb, ((0, 0), (cy, ly - h - cy), (0, 0))), axis=-2)
-    product = fb * jnp.conj(fr)[None]
-    if extent is None or extent == ((0, h), (0, w)):
-        out = jnp.fft.ifft(product, axis=-2)[:, :h]
-        out = jnp.fft.irfft(out, n=lx, axis=-1)[:, :, :w]
-    else:
-        (fy, my), (fx, mx) = extent
-        rows = _inverse_dft_rows(fy, my, ly, ref.dtype)
-        cols = _inverse_dft_rows(fx, mx, lx, ref.dtype, half=True)
-        out = jnp.einsum("ky,bkl->byl", rows, product)
-        out = jnp.real(jnp.einsum("byl,lx->byx", out, cols))
-    return out.astype(ref.dtype)
+    product = _blot_spectra(blots, lengths) * jnp.conj(_ref_spectra(ref, lengths))[None]
+    return _inverse_same(product, ref.shape, lengths, extent, ref.dtype)
+
+
+def _overlap_normalised(ref, blots, ref_valid, blot_valid, cc_type, lengths, extent):
+    """NCC/ZNCC maps normalised at every lag over its own overlap.
+
+    The masked normalised correlation of Padfield (IEEE TIP 21, 2012): with
+    ``M_R``, ``M_B`` the validity masks, every lag's sums run over the pixels
+    valid in both arrays, all from FFTs of the arrays, their squares and their
+    masks. NCC is ``sum B R / sqrt(sum B**2 sum R**2)``, ZNCC the correlation
+    coefficient of the overlapping pixels. Returns ``(maps, scale)``: the
+    maps (4, H', W') and, per lag, the divisor that turned the raw sum
+    ``sum B R`` into the map (the curvature of the raw sum is ``scale`` times
+    that of the map near the peak).
+    """
+    dtype = ref.dtype
+    mr = ref_valid.astype(dtype)
+    mb = blot_valid.astype(dtype)
+    fr = jnp.conj(_ref_spectra(jnp.stack([ref, ref * ref, mr]), lengths))
+    fb = _blot_spectra(jnp.concatenate([blots, blots * blots, mb]), lengths)
+    f_b, f_b2, f_mb = fb[:4], fb[4:8], fb[8:]
+    fr = fr[:, None]
+    products = [f_b * fr[0], f_b2 * fr[2], f_mb * fr[1]]
+    if cc_type == "ZNCC":
+        products += [f_b * fr[2], f_mb * fr[0], f_mb * fr[2]]
+    sums = _inverse_same(jnp.concatenate(products), ref.shape, lengths, extent, dtype)
+    sums = sums.reshape((len(products), 4, *sums.shape[1:]))
+    cross, b2, r2 = sums[0], sums[1], sums[2]
+    if cc_type == "ZNCC":
+        count = jnp.maximum(jnp.round(sums[5]), 1.0)
+        cross = cross - sums[3] * sums[4] / count
+        b2 = b2 - sums[3] ** 2 / count
+        r2 = r2 - sums[4] ** 2 / count
+    den = jnp.sqrt(jnp.maximum(b2, 0) * jnp.maximum(r2, 0))
+    # Lags whose overlap holds (next to) no signal in one array: no match.
+    good = den > 1e-6 * jnp.max(den)
+    return jnp.where(good, cross / jnp.where(good, den, 1.0), 0), jnp.where(
+        good, den, 1.0
+    )
 
 
 def _interlace(k00, k10, k01, k11):
@@ -322,12 +381,32 @@ def _peak_error(ref, blots, ref_valid, blot_valid, pk, lo, hi):
     return jnp.sqrt(jnp.stack([var_x, var_y]))
 
 
+def _blot_footprint(shape, h, w):
+    """Blot pixels whose sample position lies inside the cutout, shape (4, H, W).
+
+    Blot ``ab`` samples ``(i + a/2, j + b/2)``: in its last column (``a = 1``)
+    or row (``b = 1``) that is half a pixel beyond the cutout's last pixel
+    centre. Pairing those samples would give lag ``+1/2`` one more overlapping
+    row or column than lag ``-1/2`` and bias the peak of any map that carries
+    signal (a pedestal, a texture) to the cutout's edges towards ``+x, +y``;
+    without them every lag ``d`` and ``-d`` overlap by the same pixel count,
+    so the interlaced map of an image with itself is symmetric.
+    """
+    rows = jnp.arange(h)[:, None]
+    cols = jnp.arange(w)[None, :]
+    return jnp.stack(
+        [(cols < shape[1] - a) & (rows < shape[0] - b) for a, b in HALF_PIXEL_SHIFTS]
+    )
+
+
 def _measure_one(
     ref, blots, ref_valid, blot_valid, shape, *, cc_type, fit_box, exact, radius
 ):
     """Displacement of one source; returns (fields..., kmaps)."""
     h, w = ref.shape
     dtype = ref.dtype
+    if not exact:
+        blot_valid = blot_valid & _blot_footprint(shape, h, w)
     finite = jnp.all(jnp.isfinite(ref) | ~ref_valid) & jnp.all(
         jnp.isfinite(blots) | ~blot_valid
     )
@@ -340,7 +419,14 @@ def _measure_one(
         _lag_extent(h, radius, fit_box),
         _lag_extent(w, radius, fit_box),
     )
-    kmaps = _correlate_same(ref_n, blots_n, fft_shape((h, w)), extent)
+    lengths = fft_shape((h, w))
+    if exact or cc_type == "CC":
+        kmaps = _correlate_same(ref_n, blots_n, lengths, extent)
+        scale = None
+    else:
+        kmaps, scale = _overlap_normalised(
+            ref_n, blots_n, ref_valid, blot_valid, cc_type, lengths, extent
+        )
 
     ny = jnp.clip(shape[0], 0, h)
     nx = jnp.clip(shape[1], 0, w)
@@ -394,10 +480,20 @@ def _measure_one(
     centre = jnp.array([(w - 1) // 2, (h - 1) // 2], dtype=dtype)
     dxdy = 0.5 * pk.xy - centre
 
-    sigma = _peak_error(ref_n, blots_n, ref_valid, blot_valid, pk, lo, hi)
-    r2 = jnp.sum(ref_n * ref_n)
-    b2 = jnp.mean(jnp.sum(blots_n * blots_n, axis=(-2, -1)))
-    quality = pk.height / jnp.sqrt(_safe(r2 * b2))
+    if scale is None:
+        r2 = jnp.sum(ref_n * ref_n)
+        b2 = jnp.mean(jnp.sum(blots_n * blots_n, axis=(-2, -1)))
+        quality = pk.height / jnp.sqrt(_safe(r2 * b2))
+        raw = pk
+    else:
+        # The map is already a correlation coefficient; the error propagation
+        # needs the curvature of the raw sum, ``scale`` times the map's.
+        quality = pk.height
+        at = scale[
+            guess[0] % 2 + 2 * (guess[1] % 2), guess[1] // 2 - fy, guess[0] // 2 - fx
+        ]
+        raw = pk._replace(hessian=pk.hessian * at)
+    sigma = _peak_error(ref_n, blots_n, ref_valid, blot_valid, raw, lo, hi)
 
     empty = ~norm_ok | (ny < 1) | (nx < 1)
     flags = (
@@ -534,7 +630,15 @@ def find_displacements(
     replace the "pixels equal to zero" rule, invalid image pixels are set to
     zero (ZNCC subtracts the image mean only from valid pixels), and the
     peak fit fixes the quirks listed in
-    :func:`subpixal_jax.core.peak.find_peak`.
+    :func:`subpixal_jax.core.peak.find_peak`. The map is made symmetric:
+    blot samples half a pixel beyond the cutout's last row or column are not
+    used (with them lag ``+1/2`` overlaps one row or column more than
+    ``-1/2``, which biased an image correlated with itself by up to 0.11 px
+    towards ``+x, +y`` on a pedestal), and NCC/ZNCC are normalised at every
+    lag over its own overlap (masked NCC, Padfield 2012), so a pedestal or a
+    texture reaching the cutout edges does not pull the peak; an image equal
+    to its reference gives ``|d| < 1e-4`` px. The overlap sums cost three
+    (NCC) or six (ZNCC) inverse transforms per blot instead of one.
 
     Examples
     --------
