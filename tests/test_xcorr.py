@@ -439,3 +439,23 @@ def test_image_equal_to_reference_gives_zero_on_a_texture():
     out = find_displacements(blots[:, 0], blots, cc_type="ZNCC")
     assert int(out.flags[0]) == 0
     np.testing.assert_allclose(out.dxdy, 0.0, atol=1e-4)
+
+
+def test_peak_at_the_lag_window_edge_is_flagged():
+    # A 24-px cutout measures lags -11 .. 12 px. Peaks that leave the fit box
+    # no room inside that window, or lie beyond it, carry LAG_WINDOW.
+    shifts = [(0, 0), (5, -3), (8, 0), (0, -7.5), (12.0, 0), (0, -10.8), (12.6, 0)]
+    shifts += [(13.5, 0)]
+    rng = np.random.default_rng(4)
+    cases = [
+        source_case((H, W), (11.0 - sx, 11.0 - sy), (11.0, 11.0), rng, noise=0.5)
+        for sx, sy in shifts
+    ]
+    refs, blots, _ = pad_batch(cases)
+    out = find_displacements(refs.astype(np.float32), blots.astype(np.float32))
+    flags = np.asarray(out.flags)
+    lag = (flags & PeakFlag.LAG_WINDOW) != 0
+    np.testing.assert_array_equal(lag, [False] * 4 + [True] * 4)
+    assert np.all(flags[:4] == 0)
+    np.testing.assert_allclose(np.asarray(out.dxdy)[:4], shifts[:4], atol=0.02)
+    assert flags[-1] & PeakFlag.EDGE

@@ -50,6 +50,13 @@ class PeakFlag(enum.IntFlag):
     INVALID_INPUT
         Nothing to correlate: every pixel masked or zero, or a constant
         image under NCC/ZNCC normalisation; the position is NaN.
+    LAG_WINDOW
+        The peak is at the edge of the lag window the map (the cutout size)
+        allows: the argmax is closer to the window's border than half the
+        fit box, so the box cannot be centred on it and the position is
+        biased, or the true peak lies beyond the window. The fit is still
+        made in a box moved inside the window (as for ``EDGE``, which refers
+        to the searched window).
     """
 
     EDGE = 1
@@ -58,6 +65,7 @@ class PeakFlag(enum.IntFlag):
     NONFINITE = 8
     VERTEX_OUTSIDE = 16
     INVALID_INPUT = 32
+    LAG_WINDOW = 64
 
 
 #: Flags for which no position is reported (NaN).
@@ -228,6 +236,7 @@ def refine_box(
     search_lo = lo if search_lo is None else search_lo
     search_hi = hi if search_hi is None else search_hi
     edge = jnp.any((guess == search_lo) | (guess == search_hi))
+    off_centre = jnp.any((guess - lo < h) | (hi - guess < h))
     guess_f = guess.astype(dtype)
     if exact_original:
         at_first = jnp.any(guess == lo)
@@ -248,6 +257,7 @@ def refine_box(
         | jnp.where(narrow, int(PeakFlag.TOO_FEW_POINTS), 0)
         | jnp.where(~narrow & ~no_max & outside, int(PeakFlag.VERTEX_OUTSIDE), 0)
         | jnp.where(nonfinite, int(PeakFlag.NONFINITE), 0)
+        | jnp.where(off_centre, int(PeakFlag.LAG_WINDOW), 0)
     ).astype(jnp.int32)
     xy = jnp.where(nonfinite, jnp.nan, xy)
     return Peak(xy=xy, flags=flags, height=height, hessian=hessian)

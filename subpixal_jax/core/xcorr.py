@@ -42,7 +42,7 @@ CC_TYPES: tuple[str, ...] = ("CC", "NCC", "ZNCC")
 #: Sources per vmapped chunk inside one compiled call.
 CHUNK = 64
 
-_SIGMA_OK_FLAGS = int(PeakFlag.EDGE)
+_SIGMA_OK_FLAGS = int(PeakFlag.EDGE | PeakFlag.LAG_WINDOW)
 
 
 class Displacements(NamedTuple):
