@@ -459,3 +459,4 @@ def test_peak_at_the_lag_window_edge_is_flagged():
     assert np.all(flags[:4] == 0)
     np.testing.assert_allclose(np.asarray(out.dxdy)[:4], shifts[:4], atol=0.02)
     assert flags[-1] & PeakFlag.EDGE
+
