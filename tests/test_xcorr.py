@@ -460,3 +460,15 @@ def test_peak_at_the_lag_window_edge_is_flagged():
     np.testing.assert_allclose(np.asarray(out.dxdy)[:4], shifts[:4], atol=0.02)
     assert flags[-1] & PeakFlag.EDGE
 
+
+def test_half_precision_input_is_upcast(source_batch):
+    # float16 / bfloat16 cutouts used to crash inside the rFFT.
+    refs, blots = source_batch
+    expected = find_displacements(refs.astype(np.float16), blots.astype(np.float16))
+    for dtype in (np.float16, jnp.bfloat16):
+        out = find_displacements(refs.astype(dtype), blots.astype(dtype))
+        assert out.dxdy.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(out.flags), 0)
+        np.testing.assert_allclose(out.dxdy, expected.dxdy, atol=0.01)
+    single = find_displacement(refs[0].astype(np.float16), *blots[0].astype(np.float16))
+    np.testing.assert_allclose(single, expected.dxdy[0], atol=1e-5)

@@ -163,8 +163,9 @@ def fft_shape(shape: tuple[int, int]) -> tuple[int, int]:
 
 
 def _float_dtype(*arrays):
+    """Working dtype: float32 or float64 (the FFTs support no narrower float)."""
     dtype = jnp.result_type(*arrays)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits < 32:
         dtype = jnp.dtype(jnp.float32)
     return dtype
 
