@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy.signal import fftconvolve
 from test_peak import numpy_find_peak
 
-from subpixal_jax.accuracy import model_image
+from subpixal_jax.accuracy import model_image, texture_references
 from subpixal_jax.core import xcorr
 from subpixal_jax.core.peak import PeakFlag
 from subpixal_jax.core.xcorr import (
@@ -399,22 +399,6 @@ def _gaussian_blots(pedestal, sigma=1.5, centre=(11.0, 11.0)):
     return blots + pedestal * blots[0].max()
 
 
-def _texture_blots(n=512, seed=3):
-    """Band-limited power-law texture sampled at the four half-pixel offsets."""
-    rng = np.random.default_rng(seed)
-    kx, ky = np.meshgrid(np.fft.fftfreq(n), np.fft.fftfreq(n))
-    k = np.hypot(kx, ky)
-    amp = (k + 0.01) ** -1.5 * np.exp(-((k / 0.25) ** 2))
-    spec = amp * (rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n)))
-    blots = np.stack(
-        [
-            np.fft.ifft2(spec * np.exp(2j * np.pi * (kx * a + ky * b) / 2)).real
-            for a, b in SHIFTS
-        ]
-    )
-    return blots - blots.min() + blots.std()  # positive, with a pedestal
-
-
 @pytest.mark.parametrize("cc_type", ["CC", "NCC", "ZNCC"])
 def test_image_equal_to_reference_gives_zero_on_a_pedestal(cc_type):
     # The original's interlaced map is asymmetric by one overlapping row and
@@ -435,7 +419,7 @@ def test_image_equal_to_reference_gives_zero_on_a_pedestal(cc_type):
 def test_image_equal_to_reference_gives_zero_on_a_texture():
     # Signal up to the edges of a 512x512 cutout: the original's ZNCC gives
     # 0.006-0.012 px; the overlap-normalised map is symmetric.
-    blots = _texture_blots().astype(np.float32)[None]
+    blots = texture_references(512, seed=3).astype(np.float32)[None]
     out = find_displacements(blots[:, 0], blots, cc_type="ZNCC")
     assert int(out.flags[0]) == 0
     np.testing.assert_allclose(out.dxdy, 0.0, atol=1e-4)

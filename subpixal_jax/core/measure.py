@@ -20,7 +20,8 @@ from subpixal_jax.core.xcorr import Displacements, find_displacements
 
 
 @functools.partial(
-    jax.jit, static_argnames=("interp", "cc_type", "fit_box", "search_radius")
+    jax.jit,
+    static_argnames=("interp", "cc_type", "fit_box", "search_radius", "peak_fit"),
 )
 def measure_batch(
     batch: CutoutBatch,
@@ -29,6 +30,7 @@ def measure_batch(
     cc_type: str = "NCC",
     fit_box: int = 5,
     search_radius: int | None = None,
+    peak_fit: str = "lagrange",
 ) -> tuple[Displacements, jax.Array]:
     """Measure the displacement of every source of a batch.
 
@@ -45,6 +47,10 @@ def measure_batch(
     search_radius : int or None, optional
         Restrict the peak search to lags within this many image pixels of
         zero lag (None: the whole lag window).
+    peak_fit : {'lagrange', 'quadratic'}, optional
+        Sub-pixel peak model (see
+        :func:`subpixal_jax.core.xcorr.find_displacements`); 'quadratic' is
+        the original's 5x5 fit.
 
     Returns
     -------
@@ -71,6 +77,7 @@ def measure_batch(
         cc_type=cc_type,
         fit_box=fit_box,
         search_radius=search_radius,
+        peak_fit=peak_fit,
     )
     return result, jnp.asarray(blots)
 
