@@ -503,6 +503,11 @@ _FIT_FAILED = int(
 #: vs 0.0125 px); both are far from the bound for such undersampled
 #: sources, for which refinement through the blot is the answer.
 _MIN_LAGRANGE_WIDTH2 = 4.0
+#: Widest such peak: beyond it the quadratic's grid locking is below 1e-5 px
+#: while the polynomial, which does not average, follows float32 rounding
+#: of the map (a flat NCC peak on a large pedestal: 1.3e-4 px instead of
+#: 1e-6 px for an image correlated with itself).
+_MAX_LAGRANGE_WIDTH2 = 64.0
 
 
 def _lagrange_refine(pk, kmaps, guess, lo, hi, rows_extent, cols_extent):
@@ -510,9 +515,9 @@ def _lagrange_refine(pk, kmaps, guess, lo, hi, rows_extent, cols_extent):
 
     Kept only when the quadratic fit succeeded, the ``LAGRANGE_TAPS`` box
     centred on the argmax lies inside the lag window, the polynomial has a
-    maximum within one map pixel of the argmax and the peak is not so
-    narrow (an undersampled source) that a polynomial cannot follow it;
-    otherwise ``pk`` stays.
+    maximum within one map pixel of the argmax and the peak is neither so
+    narrow (an undersampled source) that a polynomial cannot follow it nor
+    so flat that the quadratic does not lock; otherwise ``pk`` stays.
     """
     (fy, my), (fx, mx) = rows_extent, cols_extent
     half = LAGRANGE_TAPS // 2
@@ -525,8 +530,10 @@ def _lagrange_refine(pk, kmaps, guess, lo, hi, rows_extent, cols_extent):
     inside = jnp.all((guess - lo >= half) & (hi - guess >= half))
     # Width^2 of the peak (map px^2) if it were a Gaussian, height / -f''.
     width2 = height / -jnp.diagonal(hessian)
-    wide = (height > 0) & jnp.all(width2 >= _MIN_LAGRANGE_WIDTH2)
-    use = ok & inside & wide & ((pk.flags & _FIT_FAILED) == 0)
+    sampled = (height > 0) & jnp.all(
+        (width2 >= _MIN_LAGRANGE_WIDTH2) & (width2 <= _MAX_LAGRANGE_WIDTH2)
+    )
+    use = ok & inside & sampled & ((pk.flags & _FIT_FAILED) == 0)
     return pk._replace(
         xy=jnp.where(use, guess + uv, pk.xy),
         height=jnp.where(use, height, pk.height),
