@@ -21,7 +21,14 @@ from subpixal_jax.core.xcorr import Displacements, find_displacements
 
 @functools.partial(
     jax.jit,
-    static_argnames=("interp", "cc_type", "fit_box", "search_radius", "peak_fit"),
+    static_argnames=(
+        "interp",
+        "cc_type",
+        "fit_box",
+        "search_radius",
+        "peak_fit",
+        "overlap_normalise",
+    ),
 )
 def measure_batch(
     batch: CutoutBatch,
@@ -31,6 +38,7 @@ def measure_batch(
     fit_box: int = 5,
     search_radius: int | None = None,
     peak_fit: str = "lagrange",
+    overlap_normalise: bool = False,
 ) -> tuple[Displacements, jax.Array]:
     """Measure the displacement of every source of a batch.
 
@@ -51,6 +59,9 @@ def measure_batch(
         Sub-pixel peak model (see
         :func:`subpixal_jax.core.xcorr.find_displacements`); 'quadratic' is
         the original's 5x5 fit.
+    overlap_normalise : bool, optional
+        Normalise NCC/ZNCC at every lag over its overlap (see
+        :func:`subpixal_jax.core.xcorr.find_displacements`).
 
     Returns
     -------
@@ -78,6 +89,7 @@ def measure_batch(
         fit_box=fit_box,
         search_radius=search_radius,
         peak_fit=peak_fit,
+        overlap_normalise=overlap_normalise,
     )
     return result, jnp.asarray(blots)
 
