@@ -62,7 +62,11 @@ def zero_shift_rows() -> list[tuple]:
         refs = (base + pedestal * base[0].max()).astype(np.float32)[None]
         for cc_type in ("CC", "NCC", "ZNCC"):
             rows.append(
-                (f"gaussian sigma 1.5, 25x25, pedestal {pedestal:.0%}", cc_type, *_zero_shift(refs, cc_type))
+                (
+                    f"gaussian sigma 1.5, 25x25, pedestal {pedestal:.0%}",
+                    cc_type,
+                    *_zero_shift(refs, cc_type),
+                )
             )
     refs = texture_references(512, seed=3).astype(np.float32)[None]
     for cc_type in ("NCC", "ZNCC"):
