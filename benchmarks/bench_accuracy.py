@@ -1,11 +1,15 @@
 """Per-source accuracy against the Cramér–Rao bound, and the cost of refinement.
 
 Standard cutouts of ACCURACY.md (25x25, gaussian / moffat / sersic, peak S/N
-20, 100, 1000). Methods: the interlaced cross-correlation (core/xcorr),
-refine_displacements started from its answer, skimage's
-phase_cross_correlation (upsample 100, normalization=None) and, when
-importable, image_registration's chi2_shift. Prints the per-axis RMS error
-over RMS/CRB, then the refinement's compile time and median cost per source.
+20, 100, 1000). Methods: the interlaced cross-correlation (core/xcorr) with
+its default Lagrange peak fit, with ``peak_fit='quadratic'`` and with
+``exact_original=True`` (the original method), refine_displacements started
+from the default's answer, skimage's phase_cross_correlation (upsample 100,
+normalization=None) and, when importable, image_registration's chi2_shift.
+Prints the per-axis RMS error over RMS/CRB, the pull std (error / reported
+sigma) of the CC paths, a zero-shift table (image = reference on pedestals
+and on a 512x512 texture), then the refinement's compile time and median
+cost per source.
 
 Usage: python benchmarks/bench_accuracy.py [--quick]
 """
@@ -24,7 +28,9 @@ from subpixal_jax.accuracy import (
     KINDS,
     cramer_rao_bound,
     make_case,
+    model_image,
     refinement_inputs,
+    texture_references,
 )
 from subpixal_jax.core.refine import refine_displacements
 from subpixal_jax.core.xcorr import find_displacements
@@ -42,11 +48,51 @@ def _rms(err):
     return float(np.sqrt(np.mean(err**2)))
 
 
+def _pull(err, sigma):
+    return float(np.std(err / sigma))
+
+
+def zero_shift_rows() -> list[tuple]:
+    """``(case, cc_type, max |d|: default, per-lag, original)``, image = reference."""
+    rows = []
+    shifts = ((0, 0), (1, 0), (0, 1), (1, 1))
+    params = {"kind": "gaussian", "sigma": 1.5, "x0": 12.0, "y0": 12.0}
+    base = np.stack([model_image(params, 25, (a / 2, b / 2)) for a, b in shifts])
+    for pedestal in (0.0, 0.1, 1.0):
+        refs = (base + pedestal * base[0].max()).astype(np.float32)[None]
+        for cc_type in ("CC", "NCC", "ZNCC"):
+            rows.append(
+                (
+                    f"gaussian sigma 1.5, 25x25, pedestal {pedestal:.0%}",
+                    cc_type,
+                    *_zero_shift(refs, cc_type),
+                )
+            )
+    refs = texture_references(512, seed=3).astype(np.float32)[None]
+    for cc_type in ("NCC", "ZNCC"):
+        rows.append(("texture 512x512", cc_type, *_zero_shift(refs, cc_type)))
+    return rows
+
+
+def _zero_shift(refs, cc_type):
+    runs = [{}, {"overlap_normalise": True}, {"exact_original": True}]
+    return tuple(
+        float(
+            np.abs(
+                np.asarray(
+                    find_displacements(refs[:, 0], refs, cc_type=cc_type, **kw).dxdy
+                )
+            ).max()
+        )
+        for kw in runs
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="30 cases per kind")
     opts = parser.parse_args()
-    per_kind = 30 if opts.quick else 200
+    per_kind = 30 if opts.quick else 150
     n_src = per_kind * len(KINDS)
     rows = []
     compile_s = None
@@ -60,7 +106,10 @@ def main() -> None:
             images = np.stack([c.image for c in cases])
             refs = np.stack([c.refs for c in cases])
             truth = -np.stack([c.shift for c in cases])
-            cc = find_displacements(images.astype(np.float32), refs.astype(np.float32))
+            im32, ref32 = images.astype(np.float32), refs.astype(np.float32)
+            cc = find_displacements(im32, ref32)
+            quad = find_displacements(im32, ref32, peak_fit="quadratic")
+            orig = find_displacements(im32, ref32, exact_original=True)
             cc_dxdy = np.asarray(cc.dxdy, np.float64)
             variances = np.stack([c.variance for c in cases])
             args = tuple(
@@ -108,6 +157,18 @@ def main() -> None:
                     "snr": snr,
                     "crb": bound,
                     "cc": _rms(cc_dxdy[sel] - truth[sel]),
+                    "quad": _rms(np.asarray(quad.dxdy)[sel] - truth[sel]),
+                    "orig": _rms(np.asarray(orig.dxdy)[sel] - truth[sel]),
+                    "pull_cc": _pull(
+                        cc_dxdy[sel] - truth[sel], np.asarray(cc.sigma)[sel]
+                    ),
+                    "pull_orig": _pull(
+                        np.asarray(orig.dxdy)[sel] - truth[sel],
+                        np.asarray(orig.sigma)[sel],
+                    ),
+                    "pull_refine": _pull(
+                        refined[sel] - truth[sel], np.asarray(out.sigma)[sel]
+                    ),
                     "refine": _rms(refined[sel] - truth[sel]),
                     "skimage": _rms(sk[sel] - truth[sel]),
                     "chi2": _rms(c2[sel] - truth[sel])
@@ -118,18 +179,30 @@ def main() -> None:
     print(
         f"per-axis RMS error (px) / (RMS/CRB), {SIZE}x{SIZE}, {per_kind} cases per kind"
     )
+    methods = ("cc", "quad", "orig", "refine", "skimage", "chi2")
     print(
-        "| kind | S/N | CRB | xcorr CC | refine | skimage pcc (up 100) | chi2_shift |"
+        "| kind | S/N | CRB | xcorr default | xcorr quadratic | original "
+        "| refine | skimage pcc (up 100) | chi2_shift | pull default / original "
+        "/ refine |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [
             f"{r[m]:.5f} ({r[m] / r['crb']:.2f})" if r[m] is not None else "n/a"
-            for m in ("cc", "refine", "skimage", "chi2")
+            for m in methods
         ]
+        pulls = f"{r['pull_cc']:.2f} / {r['pull_orig']:.2f} / {r['pull_refine']:.2f}"
         print(
-            f"| {r['kind']} | {r['snr']} | {r['crb']:.5f} | " + " | ".join(cells) + " |"
+            f"| {r['kind']} | {r['snr']} | {r['crb']:.5f} | "
+            + " | ".join(cells)
+            + f" | {pulls} |"
         )
+    print()
+    print("image = reference (true displacement 0): max |d| px")
+    print("| case | cc_type | default | overlap_normalise | original |")
+    print("|---|---|---|---|---|")
+    for case, cc_type, new, per_lag, old in zero_shift_rows():
+        print(f"| {case} | {cc_type} | {new:.1e} | {per_lag:.1e} | {old:.1e} |")
     if chi2_shift is None:
         print("image_registration not importable: chi2_shift skipped")
     print(

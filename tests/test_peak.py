@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from subpixal_jax.core.peak import PeakFlag, find_peak, quadratic_coefficients
+from subpixal_jax.core.peak import (
+    PeakFlag,
+    check_peak_fit,
+    find_peak,
+    lagrange_peak,
+    lagrange_weights,
+    quadratic_coefficients,
+)
 
 SHAPE = (12, 14)
 
@@ -155,3 +162,43 @@ def test_bad_arguments(kwargs, name):
         find_peak(jnp.zeros(SHAPE), **kwargs)
     with pytest.raises(ValueError, match="image"):
         find_peak(jnp.zeros(5))
+
+
+def test_lagrange_weights_reproduce_polynomials():
+    nodes = np.arange(-3.0, 4.0)
+    for u in (-0.7, 0.0, 0.31):
+        w, d = lagrange_weights(jnp.asarray(u), 7)
+        for power in range(7):  # exact up to degree 6
+            assert float(w @ nodes**power) == pytest.approx(u**power, abs=1e-5)
+            slope = power * u ** (power - 1) if power else 0.0
+            assert float(d @ nodes**power) == pytest.approx(slope, abs=1e-4)
+
+
+@pytest.mark.parametrize("sigma", [2.83, 4.0])
+def test_lagrange_peak_has_no_grid_locking(sigma):
+    # A Gaussian peak of width sigma map pixels (2.83 = the correlation of a
+    # sigma-1 px source on the half-pixel grid): the quadratic vertex locks
+    # onto the grid by up to ~1e-2 map px, the interpolating polynomial's
+    # maximum is within 2e-4.
+    y, x = np.mgrid[-3:4, -3:4].astype(float)
+    with jax.enable_x64(True):
+        for x0 in np.linspace(-0.5, 0.5, 9):
+            y0 = -0.4 * x0 + 0.1
+            box = np.exp(-((x - x0) ** 2 + (y - y0) ** 2) / (2 * sigma**2))
+            uv, height, hessian, ok = lagrange_peak(jnp.asarray(box), jnp.zeros(2))
+            assert bool(ok)
+            np.testing.assert_allclose(uv, [x0, y0], atol=2e-4)
+            assert float(height) == pytest.approx(1.0, abs=1e-4)
+            np.testing.assert_allclose(
+                hessian, -np.eye(2) / sigma**2, atol=0.02 / sigma**2
+            )
+    quad = find_peak(np.exp(-((x - 0.25) ** 2 + y**2) / (2 * 2.83**2)))
+    assert abs(float(quad.xy[0]) - 3.25) > 2e-3
+
+
+def test_lagrange_peak_rejects_a_minimum():
+    y, x = np.mgrid[-3:4, -3:4].astype(float)
+    *_, ok = lagrange_peak(jnp.asarray((x - 0.2) ** 2 + y**2), jnp.zeros(2))
+    assert not bool(ok)
+    with pytest.raises(ValueError, match="peak_fit"):
+        check_peak_fit("gauss")

@@ -58,6 +58,9 @@ def runs():
             refs = np.stack([c.refs for c in cases])
             cc = find_displacements(images.astype(np.float32), refs.astype(np.float32))
             cc_dxdy = np.asarray(cc.dxdy, np.float64)
+            orig = find_displacements(
+                images.astype(np.float32), refs.astype(np.float32), exact_original=True
+            )
             args = _inputs(images, np.stack([c.variance for c in cases]), refs, cc_dxdy)
             res = refine_displacements(*args)
             crb = {
@@ -74,6 +77,7 @@ def runs():
                 "res": jax.tree.map(np.asarray, res),
                 "truth": -np.stack([c.shift for c in cases]),
                 "cc": cc_dxdy,
+                "orig": np.asarray(orig.dxdy, np.float64),
                 "crb": crb,
             }
     return out
@@ -89,6 +93,8 @@ def test_accuracy_against_the_bound(runs):
             sel = slice(i * PER_KIND, (i + 1) * PER_KIND)
             err = res.dxdy[sel] - run["truth"][sel]
             cc_err = run["cc"][sel] - run["truth"][sel]
+            orig_err = run["orig"][sel] - run["truth"][sel]
+            orig_rms = float(np.sqrt(np.mean(orig_err**2)))
             rms = float(np.sqrt(np.mean(err**2)))
             crb = float(np.sqrt(np.mean(run["crb"][kind] ** 2)))
             cc_rms = float(np.sqrt(np.mean(cc_err**2)))
@@ -98,7 +104,9 @@ def test_accuracy_against_the_bound(runs):
             if snr in (20, 100):
                 assert rms <= 1.2 * crb, (kind, snr, rms, crb)
             else:
-                assert 3 * rms <= cc_rms, (kind, snr, rms, cc_rms)
+                # ACCURACY.md: at least 3x below the original method's error.
+                assert 3 * rms <= orig_rms, (kind, snr, rms, orig_rms)
+                assert rms <= cc_rms, (kind, snr, rms, cc_rms)
             # No bias: the mean error is far below the per-source error.
             assert np.all(np.abs(err.mean(axis=0)) < 0.2 * sigma.mean()), (kind, snr)
     print(f"\nper-axis RMS error, {SIZE}x{SIZE}, {PER_KIND} cases per kind")
@@ -108,6 +116,30 @@ def test_accuracy_against_the_bound(runs):
     pull_std = float(np.std(np.concatenate(pulls)))
     print(f"pooled pull std {pull_std:.3f}")
     assert 0.85 <= pull_std <= 1.15
+
+
+def test_undersampled_source_reaches_the_bound():
+    # A Gaussian PSF of sigma 0.6 px (WFC3/IR-like undersampling): the
+    # interlaced cross-correlation is 4-5x above the bound at S/N 100
+    # whatever its peak model; refinement through the 2x reference reaches
+    # it (measured 0.92x), so undersampling alone does not make refinement
+    # worse than cross-correlation.
+    rng = np.random.default_rng(11)
+    cases = [make_case("gaussian", 100, SIZE, rng, sigma=0.6) for _ in range(60)]
+    images = np.stack([c.image for c in cases])
+    refs = np.stack([c.refs for c in cases])
+    truth = -np.stack([c.shift for c in cases])
+    with jax.enable_x64(True):
+        cc = find_displacements(images.astype(np.float32), refs.astype(np.float32))
+        cc_dxdy = np.asarray(cc.dxdy, np.float64)
+        variances = np.stack([c.variance for c in cases])
+        res = refine_displacements(*_inputs(images, variances, refs, cc_dxdy))
+    crb = np.sqrt(np.mean([cramer_rao_bound(c.params, SIZE) ** 2 for c in cases[:20]]))
+    rms = np.sqrt(np.mean((np.asarray(res.dxdy) - truth) ** 2))
+    cc_rms = np.sqrt(np.mean((cc_dxdy - truth) ** 2))
+    assert np.all(np.asarray(res.flags) == 0)
+    assert rms <= 1.2 * crb, (rms, crb)
+    assert 3 * rms <= cc_rms, (rms, cc_rms)
 
 
 def test_masked_and_empty_sources_are_flagged_and_isolated(runs):

@@ -20,7 +20,15 @@ from subpixal_jax.core.xcorr import Displacements, find_displacements
 
 
 @functools.partial(
-    jax.jit, static_argnames=("interp", "cc_type", "fit_box", "search_radius")
+    jax.jit,
+    static_argnames=(
+        "interp",
+        "cc_type",
+        "fit_box",
+        "search_radius",
+        "peak_fit",
+        "overlap_normalise",
+    ),
 )
 def measure_batch(
     batch: CutoutBatch,
@@ -29,6 +37,8 @@ def measure_batch(
     cc_type: str = "NCC",
     fit_box: int = 5,
     search_radius: int | None = None,
+    peak_fit: str = "lagrange",
+    overlap_normalise: bool = False,
 ) -> tuple[Displacements, jax.Array]:
     """Measure the displacement of every source of a batch.
 
@@ -45,6 +55,13 @@ def measure_batch(
     search_radius : int or None, optional
         Restrict the peak search to lags within this many image pixels of
         zero lag (None: the whole lag window).
+    peak_fit : {'lagrange', 'quadratic'}, optional
+        Sub-pixel peak model (see
+        :func:`subpixal_jax.core.xcorr.find_displacements`); 'quadratic' is
+        the original's 5x5 fit.
+    overlap_normalise : bool, optional
+        Normalise NCC/ZNCC at every lag over its overlap (see
+        :func:`subpixal_jax.core.xcorr.find_displacements`).
 
     Returns
     -------
@@ -71,6 +88,8 @@ def measure_batch(
         cc_type=cc_type,
         fit_box=fit_box,
         search_radius=search_radius,
+        peak_fit=peak_fit,
+        overlap_normalise=overlap_normalise,
     )
     return result, jnp.asarray(blots)
 

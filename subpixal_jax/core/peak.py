@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class PeakFlag(enum.IntFlag):
@@ -50,6 +51,13 @@ class PeakFlag(enum.IntFlag):
     INVALID_INPUT
         Nothing to correlate: every pixel masked or zero, or a constant
         image under NCC/ZNCC normalisation; the position is NaN.
+    LAG_WINDOW
+        The peak is at the edge of the lag window the map (the cutout size)
+        allows: the argmax is closer to the window's border than half the
+        fit box, so the box cannot be centred on it and the position is
+        biased, or the true peak lies beyond the window. The fit is still
+        made in a box moved inside the window (as for ``EDGE``, which refers
+        to the searched window).
     """
 
     EDGE = 1
@@ -58,6 +66,7 @@ class PeakFlag(enum.IntFlag):
     NONFINITE = 8
     VERTEX_OUTSIDE = 16
     INVALID_INPUT = 32
+    LAG_WINDOW = 64
 
 
 #: Flags for which no position is reported (NaN).
@@ -171,6 +180,167 @@ def quadratic_coefficients(values: jax.Array) -> jax.Array:
     return jnp.stack([c0, c1, c2, c3, c4, c5], axis=-1)
 
 
+#: Side of the box of the interpolating-polynomial peak (degree ``- 1`` per axis).
+LAGRANGE_TAPS = 7
+
+#: Peak-fit methods of the cross-correlation path.
+PEAK_FITS: tuple[str, ...] = ("lagrange", "quadratic")
+
+
+def check_peak_fit(peak_fit: str) -> str:
+    """Validate a peak-fit method name and return it.
+
+    Parameters
+    ----------
+    peak_fit : {'lagrange', 'quadratic'}
+        Peak model (see :func:`lagrange_peak`).
+
+    Returns
+    -------
+    str
+        ``peak_fit``.
+
+    Raises
+    ------
+    ValueError
+        If ``peak_fit`` is not one of :data:`PEAK_FITS`.
+
+    Examples
+    --------
+    >>> check_peak_fit("lagrange")
+    'lagrange'
+    """
+    if not isinstance(peak_fit, str) or peak_fit not in PEAK_FITS:
+        msg = f"peak_fit must be one of {PEAK_FITS}, got {peak_fit!r}"
+        raise ValueError(msg)
+    return peak_fit
+
+
+@functools.cache
+def _lagrange_matrix(taps: int):
+    """Monomial coefficients of the Lagrange basis on nodes ``-(taps//2) ..``."""
+    nodes = np.arange(taps, dtype=np.float64) - taps // 2
+    return np.linalg.inv(np.vander(nodes, increasing=True))
+
+
+def _powers(u, taps):
+    """``u**p``, its first and second derivatives for ``p = 0 .. taps - 1``."""
+    p = jnp.arange(taps, dtype=u.dtype)
+    base = u ** jnp.maximum(p - 2, 0)  # u**(p-2), safe at u = 0
+    d2 = jnp.where(p >= 2, p * (p - 1) * base, 0)
+    d1 = jnp.where(p >= 1, p * jnp.where(p >= 2, u * base, 1), 0)
+    d0 = jnp.where(p >= 2, u * u * base, jnp.where(p == 1, u, 1))
+    return d0, d1, d2
+
+
+def lagrange_weights(u: jax.Array, taps: int = LAGRANGE_TAPS):
+    """Lagrange interpolation weights and their derivatives at ``u``.
+
+    Parameters
+    ----------
+    u : Array, shape ()
+        Position relative to the middle node, nodes at ``-(taps//2) ..
+        taps//2``.
+    taps : int, optional
+        Number of nodes (odd, static).
+
+    Returns
+    -------
+    weights, derivatives : Array, shape (taps,)
+        ``f(u) = weights @ f_nodes`` and ``f'(u) = derivatives @ f_nodes``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> w, d = lagrange_weights(jnp.asarray(0.25), 5)
+    >>> round(float(w @ jnp.arange(-2.0, 3.0) ** 2), 4), round(float(d.sum()), 4)
+    (0.0625, 0.0)
+    """
+    inverse = jnp.asarray(_lagrange_matrix(taps), u.dtype)
+    p0, p1, _ = _powers(u, taps)
+    return p0 @ inverse, p1 @ inverse
+
+
+def lagrange_peak(values: jax.Array, start: jax.Array, *, n_iter: int = 5):
+    """Maximum of the polynomial interpolating a square box of map values.
+
+    The correlation of an exposure with a smooth reference is a band-limited
+    function of the lag, sampled by the interlaced map at half pixels well
+    above its Nyquist rate; the tensor-product Lagrange polynomial through
+    a ``T x T`` box reproduces it near the box centre far better than a
+    quadratic, whose peak locks onto the grid (an error periodic in the
+    sampling step). The maximum is found by Newton steps from ``start``.
+
+    Parameters
+    ----------
+    values : Array, shape (T, T)
+        Map values ``[v, u]`` centred on the argmax, ``T`` odd.
+    start : Array, shape (2,)
+        Starting ``(u, v)`` relative to the box centre (e.g. the quadratic
+        vertex).
+    n_iter : int, optional
+        Newton iterations (static).
+
+    Returns
+    -------
+    uv : Array, shape (2,)
+        Position of the maximum relative to the box centre.
+    height : Array, shape ()
+        Interpolated value there.
+    hessian : Array, shape (2, 2)
+        Second derivatives of the polynomial there (per map pixel squared).
+    ok : Array, shape (), bool
+        The Hessian is negative definite and the maximum lies within one
+        map pixel of the centre (where the interpolation is accurate).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> y, x = jnp.mgrid[-3:4, -3:4]
+    >>> box = jnp.exp(-((x - 0.3) ** 2 + (y + 0.2) ** 2) / 8.0)
+    >>> uv, height, hessian, ok = lagrange_peak(box, jnp.zeros(2))
+    >>> [round(float(t), 4) for t in uv], bool(ok)
+    ([0.3, -0.2], True)
+    """
+    taps = values.shape[-1]
+    dtype = values.dtype
+    inverse = jnp.asarray(_lagrange_matrix(taps), dtype)
+    coef = inverse @ values @ inverse.T  # coef[q, p] of v**q u**p
+
+    def derivatives(uv):
+        pu, du, ddu = _powers(uv[0], taps)
+        pv, dv, ddv = _powers(uv[1], taps)
+        value = pv @ coef @ pu
+        grad = jnp.stack([pv @ coef @ du, dv @ coef @ pu])
+        fxy = dv @ coef @ du
+        hess = jnp.stack(
+            [jnp.stack([pv @ coef @ ddu, fxy]), jnp.stack([fxy, ddv @ coef @ pu])]
+        )
+        return value, grad, hess
+
+    uv = jnp.clip(jnp.nan_to_num(start.astype(dtype)), -1.0, 1.0)
+    for _ in range(n_iter):
+        _, grad, hess = derivatives(uv)
+        det = hess[0, 0] * hess[1, 1] - hess[0, 1] ** 2
+        concave = (det > 0) & (hess[0, 0] < 0)
+        safe = jnp.where(concave, det, 1.0)
+        step = (
+            -jnp.stack(
+                [
+                    hess[1, 1] * grad[0] - hess[0, 1] * grad[1],
+                    hess[0, 0] * grad[1] - hess[0, 1] * grad[0],
+                ]
+            )
+            / safe
+        )
+        step = jnp.where(concave, jnp.clip(step, -0.5, 0.5), 0)
+        uv = jnp.clip(uv + step, -1.5, 1.5)
+    value, _, hess = derivatives(uv)
+    det = hess[0, 0] * hess[1, 1] - hess[0, 1] ** 2
+    ok = (det > 0) & (hess[0, 0] < 0) & jnp.all(jnp.abs(uv) <= 1.0)
+    return uv, value, hess, ok
+
+
 def refine_box(
     values: jax.Array,
     start: jax.Array,
@@ -182,6 +352,7 @@ def refine_box(
     exact_original: bool,
     search_lo: jax.Array | None = None,
     search_hi: jax.Array | None = None,
+    reach: int | None = None,
 ) -> Peak:
     """Fit the quadratic in one box and apply the acceptance rules.
 
@@ -202,6 +373,10 @@ def refine_box(
     search_lo, search_hi : Array, shape (2,), int, optional
         Bounds of the (smaller) window the argmax was searched in, for the
         ``EDGE`` flag; default ``lo`` and ``hi``.
+    reach : int, optional
+        Static. Samples the peak model needs on each side of the argmax; an
+        argmax closer than that to ``lo`` or ``hi`` is flagged
+        ``LAG_WINDOW``. Default ``w // 2``.
 
     Returns
     -------
@@ -228,6 +403,8 @@ def refine_box(
     search_lo = lo if search_lo is None else search_lo
     search_hi = hi if search_hi is None else search_hi
     edge = jnp.any((guess == search_lo) | (guess == search_hi))
+    reach = h if reach is None else reach
+    off_centre = jnp.any((guess - lo < reach) | (hi - guess < reach))
     guess_f = guess.astype(dtype)
     if exact_original:
         at_first = jnp.any(guess == lo)
@@ -248,6 +425,7 @@ def refine_box(
         | jnp.where(narrow, int(PeakFlag.TOO_FEW_POINTS), 0)
         | jnp.where(~narrow & ~no_max & outside, int(PeakFlag.VERTEX_OUTSIDE), 0)
         | jnp.where(nonfinite, int(PeakFlag.NONFINITE), 0)
+        | jnp.where(off_centre, int(PeakFlag.LAG_WINDOW), 0)
     ).astype(jnp.int32)
     xy = jnp.where(nonfinite, jnp.nan, xy)
     return Peak(xy=xy, flags=flags, height=height, hessian=hessian)
