@@ -1,6 +1,6 @@
 """Per-source accuracy against the Cramér–Rao bound, and the cost of refinement.
 
-Standard cutouts of ACCURACY.md (25x25, gaussian / moffat / sersic, peak S/N
+Standard cutouts of docs/accuracy.md (25x25, gaussian / moffat / sersic, peak S/N
 20, 100, 1000). Methods: the interlaced cross-correlation (core/xcorr) with
 its default Lagrange peak fit, with ``peak_fit='quadratic'`` and with
 ``exact_original=True`` (the original method), refine_displacements started

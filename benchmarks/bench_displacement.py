@@ -1,7 +1,7 @@
 """Throughput of the displacement stage (CC + interlace + peak fit).
 
 Compares the batched, jitted ``find_displacements`` with a per-source loop
-written the way the original works (SPEC §4–5: numpy normalisation, four
+written the way the original works (docs/original.md §4–5: numpy normalisation, four
 ``scipy.signal.fftconvolve`` calls, interlacing, a numpy least-squares
 quadratic fit), both measured in the same run on the same cutouts
 (Gaussian sources at peak S/N 100, see ``subpixal_jax.accuracy``).

@@ -38,6 +38,9 @@ class SourceFlag(enum.IntFlag):
     NONFINITE = PeakFlag.NONFINITE
     VERTEX_OUTSIDE = PeakFlag.VERTEX_OUTSIDE
     INVALID_INPUT = PeakFlag.INVALID_INPUT
+    #: The correlation peak lies at the edge of the lags the cutout allows
+    #: (the true offset may be larger than the cutout can show).
+    LAG_WINDOW = PeakFlag.LAG_WINDOW
     REFINE_NO_PIXELS = _refine.FLAG_NO_PIXELS << _REFINE_SHIFT
     REFINE_DEGENERATE = _refine.FLAG_DEGENERATE << _REFINE_SHIFT
     REFINE_NOT_CONVERGED = _refine.FLAG_NOT_CONVERGED << _REFINE_SHIFT

@@ -1,4 +1,4 @@
-"""Known sub-pixel shifts recovered at the standard conditions (ACCURACY.md)."""
+"""Known sub-pixel shifts recovered at the standard conditions (docs/accuracy.md)."""
 
 import numpy as np
 import pytest
@@ -56,7 +56,7 @@ def results():
 @pytest.mark.parametrize("snr", sorted(LIMITS))
 def test_known_shifts_recovered(results, snr):
     rms = [results[kind, snr]["rms"] for kind in KINDS]
-    # Mean over the source types (as in ACCURACY.md) within the limit ...
+    # Mean over the source types (as in docs/accuracy.md) within the limit ...
     assert np.sqrt(np.mean(np.square(rms))) <= LIMITS[snr]
     for kind in KINDS:
         r = results[kind, snr]
@@ -91,7 +91,7 @@ def test_sigma_tracks_measured_error(results, snr):
 
 
 def test_crb_matches_accuracy_notes():
-    # ACCURACY.md: mean bound 0.0258 / 0.0044 / 0.0004 px over kinds and sizes.
+    # docs/accuracy.md: mean bound 0.0258 / 0.0044 / 0.0004 px over kinds and sizes.
     rng = np.random.default_rng(0)
     for snr, expected in ((20, 0.0258), (100, 0.0044)):
         crb = [

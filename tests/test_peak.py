@@ -1,4 +1,4 @@
-"""Tests of the quadratic peak fit (SPEC §5) and its flags."""
+"""Tests of the quadratic peak fit (docs/original.md §5) and its flags."""
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ SHAPE = (12, 14)
 
 
 def numpy_find_peak(image, w=5):
-    """Independent re-creation of the original centroid.find_peak (SPEC §5)."""
+    """Independent re-creation of the original centroid.find_peak (original.md §5)."""
     image = np.asarray(image, dtype=np.float64)
     ny, nx = image.shape
     jmax, imax = np.unravel_index(np.argmax(image), image.shape)
@@ -106,7 +106,7 @@ def test_edge_peak_is_fitted_and_flagged():
 
 
 def test_no_maximum_returns_argmax_not_window_middle():
-    # regression (SPEC §9 item 8): the original returned the box middle.
+    # regression (docs/original.md §9 item 8): the original returned the box middle.
     saddle = paraboloid(6.0, 5.0, ax=1.0, ay=-1.0, cxy=0.0)
     peak = find_peak(
         jnp.asarray(saddle, jnp.float32),

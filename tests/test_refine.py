@@ -1,6 +1,6 @@
 """Gradient refinement through the blot (core/refine.py).
 
-Accuracy at the standard conditions of ACCURACY.md: the reference is the four
+Accuracy at the standard conditions of docs/accuracy.md: the reference is the four
 half-pixel references interlaced into a 2x grid ``G[2j + b, 2i + a] =
 B_ab[j, i]``, image pixel ``(i, j)`` maps to ``(2i, 2j)`` with Jacobian
 ``2 I``. Every accuracy batch has the same shape, so the kernel compiles once.
@@ -104,7 +104,7 @@ def test_accuracy_against_the_bound(runs):
             if snr in (20, 100):
                 assert rms <= 1.2 * crb, (kind, snr, rms, crb)
             else:
-                # ACCURACY.md: at least 3x below the original method's error.
+                # docs/accuracy.md: at least 3x below the original method's error.
                 assert 3 * rms <= orig_rms, (kind, snr, rms, orig_rms)
                 assert rms <= cc_rms, (kind, snr, rms, cc_rms)
             # No bias: the mean error is far below the per-source error.

@@ -1,4 +1,4 @@
-"""Tests of the batched interlaced cross-correlation (SPEC §4, §11)."""
+"""Tests of the batched interlaced cross-correlation (docs/original.md §4, §11)."""
 
 from pathlib import Path
 
@@ -27,7 +27,7 @@ N, H, W = 8, 24, 24  # the one bucket shape shared by most tests
 SHIFTS = ((0, 0), (1, 0), (0, 1), (1, 1))
 
 
-# --- independent numpy/scipy re-creation of SPEC §4 -------------------------
+# --- independent numpy/scipy re-creation of docs/original.md §4 -------------
 
 
 def numpy_maps(img, blots, cc_type):

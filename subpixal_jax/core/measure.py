@@ -72,7 +72,7 @@ def measure_batch(
         The four half-pixel blots (kept for diagnostics).
     """
     # The reference cutouts are already zero where invalid, and zeros outside a
-    # source's segment are part of the model (SPEC §2.3): interpolate over them
+    # source's segment are part of the model (original.md §2.3): interpolate over them
     # rather than invalidating a kernel-wide ring inside the segment edge.
     everywhere = jnp.ones(batch.ref.shape, dtype=bool)
     blots, blot_valid = half_pixel_blots_batch(

@@ -1,4 +1,4 @@
-"""Sub-pixel peak location by a quadratic fit in a fixed box (SPEC §5).
+"""Sub-pixel peak location by a quadratic fit in a fixed box (docs/original.md §5).
 
 The peak of a correlation map is found in two steps: the (windowed) argmax,
 then a least-squares fit of
@@ -509,7 +509,7 @@ def find_peak(
 
     Notes
     -----
-    Deviations from the original ``centroid.find_peak`` (SPEC §5, §9 item 8),
+    Deviations from the original ``centroid.find_peak`` (original.md §5, §9 item 8),
     all switched off by ``exact_original=True``:
 
     * The polynomial is fitted in coordinates centred on the box (the

@@ -1,11 +1,11 @@
-"""Cross-correlation of image cutouts with half-pixel blots (SPEC §4).
+"""Cross-correlation of image cutouts with half-pixel blots (docs/original.md §4).
 
 For every source the exposure cutout ``ref`` is correlated with the four
 half-pixel-shifted blots ``B_ab`` of the drizzled reference; the four maps
-interlace into a map on a grid twice as fine, whose peak (SPEC §5, see
+interlace into a map on a grid twice as fine, whose peak (docs/original.md §5, see
 :mod:`subpixal_jax.core.peak`) gives the displacement.
 
-Conventions (as the original, SPEC §4.2–4.3):
+Conventions (as the original, docs/original.md §4.2–4.3):
 
 * the correlation map has the cutout's shape and ``K[c + tau] = sum_m
   B[m] R[m - tau]`` with ``c = ((H - 1) // 2, (W - 1) // 2)`` and ``R`` zero
@@ -40,7 +40,7 @@ from subpixal_jax.core.peak import (
     refine_box,
 )
 
-#: Supported correlation types (SPEC §4.1).
+#: Supported correlation types (docs/original.md §4.1).
 CC_TYPES: tuple[str, ...] = ("CC", "NCC", "ZNCC")
 
 #: Sources per vmapped chunk inside one compiled call.
@@ -174,7 +174,7 @@ def _safe(x):
 
 
 def _normalise(ref, blots, ref_valid, blot_valid, cc_type):
-    """SPEC §4.1 normalisation with validity masks; returns (ref, blots, ok)."""
+    """Normalise (original.md §4.1) with validity masks; return (ref, blots, ok)."""
     if cc_type == "CC":
         ok = jnp.any(ref != 0) & jnp.any(blots != 0)
         return ref, blots, ok
@@ -762,7 +762,7 @@ def find_displacements(
     shapes : Array, shape (N, 2), int, optional
         True ``(ny, nx)`` of every cutout before padding; default ``(H, W)``.
     cc_type : {'CC', 'NCC', 'ZNCC'}, optional
-        Normalisation (SPEC §4.1), case-insensitive.
+        Normalisation (docs/original.md §4.1), case-insensitive.
     fit_box : int, optional
         Odd side of the quadratic fit box on the interlaced grid.
     exact_original : bool, optional
@@ -816,7 +816,7 @@ def find_displacements(
     Notes
     -----
     Each source is searched only within its own lag window ``tau in [-c,
-    n - 1 - c]``, ``c = (n - 1) // 2`` of its true size (SPEC §11), so
+    n - 1 - c]``, ``c = (n - 1) // 2`` of its true size (docs/architecture.md §4.2), so
     padding changes no result. Sources are processed in vmapped chunks of
     :data:`CHUNK` inside one compiled call; data problems are reported in
     ``flags`` and never affect other sources. The correlation uses rFFTs of
@@ -919,7 +919,7 @@ def cross_correlate(
     ref_mask: jax.Array | None = None,
     image_mask: jax.Array | None = None,
 ) -> jax.Array:
-    """'Same'-size linear cross-correlation map, normalised as in SPEC §4.1.
+    """'Same'-size linear cross-correlation map, normalised as in docs/original.md §4.1.
 
     Parameters
     ----------
@@ -1055,7 +1055,7 @@ def find_displacement_full(
     peak_fit: str = "lagrange",
     overlap_normalise: bool = False,
 ) -> DisplacementMap:
-    """Displacement of one source with the correlation maps (SPEC §4.3).
+    """Displacement of one source with the correlation maps (docs/original.md §4.3).
 
     Parameters
     ----------
@@ -1064,7 +1064,7 @@ def find_displacement_full(
     im00, im10, im01, im11 : Array, shape (H, W)
         The four half-pixel blots (x flag, y flag).
     cc_type : {'CC', 'NCC', 'ZNCC'}, optional
-        Normalisation (SPEC §4.1).
+        Normalisation (docs/original.md §4.1).
     exact_original : bool, optional
         Reproduce the original exactly (see :func:`find_displacements`).
     shape : Array, shape (2,), int, optional
@@ -1141,7 +1141,7 @@ def find_displacement(
     im00, im10, im01, im11 : Array, shape (H, W)
         The four half-pixel blots.
     cc_type : {'CC', 'NCC', 'ZNCC'}, optional
-        Normalisation (SPEC §4.1).
+        Normalisation (docs/original.md §4.1).
     exact_original : bool, optional
         Reproduce the original exactly (see :func:`find_displacements`).
 
