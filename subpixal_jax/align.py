@@ -93,6 +93,7 @@ def find_linear_fit(
         cc_type=options.cc_type,
         interp=options.interp,
         refine=options.refine == "sources",
+        peak_fit=options.peak_fit,
     )
     center = wcslin.wcs.crpix - 1.0
     points = stages.robust_inliers(

@@ -16,6 +16,7 @@ from typing import Any
 
 from subpixal_jax.core.interp import KERNELS
 from subpixal_jax.core.linfit import FITGEOM_MIN_POINTS
+from subpixal_jax.core.peak import PEAK_FITS
 
 FITGEOMS = tuple(FITGEOM_MIN_POINTS)
 CC_TYPES = ("CC", "NCC", "ZNCC")
@@ -71,6 +72,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "cc_type": _one_of(CC_TYPES),
     "wcsupdate": _one_of(WCSUPDATES),
     "interp": _one_of(tuple(KERNELS)),
+    "peak_fit": _one_of(PEAK_FITS),
     "refine": _one_of(REFINES),
     "history": _one_of(HISTORIES),
     "sigma_stat": _one_of(SIGMA_STATS),
@@ -141,6 +143,12 @@ class AlignOptions:
         "NCC", "cross-correlation normalisation", choices=CC_TYPES, type=str.upper
     )
     interp: str = _option("poly5", "blot interpolation kernel", choices=tuple(KERNELS))
+    peak_fit: str = _option(
+        "lagrange",
+        "peak model of the interlaced correlation: lagrange (7x7 interpolating "
+        "polynomial, no grid locking) or quadratic (the original's 5x5 fit)",
+        choices=PEAK_FITS,
+    )
     wcsupdate: str = _option(
         "batch",
         "update all images after each pass (batch) or each at once (otf)",

@@ -126,6 +126,7 @@ def measure_displacements(
     search_radius: int | None = None,
     keep_blots: bool = False,
     refine: bool = False,
+    peak_fit: str = "lagrange",
 ) -> list[Measured]:
     """Measure every source of every image in one compiled call per bucket.
 
@@ -133,7 +134,7 @@ def measure_displacements(
     ----------
     cutouts : sequence of sequence of SourceCutouts
         Per image, its source cutouts.
-    cc_type, interp, search_radius
+    cc_type, interp, search_radius, peak_fit
         See :class:`~subpixal_jax.options.AlignOptions`.
     keep_blots : bool, optional
         Keep the four blots of every source (memory-hungry; diagnostics).
@@ -165,7 +166,11 @@ def measure_displacements(
             # One device: a plain transfer; several: split the sources.
             batch = shard_batch(batch)
             found, batch_blots = measure_batch(
-                batch, interp=interp, cc_type=cc_type, search_radius=search_radius
+                batch,
+                interp=interp,
+                cc_type=cc_type,
+                search_radius=search_radius,
+                peak_fit=peak_fit,
             )
             if refine:
                 found_dxdy, found_sigma, found_flags = _refined(batch, found, interp)
@@ -544,6 +549,7 @@ def measure_and_fit(
         search_radius=options.search_radius,
         keep_blots=options.keep_diagnostics,
         refine=options.refine == "sources",
+        peak_fit=options.peak_fit,
     )
     points = robust_inliers(
         [
