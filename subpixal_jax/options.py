@@ -143,10 +143,14 @@ class AlignOptions:
         "NCC", "cross-correlation normalisation", choices=CC_TYPES, type=str.upper
     )
     interp: str = _option("poly5", "blot interpolation kernel", choices=tuple(KERNELS))
+    # The quadratic fit by default: per source the Lagrange model is closer to
+    # the Cramér-Rao bound at high S/N, but end to end it measured no better
+    # (HST simulator 0.0156/0.0118 vs 0.0154/0.0149 px; JWST simulator 0.0138
+    # vs 0.0104 px) at 1.5x the cost.
     peak_fit: str = _option(
-        "lagrange",
-        "peak model of the interlaced correlation: lagrange (7x7 interpolating "
-        "polynomial, no grid locking) or quadratic (the original's 5x5 fit)",
+        "quadratic",
+        "peak model of the interlaced correlation: quadratic (the original's 5x5 "
+        "fit) or lagrange (7x7 interpolating polynomial, no grid locking)",
         choices=PEAK_FITS,
     )
     wcsupdate: str = _option(

@@ -125,7 +125,7 @@ def test_two_visits_from_csv_align_and_rerun_skips(client, sims, tmp_path):
         before = _relative_error(sim, 0, 1, sim.header_wcs[0][1], sim.header_wcs[1][1])
         after = _relative_error(sim, 0, 1, _file_wcs(written[0]), _file_wcs(written[1]))
         assert before > 0.2
-        assert after < 0.08, (before, after)  # measured 0.03-0.058 in 2 iterations
+        assert after < 0.05, (before, after)
 
     # Re-running with the summary: nothing is submitted, the rows come back.
     start = time.perf_counter()

@@ -126,7 +126,7 @@ def measure_displacements(
     search_radius: int | None = None,
     keep_blots: bool = False,
     refine: bool = False,
-    peak_fit: str = "lagrange",
+    peak_fit: str = "quadratic",
 ) -> list[Measured]:
     """Measure every source of every image in one compiled call per bucket.
 
