@@ -864,7 +864,7 @@ def _chip_cutouts(
         )
         for i, c in enumerate(kept)
     ]
-    log.info(
+    log.debug(
         "chip %d: %d of %d sources cut out (%d outside the chip, %d without "
         "valid pixels, %d off the reference)",
         chip.extver,

@@ -335,7 +335,7 @@ def _check_target(given: Path, real: Path, *, force: bool) -> list[str]:
         if not force:
             problems.append(
                 f"the file is read-only (mode {stat.S_IMODE(mode):04o}); make it "
-                "writable or pass force=True to update it anyway"
+                "writable, or pass force=True (--force) to update it anyway"
             )
         elif not os.access(real, os.W_OK):
             problems.append(f"the file is read-only (mode {stat.S_IMODE(mode):04o})")

@@ -1029,7 +1029,7 @@ class DrizzleResample:
                 bad = ndimage.binary_dilation(bad, structure=struct) & c.valid
                 c.valid &= ~bad
                 total += int(bad.sum())
-                log.info(
+                log.debug(
                     "%s[%d]: %d pixels flagged as cosmic rays",
                     e.name,
                     c.extver,

@@ -185,7 +185,7 @@ def align_step(
                 msg = f"{image.name}: {image.status}"
                 raise AlignmentError(msg)
             excluded.add(i)
-        log.info(
+        log.debug(
             "iteration %d %s: %s shift=%s",
             iteration,
             image.name,
