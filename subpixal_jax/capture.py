@@ -46,7 +46,12 @@ from subpixal_jax.catalog import PhotutilsCatalog
 from subpixal_jax.core.linfit import FITGEOM_MIN_POINTS, FitStatus, LinearFit
 from subpixal_jax.images import Exposure
 from subpixal_jax.linearfit import iter_linear_fit
-from subpixal_jax.matching import MatchResult, MatchStatus, match_points
+from subpixal_jax.matching import (
+    MatchResult,
+    MatchStatus,
+    TransformSummary,
+    match_points,
+)
 
 __all__ = [
     "CaptureResult",
@@ -59,7 +64,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class CaptureResult:
+class CaptureResult(TransformSummary):
     """A coarse transform of one exposure onto the reference, in ``wcslin`` pixels.
 
     ``xy ≈ matrix @ (uv − center) + center + shift`` with ``xy`` the
@@ -117,22 +122,6 @@ class CaptureResult:
     xy: np.ndarray
     match: MatchResult
     fit: LinearFit | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether ``status`` is OK."""
-        return self.status == MatchStatus.OK
-
-    @property
-    def scale(self) -> float:
-        """``sqrt(|det M|)``."""
-        return float(math.sqrt(abs(np.linalg.det(self.matrix))))
-
-    @property
-    def rotation(self) -> float:
-        """Rotation of ``M`` in degrees (tweakwcs sign, ``WcsError.rotation``)."""
-        m = self.matrix
-        return float(math.degrees(math.atan2(m[0, 1] - m[1, 0], m[0, 0] + m[1, 1])))
 
 
 def detect_exposure_sources(

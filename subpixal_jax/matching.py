@@ -92,6 +92,7 @@ from scipy.spatial import cKDTree
 
 from subpixal_jax.core.linfit import FITGEOM_MIN_POINTS, FitStatus, LinearFit
 from subpixal_jax.linearfit import iter_linear_fit
+from subpixal_jax.transform import describe
 
 __all__ = ["MatchResult", "MatchStatus", "match_points"]
 
@@ -121,8 +122,31 @@ class MatchStatus(enum.IntEnum):
     NO_SOURCES = 3
 
 
+class TransformSummary:
+    """Status and decomposition shared by the matching results.
+
+    The rotation and scale come from the library's one decomposition of a fit
+    matrix (:func:`subpixal_jax.transform.describe`, tweakwcs conventions).
+    """
+
+    @property
+    def ok(self) -> bool:
+        """Whether ``status`` is OK."""
+        return self.status == MatchStatus.OK
+
+    @property
+    def scale(self) -> float:
+        """``sqrt(|det M|)``."""
+        return float(describe(self.matrix, "rscale")["mean_scale"])
+
+    @property
+    def rotation(self) -> float:
+        """Rotation of ``M`` in degrees (tweakwcs sign, ``WcsError.rotation``)."""
+        return float(describe(self.matrix, "rscale")["proper_rot"])
+
+
 @dataclasses.dataclass(frozen=True)
-class MatchResult:
+class MatchResult(TransformSummary):
     r"""The transform between two point sets and the pairs that support it.
 
     The transform maps ``xy`` onto ``ref``:
@@ -175,22 +199,6 @@ class MatchResult:
     significance: float
     n_hypotheses: int
     fit: LinearFit | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether ``status`` is OK."""
-        return self.status == MatchStatus.OK
-
-    @property
-    def scale(self) -> float:
-        """``sqrt(|det M|)``."""
-        return float(math.sqrt(abs(np.linalg.det(self.matrix))))
-
-    @property
-    def rotation(self) -> float:
-        """Rotation of ``M`` in degrees, tweakwcs sign (``WcsError.rotation``)."""
-        m = self.matrix
-        return float(math.degrees(math.atan2(m[0, 1] - m[1, 0], m[0, 0] + m[1, 1])))
 
     def apply(self, xy: ArrayLike) -> np.ndarray:
         """Map points of the ``xy`` set into the ``ref`` frame.

@@ -44,7 +44,12 @@ from numpy.typing import ArrayLike
 
 from subpixal_jax.core.linfit import FITGEOM_MIN_POINTS, FitStatus, LinearFit
 from subpixal_jax.linearfit import iter_linear_fit
-from subpixal_jax.matching import MatchResult, MatchStatus, match_points
+from subpixal_jax.matching import (
+    MatchResult,
+    MatchStatus,
+    TransformSummary,
+    match_points,
+)
 
 __all__ = [
     "AbsoluteTie",
@@ -341,7 +346,7 @@ def observation_epoch(header: Mapping) -> Time:
 
 
 @dataclasses.dataclass(frozen=True)
-class AbsoluteTie:
+class AbsoluteTie(TransformSummary):
     """One linear correction of an aligned set onto a reference catalog.
 
     ``xy ≈ matrix @ (uv − center) + center + shift`` in 0-based ``wcslin``
@@ -408,11 +413,6 @@ class AbsoluteTie:
     pairs: np.ndarray
     match: MatchResult
     fit: LinearFit | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether ``status`` is OK."""
-        return self.status == MatchStatus.OK
 
 
 def _sky_arrays(sky) -> tuple[np.ndarray, np.ndarray]:
