@@ -32,7 +32,7 @@ from subpixal_jax.images import Exposure
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline import loop, stages
 from subpixal_jax.pipeline.state import AlignState
-from subpixal_jax.preflight import InputError, check_inputs
+from subpixal_jax.preflight import CheckedInputs, InputError, check_inputs
 from subpixal_jax.refcat import read_reference_catalog
 from subpixal_jax.transaction import commit_set, discard, recover
 from subpixal_jax.verdict import WritePolicy, image_reports
@@ -396,6 +396,7 @@ def align_files(
     rotation: float | None = None,
     catalog=None,
     policy: WritePolicy | None = None,
+    checked: CheckedInputs | None = None,
     **align_options,
 ) -> tuple[res.AlignmentResult, list]:
     """Align FITS files with the default drizzle reference and photutils catalog.
@@ -437,6 +438,10 @@ def align_files(
     policy : WritePolicy, optional
         Which corrections are written (:mod:`subpixal_jax.verdict`); its
         ``force`` also allows updating read-only files.
+    checked : CheckedInputs, optional
+        The result of an earlier :func:`~subpixal_jax.preflight.check_inputs`
+        of these same arguments (the CLI checks before loading JAX), so the
+        files are not checked twice.
     **align_options
         Passed to :func:`align_images`: the options by name (``fitgeom``,
         ``nmax``, ``cr_reject``, ...) or ``options=AlignOptions(...)``, and
@@ -457,7 +462,7 @@ def align_files(
     if in_place and output_dir is not None:
         msg = "give either in_place=True or output_dir, not both"
         raise ValueError(msg)
-    checked = check_inputs(
+    checked = checked or check_inputs(
         files,
         in_place=in_place and not dry_run,
         output_dir=output_dir,

@@ -255,7 +255,7 @@ def _run_align(args: argparse.Namespace) -> int:
     log.info("checking %d input file(s)", len(args.files))
     dq_bits = int(args.dq_bits) if args.dq_bits.isdigit() else args.dq_bits
     try:
-        check_inputs(
+        checked = check_inputs(
             args.files,
             in_place=args.in_place and not args.dry_run,
             output_dir=args.output_dir,
@@ -293,6 +293,7 @@ def _run_align(args: argparse.Namespace) -> int:
             rotation=args.rotation,
             policy=_policy(args),
             reference_catalog=args.reference_catalog,
+            checked=checked,
         )
     except (ValueError, OSError) as exc:
         return _error("align", exc)

@@ -206,8 +206,8 @@ def _result_rows(visit, files, result, seconds) -> list[dict[str, Any]]:
         dx = dy = rot = scale = math.nan
         if correction is not None:
             dx, dy = correction.shift
-            rot = float(correction.describe("rscale")["proper_rot"])
-            scale = float(correction.describe("rscale")["mean_scale"])
+            parts = correction.describe("rscale")
+            rot, scale = float(parts["proper_rot"]), float(parts["mean_scale"])
         elif outcome.status is ImageStatus.REFERENCE:
             dx = dy = rot = 0.0
             scale = 1.0

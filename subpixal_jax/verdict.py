@@ -122,13 +122,12 @@ class WritePolicy:
     force: bool = False
 
 
-def _significance(correction: Affine, row: dict, frame_rot_err: float) -> float:
-    shift = correction.shift
+def _significance(shift, rot: float, row: dict, rot_err: float) -> float:
+    """Larger of |shift|/error and |rot|/error (rotation and error in one unit)."""
     err = np.array([row.get("dx_err", math.nan), row.get("dy_err", math.nan)])
     with np.errstate(divide="ignore", invalid="ignore"):
-        shift_sig = float(np.hypot(*(shift / err)))
-        rot = float(correction.describe("rscale")["proper_rot"])
-        rot_sig = abs(rot) / frame_rot_err if frame_rot_err > 0 else math.nan
+        shift_sig = float(np.hypot(*(np.asarray(shift) / err)))
+        rot_sig = abs(rot) / rot_err if rot_err > 0 else math.nan
     values = [v for v in (shift_sig, rot_sig) if math.isfinite(v)]
     return max(values) if values else math.nan
 
@@ -205,7 +204,7 @@ def image_reports(
                 "rot": 3600.0 * float(parts["proper_rot"]),
                 "scale_ppm": 1e6 * (float(parts["mean_scale"]) - 1.0),
             }
-            significance = _significance(correction, row, rot_err / 3600.0)
+            significance = _significance(correction.shift, fields["rot"], row, rot_err)
             verdict, reason = _verdict(fields, significance, policy, result.fitgeom)
         reports.append(
             ImageReport(
