@@ -187,6 +187,27 @@ class _Solution(NamedTuple):
     status: jax.Array  # () int32
 
 
+class _Clipping(NamedTuple):
+    """The traced clipping options of one fit (changing them never recompiles)."""
+
+    weighted: jax.Array  # () bool: weights were given
+    nclip: jax.Array  # () int32: maximum number of clipping passes
+    nsigma: jax.Array  # () float64: threshold in units of the statistic
+    stat_index: jax.Array  # () int32: index into SIGMA_STATS
+    clip_accum: jax.Array  # () bool: rejected points stay rejected
+
+
+def _clipping(weighted, nclip, nsigma, stat_index, clip_accum) -> _Clipping:
+    """Pack checked option values as the arrays the jitted fits trace (x64)."""
+    return _Clipping(
+        weighted=jnp.asarray(bool(weighted)),
+        nclip=jnp.asarray(nclip, dtype=jnp.int32),
+        nsigma=jnp.asarray(nsigma, dtype=jnp.float64),
+        stat_index=jnp.asarray(stat_index, dtype=jnp.int32),
+        clip_accum=jnp.asarray(bool(clip_accum)),
+    )
+
+
 # --------------------------------------------------------------------------
 # argument checks (trace time)
 
@@ -510,13 +531,10 @@ def _iter_fit(
     weights: jax.Array,
     valid: jax.Array,
     center: jax.Array,
-    weighted: jax.Array,
-    nclip: jax.Array,
-    nsigma: jax.Array,
-    stat_index: jax.Array,
-    clip_accum: jax.Array,
+    clipping: _Clipping,
 ) -> LinearFit:
     """Run the clipping loop of docs/original.md §6.4 on one image, in fixed shapes."""
+    weighted, nclip, nsigma, stat_index, clip_accum = clipping
     minobj = FITGEOM_MIN_POINTS[fitgeom]
     wmask = valid & (weights > 0)
     xyc = xy - center[None, :]
@@ -614,7 +632,7 @@ def _combine_weights(wxy: ArrayLike | None, wuv: ArrayLike | None, n: int):
     return jnp.where(both, a * b / jnp.where(both, a + b, 1.0), 0.0), True
 
 
-def iter_linear_fit(
+def iter_linear_fit(  # noqa: PLR0913  # seed signature
     xy: ArrayLike,
     uv: ArrayLike,
     wxy: ArrayLike | None = None,
@@ -705,11 +723,7 @@ def iter_linear_fit(
             weights,
             valid,
             center,
-            jnp.asarray(weighted),
-            jnp.asarray(nclip, dtype=jnp.int32),
-            jnp.asarray(nsigma, dtype=jnp.float64),
-            jnp.asarray(stat_index, dtype=jnp.int32),
-            jnp.asarray(bool(clip_accum)),
+            _clipping(weighted, nclip, nsigma, stat_index, clip_accum),
         )
 
 
@@ -825,28 +839,13 @@ _iter_fit_jit = jax.jit(_iter_fit, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames=("fitgeom",))
-def _iter_fit_batch(
-    xy,
-    uv,
-    weights,
-    valid,
-    center,
-    weighted,
-    nclip,
-    nsigma,
-    stat_index,
-    clip_accum,
-    *,
-    fitgeom,
-):
+def _iter_fit_batch(xy, uv, weights, valid, center, clipping, *, fitgeom):
     fit = functools.partial(_iter_fit, fitgeom)
-    in_axes = (0, 0, 0, 0, 0, None, None, None, None, None)
-    return jax.vmap(fit, in_axes=in_axes)(
-        xy, uv, weights, valid, center, weighted, nclip, nsigma, stat_index, clip_accum
-    )
+    in_axes = (0, 0, 0, 0, 0, None)
+    return jax.vmap(fit, in_axes=in_axes)(xy, uv, weights, valid, center, clipping)
 
 
-def iter_linear_fit_batch(
+def iter_linear_fit_batch(  # noqa: PLR0913  # seed signature
     xy: ArrayLike,
     uv: ArrayLike,
     weights: ArrayLike | None,
@@ -935,10 +934,6 @@ def iter_linear_fit_batch(
             weights,
             mask,
             center,
-            jnp.asarray(weighted),
-            jnp.asarray(nclip, dtype=jnp.int32),
-            jnp.asarray(nsigma, dtype=jnp.float64),
-            jnp.asarray(stat_index, dtype=jnp.int32),
-            jnp.asarray(bool(clip_accum)),
+            _clipping(weighted, nclip, nsigma, stat_index, clip_accum),
             fitgeom=fitgeom,
         )
