@@ -255,14 +255,13 @@ def affine_pixmap(pixmap, matrix, shift, center) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("interp",))
-def _blot_affine_jit(
-    data, data_valid, pixmap, matrix, shift, center, fillval, iscale, interp
-):
-    moved = _affine_core(pixmap, matrix, shift, center)
+def _blot_affine_jit(data, data_valid, pixmap, affine, fillval, iscale, interp):
+    """Blot through ``pixmap`` moved by ``affine = (matrix, shift, center)``."""
+    moved = _affine_core(pixmap, *affine)
     return _blot_core(data, data_valid, moved, fillval, iscale, interp)[0]
 
 
-def blot_affine(
+def blot_affine(  # noqa: PLR0913  # seed signature
     data,
     pixmap,
     matrix,
@@ -319,9 +318,8 @@ def blot_affine(
     data, data_valid = _interp.check_data(data, data_valid)
     pixmap = _check_pixmap(pixmap)
     _check_affine(matrix, shift, center)
-    return _blot_affine_jit(
-        data, data_valid, pixmap, matrix, shift, center, fillval, iscale, interp
-    )
+    affine = (matrix, shift, center)
+    return _blot_affine_jit(data, data_valid, pixmap, affine, fillval, iscale, interp)
 
 
 def _half_pixel_core(data, data_valid, pixmap, fillval, iscale, interp, out_shape):
