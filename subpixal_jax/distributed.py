@@ -87,8 +87,34 @@ def _import_distributed():
 # --------------------------------------------------------------------------
 
 
-def _parse_visits(visits) -> dict[str, list[Path]]:
-    """Normalise ``visits`` to ``{visit name: [paths]}`` and validate it."""
+def _group_table(visits: Table) -> dict[str, list[Path]]:
+    """Group a table's ``path`` column by its ``visit`` column."""
+    missing = {"visit", "path"} - set(visits.colnames)
+    if missing:
+        msg = (
+            "visits table must have columns 'visit' and 'path', "
+            f"missing {sorted(missing)} (has {visits.colnames})"
+        )
+        raise ValueError(msg)
+    grouped: dict[str, list[Path]] = {}
+    for visit, path in zip(visits["visit"], visits["path"], strict=True):
+        grouped.setdefault(str(visit), []).append(Path(str(path)))
+    return grouped
+
+
+def _group_lists(visits: Sequence) -> dict[str, list[Path]]:
+    """Name the visits of a list of lists of paths ``visit0000``, ``visit0001``, ..."""
+    grouped = {}
+    for k, files in enumerate(visits):
+        if isinstance(files, str | os.PathLike) or not isinstance(files, Sequence):
+            msg = f"visits[{k}] must be a list of FITS paths, got {files!r}"
+            raise ValueError(msg)
+        grouped[f"visit{k:04d}"] = [Path(f) for f in files]
+    return grouped
+
+
+def _group_visits(visits) -> dict[str, list[Path]]:
+    """``{visit name: [paths]}`` from any accepted form of ``visits``, unchecked."""
     if isinstance(visits, str | os.PathLike):
         path = Path(visits)
         if not path.is_file():
@@ -97,47 +123,42 @@ def _parse_visits(visits) -> dict[str, list[Path]]:
         fmt = "ascii.ecsv" if path.suffix.lower() == ".ecsv" else "ascii.csv"
         visits = Table.read(path, format=fmt)
     if isinstance(visits, Table):
-        missing = {"visit", "path"} - set(visits.colnames)
-        if missing:
-            msg = (
-                "visits table must have columns 'visit' and 'path', "
-                f"missing {sorted(missing)} (has {visits.colnames})"
-            )
-            raise ValueError(msg)
-        grouped: dict[str, list[Path]] = {}
-        for visit, path in zip(visits["visit"], visits["path"], strict=True):
-            grouped.setdefault(str(visit), []).append(Path(str(path)))
-    elif isinstance(visits, Sequence):
-        grouped = {}
-        for k, files in enumerate(visits):
-            if isinstance(files, str | os.PathLike) or not isinstance(files, Sequence):
-                msg = f"visits[{k}] must be a list of FITS paths, got {files!r}"
-                raise ValueError(msg)
-            grouped[f"visit{k:04d}"] = [Path(f) for f in files]
-    else:
-        msg = (
-            "visits must be a list of lists of paths, an astropy Table or a "
-            f"CSV path, got {type(visits).__name__}"
-        )
+        return _group_table(visits)
+    if isinstance(visits, Sequence):
+        return _group_lists(visits)
+    msg = (
+        "visits must be a list of lists of paths, an astropy Table or a "
+        f"CSV path, got {type(visits).__name__}"
+    )
+    raise ValueError(msg)
+
+
+def _check_visit(name: str, files: list[Path]) -> None:
+    """Raise ValueError unless one visit is usable (named, non-empty, on disk)."""
+    if not files:
+        msg = f"visits: visit {name!r} has no files"
         raise ValueError(msg)
+    if not name or any(c in name for c in "/\\") or name in (".", ".."):
+        msg = f"visits: visit name {name!r} cannot be used as a directory name"
+        raise ValueError(msg)
+    missing_files = [str(f) for f in files if not f.is_file()]
+    if missing_files:
+        msg = f"visits: visit {name!r} has missing files {missing_files}"
+        raise ValueError(msg)
+    names = [f.name for f in files]
+    if len(set(names)) != len(names):
+        msg = f"visits: visit {name!r} has repeated file names {names}"
+        raise ValueError(msg)
+
+
+def _parse_visits(visits) -> dict[str, list[Path]]:
+    """Normalise ``visits`` to ``{visit name: [paths]}`` and validate it."""
+    grouped = _group_visits(visits)
     if not grouped:
         msg = "visits must hold at least one visit, got none"
         raise ValueError(msg)
     for name, files in grouped.items():
-        if not files:
-            msg = f"visits: visit {name!r} has no files"
-            raise ValueError(msg)
-        if not name or any(c in name for c in "/\\") or name in (".", ".."):
-            msg = f"visits: visit name {name!r} cannot be used as a directory name"
-            raise ValueError(msg)
-        missing_files = [str(f) for f in files if not f.is_file()]
-        if missing_files:
-            msg = f"visits: visit {name!r} has missing files {missing_files}"
-            raise ValueError(msg)
-        names = [f.name for f in files]
-        if len(set(names)) != len(names):
-            msg = f"visits: visit {name!r} has repeated file names {names}"
-            raise ValueError(msg)
+        _check_visit(name, files)
     return grouped
 
 
@@ -455,18 +476,15 @@ def align_visits(
             continue
         todo[name] = files
     if todo:
+        # What every visit's task gets after its name and files.
+        task_args = (
+            None if output_dir is None else str(output_dir),
+            in_place,
+            wcsname,
+            dict(align_options),
+        )
         rows.update(
-            _run(
-                todo,
-                client,
-                n_workers,
-                output_dir,
-                in_place,
-                wcsname,
-                retries,
-                progress,
-                align_options,
-            )
+            _run(todo, client, n_workers, retries, progress, task_args=task_args)
         )
     table = _to_table([r for name in grouped for r in rows[name]])
     if summary is not None:
@@ -474,19 +492,9 @@ def align_visits(
     return table
 
 
-def _run(
-    todo,
-    client,
-    n_workers,
-    output_dir,
-    in_place,
-    wcsname,
-    retries,
-    progress,
-    align_options,
-):
+def _run(todo, client, n_workers, retries, progress, *, task_args):
+    """Submit one ``_align_visit(name, files, *task_args)`` task per visit."""
     distributed = _import_distributed()
-    options = dict(align_options)
     rows: dict[str, list[dict[str, Any]]] = {}
     with _client(client, n_workers) as dask_client:
         futures = {
@@ -494,10 +502,7 @@ def _run(
                 _align_visit,
                 name,
                 [str(f) for f in files],
-                None if output_dir is None else str(output_dir),
-                in_place,
-                wcsname,
-                options,
+                *task_args,
                 key=f"align-visit-{name}-{os.getpid()}-{time.time_ns()}",
                 retries=retries,
                 pure=False,
