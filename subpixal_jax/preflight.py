@@ -21,14 +21,15 @@ import stat
 import warnings
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from astropy.io import fits
 from astropy.nddata.bitmask import bitfield_to_boolean_mask, interpret_bit_flags
 
-__all__ = ["CheckedInputs", "InputError", "check_inputs"]
+__all__ = ["CheckOptions", "CheckedInputs", "InputError", "check_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,145 @@ def _frame_of(header: fits.Header) -> str:
     return radesys
 
 
+class _Unusable(Exception):
+    """A file that cannot be used as an exposure; the message says why."""
+
+
+def _data_size(real: Path) -> int:
+    """Bytes of FITS content in ``real`` (of a gzip file: uncompressed)."""
+    with real.open("rb") as f:
+        magic = f.read(4)
+    if magic[:3] == b"BZh" or magic == b"PK\x03\x04":
+        msg = "bzip2/zip files are not supported (only plain or gzip FITS)"
+        raise _Unusable(msg)
+    try:
+        gz = magic[:2] == _GZIP_MAGIC
+        size = _uncompressed_size(real) if gz else real.stat().st_size
+    except (OSError, EOFError, zlib.error) as exc:
+        msg = f"the gzip file is truncated or corrupt ({exc})"
+        raise _Unusable(msg) from exc
+    if size == 0:
+        msg = "the file is empty (0 bytes)"
+        raise _Unusable(msg)
+    return size
+
+
+def _unreadable(exc: Exception) -> _Unusable:
+    return _Unusable(f"not a readable FITS file ({type(exc).__name__}: {exc})")
+
+
+def _open_fits(real: Path) -> tuple[fits.HDUList, list[warnings.WarningMessage]]:
+    """Open ``real`` lazily; also return the warnings astropy gave on the way."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(
+                real, lazy_load_hdus=True, memmap=False, do_not_scale_image_data=True
+            )
+        except Exception as exc:  # astropy raises many kinds for non-FITS bytes
+            raise _unreadable(exc) from exc
+    return hdul, caught
+
+
+def _check_complete(
+    hdul: fits.HDUList, size: int, caught: list[warnings.WarningMessage]
+) -> None:
+    """Read every header (no data) and check the file holds all its HDUs."""
+    with warnings.catch_warnings(record=True) as more:
+        warnings.simplefilter("always")
+        try:
+            n = len(hdul)
+        except Exception as exc:
+            raise _unreadable(exc) from exc
+    for w in (*caught, *more):
+        if "truncated" in str(w.message):
+            msg = f"the file is truncated ({w.message})"
+            raise _Unusable(msg)
+    spans = [_span(hdul, i) for i in range(n)]
+    extra = size - sum(spans[-1])
+    if extra > 0:
+        # astropy drops an incomplete header at the end with a warning
+        msg = (
+            f"the file is truncated or corrupt: {extra} bytes after its last "
+            f"complete HDU ({n - 1}) are not a FITS header"
+        )
+        raise _Unusable(msg)
+    for i, (dat_loc, _) in enumerate(spans):
+        need = dat_loc + hdul[i].size
+        if need > size:
+            msg = (
+                f"the file is truncated: HDU {i} needs {need} bytes, the file "
+                f"has {size}"
+            )
+            raise _Unusable(msg)
+
+
+def _science_chips(hdul: fits.HDUList, extname: str) -> list[int]:
+    """HDU indices of the science arrays: the ``extname`` HDUs, else a 2-D primary."""
+    chips = _sci_hdus(hdul, extname)
+    if chips:
+        return chips
+    primary = hdul[0].header
+    naxis = int(primary.get("NAXIS", 0))
+    if naxis == 3:
+        shape = [primary.get(f"NAXIS{k}") for k in (1, 2, 3)]
+        msg = (
+            f"unsupported format: a 3-D primary array {shape} without "
+            f"{extname} extensions (waivered WFPC2 c0f/c1f FITS?); convert "
+            "it to multi-extension FITS first (e.g. stsci.tools "
+            "convertwaiveredfits) and align the converted file"
+        )
+        raise _Unusable(msg)
+    if naxis != 2:
+        msg = (
+            f"no {extname!r} extension and no 2-D image in the primary HDU "
+            f"(NAXIS={naxis})"
+        )
+        raise _Unusable(msg)
+    return [0]
+
+
+def _chip_frame(hdul: fits.HDUList, i: int, extname: str) -> str:
+    """Check science HDU ``i`` is a 2-D image with a WCS; return its frame."""
+    hdr = hdul[i].header
+    label = "primary HDU" if i == 0 else f"{extname},{hdr.get('EXTVER', 1)}"
+    if int(hdr.get("NAXIS", 0)) != 2 or hdul[i].size == 0:
+        dims = [hdr.get(f"NAXIS{k}") for k in range(1, int(hdr.get("NAXIS", 0)) + 1)]
+        msg = f"{label} is not a 2-D image (NAXIS={hdr.get('NAXIS')}, {dims})"
+        raise _Unusable(msg)
+    problem = _wcs_problem(hdr)
+    if problem is not None:
+        msg = f"{label}: {problem}"
+        raise _Unusable(msg)
+    return _frame_of(hdr)
+
+
+def _check_exptime(primary: fits.Header, science: fits.Header) -> None:
+    # JWST data models give the effective exposure time instead.
+    keys = ("EXPTIME", "EFFEXPTM", "XPOSURE")
+    found = [h.get(k) for k in keys for h in (primary, science)]
+    exptime = next((v for v in found if v is not None), None)
+    try:
+        ok = math.isfinite(float(exptime)) and float(exptime) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        msg = f"EXPTIME must be a positive number, got {exptime!r}"
+        raise _Unusable(msg)
+
+
+def _data_problem(
+    hdul: fits.HDUList, chips: list[int], extname: str, dq_bits
+) -> str | None:
+    """:func:`_image_problem` with a JWST data model's own bad DQ bits."""
+    if any(h.name == "ASDF" for h in hdul):
+        # A JWST data model: only its "bad" DQ bits make a pixel unusable.
+        from subpixal_jax.jwst import DEFAULT_DQ_BAD
+
+        dq_bits = (2**32 - 1) ^ int(DEFAULT_DQ_BAD)
+    return _image_problem(hdul, chips, extname, dq_bits)
+
+
 def _check_file(
     given: Path,
     real: Path,
@@ -230,101 +370,25 @@ def _check_file(
     check_data: bool,
     frames: dict[str, list[str]],
 ) -> str | None:
-    """Problem of one readable regular file as an exposure, or None."""
-    with real.open("rb") as f:
-        magic = f.read(4)
-    gz = magic[:2] == _GZIP_MAGIC
-    if magic[:3] == b"BZh" or magic == b"PK\x03\x04":
-        return "bzip2/zip files are not supported (only plain or gzip FITS)"
-    try:
-        size = _uncompressed_size(real) if gz else real.stat().st_size
-    except (OSError, EOFError, zlib.error) as exc:
-        return f"the gzip file is truncated or corrupt ({exc})"
-    if size == 0:
-        return "the file is empty (0 bytes)"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            hdul = fits.open(
-                real, lazy_load_hdus=True, memmap=False, do_not_scale_image_data=True
-            )
-        except Exception as exc:  # astropy raises many kinds for non-FITS bytes
-            return f"not a readable FITS file ({type(exc).__name__}: {exc})"
-    with hdul:
-        with warnings.catch_warnings(record=True) as more:
-            warnings.simplefilter("always")
-            try:
-                n = len(hdul)  # reads every header, no data
-            except Exception as exc:
-                return f"not a readable FITS file ({type(exc).__name__}: {exc})"
-        for w in (*caught, *more):
-            if "truncated" in str(w.message):
-                return f"the file is truncated ({w.message})"
-        spans = [_span(hdul, i) for i in range(n)]
-        extra = size - sum(spans[-1])
-        if extra > 0:
-            # astropy drops an incomplete header at the end with a warning
-            return (
-                f"the file is truncated or corrupt: {extra} bytes after its last "
-                f"complete HDU ({n - 1}) are not a FITS header"
-            )
-        for i, (dat_loc, _) in enumerate(spans):
-            need = dat_loc + hdul[i].size
-            if need > size:
-                return (
-                    f"the file is truncated: HDU {i} needs {need} bytes, the file "
-                    f"has {size}"
-                )
-        chips = _sci_hdus(hdul, extname)
-        primary = hdul[0].header
-        if not chips:
-            naxis = int(primary.get("NAXIS", 0))
-            if naxis == 3:
-                shape = [primary.get(f"NAXIS{k}") for k in (1, 2, 3)]
-                return (
-                    f"unsupported format: a 3-D primary array {shape} without "
-                    f"{extname} extensions (waivered WFPC2 c0f/c1f FITS?); convert "
-                    "it to multi-extension FITS first (e.g. stsci.tools "
-                    "convertwaiveredfits) and align the converted file"
-                )
-            if naxis != 2:
-                return (
-                    f"no {extname!r} extension and no 2-D image in the primary HDU "
-                    f"(NAXIS={naxis})"
-                )
-            chips = [0]
-        for i in chips:
-            hdr = hdul[i].header
-            label = "primary HDU" if i == 0 else f"{extname},{hdr.get('EXTVER', 1)}"
-            if int(hdr.get("NAXIS", 0)) != 2 or hdul[i].size == 0:
-                dims = [
-                    hdr.get(f"NAXIS{k}") for k in range(1, int(hdr.get("NAXIS", 0)) + 1)
-                ]
-                return f"{label} is not a 2-D image (NAXIS={hdr.get('NAXIS')}, {dims})"
-            problem = _wcs_problem(hdr)
-            if problem is not None:
-                return f"{label}: {problem}"
-            frames.setdefault(_frame_of(hdr), [])
-            if str(given) not in frames[_frame_of(hdr)]:
-                frames[_frame_of(hdr)].append(str(given))
-        # JWST data models give the effective exposure time instead.
-        keys = ("EXPTIME", "EFFEXPTM", "XPOSURE")
-        found = [h.get(k) for k in keys for h in (primary, hdul[chips[0]].header)]
-        exptime = next((v for v in found if v is not None), None)
-        try:
-            ok = math.isfinite(float(exptime)) and float(exptime) > 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            return f"EXPTIME must be a positive number, got {exptime!r}"
-        if check_data:
-            if any(h.name == "ASDF" for h in hdul):
-                # A JWST data model: only its "bad" DQ bits make a pixel unusable.
-                from subpixal_jax.jwst import DEFAULT_DQ_BAD
+    """Problem of one readable regular file as an exposure, or None.
 
-                dq_bits = (2**32 - 1) ^ int(DEFAULT_DQ_BAD)
-            return _image_problem(hdul, chips, extname, dq_bits)
-    return None
+    Adds ``given`` to ``frames[frame]`` for the celestial frame of each
+    science HDU checked.
+    """
+    try:
+        size = _data_size(real)
+        hdul, caught = _open_fits(real)
+        with hdul:
+            _check_complete(hdul, size, caught)
+            chips = _science_chips(hdul, extname)
+            for i in chips:
+                users = frames.setdefault(_chip_frame(hdul, i, extname), [])
+                if str(given) not in users:
+                    users.append(str(given))
+            _check_exptime(hdul[0].header, hdul[chips[0]].header)
+            return _data_problem(hdul, chips, extname, dq_bits) if check_data else None
+    except _Unusable as exc:
+        return str(exc)
 
 
 def _check_target(given: Path, real: Path, *, force: bool) -> list[str]:
@@ -375,18 +439,225 @@ def _check_folder(name: str, folder: Path, *, create: bool) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class CheckOptions:
+    """What :func:`check_inputs` checks, besides the files themselves.
+
+    Every field has the default of a plain ``check_inputs(files)``.
+
+    Attributes
+    ----------
+    in_place : bool
+        The files themselves will be updated: each must be a writable regular
+        file (checked on the mode bits, so a mode-0444 file is refused even
+        for root) in a writable folder.
+    output_dir : str or os.PathLike
+        Folder for updated copies: must be a writable folder, or a folder that
+        can be created (its parent exists and is writable). No copy may land
+        on an input, no two inputs may share a file name, and an earlier
+        copy there is replaced only if writable (mode bits, unless
+        ``force``).
+    summary : str or os.PathLike
+        File for the summary table: its folder must exist and be writable.
+    wcsname : str
+        The WCSNAME to write: non-empty printable ASCII, at most 68 characters.
+    force : bool
+        Update read-only (mode bits) files and folders anyway, where the user
+        may write them (e.g. root).
+    extname : str
+        Name of the science extensions.
+    dq_bits : int, str or None
+        DQ bits to ignore when judging whether an image is all flagged (as
+        :func:`subpixal_jax.images.read_exposure`).
+    min_files : int
+        The least number of exposures (2: one alone has nothing to align to).
+    check_data : bool
+        Read the science (and DQ) pixels to refuse images that are entirely
+        zero, non-finite or flagged. Everything else is checked from headers
+        and file sizes only.
+    """
+
+    in_place: bool = False
+    output_dir: str | os.PathLike | None = None
+    summary: str | os.PathLike | None = None
+    wcsname: str = "SUBPIXAL"
+    force: bool = False
+    extname: str = "SCI"
+    dq_bits: int | str | None = 0
+    min_files: int = 2
+    check_data: bool = True
+
+
+class _Scan(NamedTuple):
+    """What the per-file checks found."""
+
+    problems: list[tuple[str, str]]
+    notes: list[str]
+    pairs: list[tuple[Path, Path]]  # (as given, resolved) of each distinct file
+    frames: dict[str, list[str]]  # celestial frame: files in it
+
+
+def _wcsname_problem(wcsname) -> str | None:
+    if not isinstance(wcsname, str) or not wcsname.strip():
+        return f"must be a non-empty string, got {wcsname!r}"
+    if len(wcsname.strip()) > _MAX_WCSNAME or not all(
+        32 <= ord(ch) < 127 for ch in wcsname
+    ):
+        return f"must be at most 68 printable ASCII characters, got {wcsname!r}"
+    return None
+
+
+def _dq_bits_problem(dq_bits) -> str | None:
+    try:
+        interpret_bit_flags(dq_bits)
+    except (TypeError, ValueError) as exc:
+        return f"cannot be interpreted: {dq_bits!r} ({exc})"
+    return None
+
+
+def _locate(p: Path) -> tuple[Path, os.stat_result]:
+    """Find the regular file ``p`` names (links resolved) and its status."""
+    if not p.exists():
+        msg = (
+            "no such file"
+            if not p.is_symlink()
+            else "a symbolic link to a missing file"
+        )
+        raise _Unusable(msg)
+    if p.is_dir():
+        msg = "is a folder, not a FITS file"
+        raise _Unusable(msg)
+    real = p.resolve()
+    st = real.stat()
+    if not stat.S_ISREG(st.st_mode):
+        msg = "is not a regular file"
+        raise _Unusable(msg)
+    return real, st
+
+
+def _link_notes(
+    p: Path, real: Path, st: os.stat_result, *, in_place: bool
+) -> list[str]:
+    """Say when a symbolic link is resolved, or hard links would be detached."""
+    notes = []
+    if real != p.absolute() and (
+        p.is_symlink() or any(q.is_symlink() for q in p.absolute().parents)
+    ):
+        notes.append(f"{p} is a symbolic link to {real}; that file is used")
+    if in_place and st.st_nlink > 1:
+        notes.append(
+            f"{p} has {st.st_nlink} hard links; the update replaces this name "
+            "only (the other names keep the old file)"
+        )
+    return notes
+
+
+def _scan_files(
+    given: list[Path], checks: CheckOptions, extname: str, dq_bits
+) -> _Scan:
+    """Check every file, in order; a file found twice is checked once."""
+    scan = _Scan([], [], [], {})
+    seen: dict[tuple[int, int], Path] = {}
+    for p in given:
+        name = str(p)
+        try:
+            real, st = _locate(p)
+        except _Unusable as exc:
+            scan.problems.append((name, str(exc)))
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen:
+            twice = f"is the same file as {str(seen[ident])!r}, given twice"
+            scan.problems.append((name, twice))
+            continue
+        seen[ident] = p
+        scan.notes.extend(_link_notes(p, real, st, in_place=checks.in_place))
+        problem = _check_file(
+            p,
+            real,
+            extname=extname or "SCI",
+            dq_bits=dq_bits,
+            check_data=checks.check_data,
+            frames=scan.frames,
+        )
+        if problem is not None:
+            scan.problems.append((name, problem))
+        if checks.in_place:
+            scan.problems.extend(
+                (name, t) for t in _check_target(p, real, force=checks.force)
+            )
+        scan.pairs.append((p, real))
+    return scan
+
+
+def _frames_notes(frames: dict[str, list[str]]) -> list[str]:
+    if len(frames) <= 1:
+        return []
+    return [
+        "the inputs use different celestial frames ("
+        + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(frames.items()))
+        + "); positions are converted between them"
+    ]
+
+
+def _output_dir_checks(
+    output_dir: str | os.PathLike, pairs: list[tuple[Path, Path]], *, force: bool
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Problems and notes of writing copies of ``pairs`` into ``output_dir``."""
+    out = Path(output_dir)
+    problem = _check_folder("output_dir", out, create=True)
+    if problem is not None:
+        return [(str(out), problem)], []
+    notes = [] if out.exists() else [f"output_dir {out} will be created"]
+    problems = []
+    names: dict[str, Path] = {}
+    target_dir = out.resolve()
+    for g, real in pairs:
+        if target_dir / real.name == real:
+            problems.append(
+                (
+                    str(g),
+                    f"output_dir {str(out)!r} holds this input itself: "
+                    "its copy would replace the original (use in_place, or "
+                    "another folder)",
+                )
+            )
+        if real.name in names:
+            problems.append(
+                (
+                    str(g),
+                    f"has the same file name as {str(names[real.name])!r}: "
+                    f"both copies would be {out / real.name}",
+                )
+            )
+        names.setdefault(real.name, g)
+        copy = target_dir / real.name
+        if copy != real and copy.exists():
+            problems.extend(
+                (str(copy), f"(an earlier copy of {g}) {t}")
+                for t in _check_target(copy, copy.resolve(), force=force)
+            )
+    return problems, notes
+
+
+def _summary_problems(summary: str | os.PathLike) -> list[tuple[str, str]]:
+    s = Path(summary)
+    if s.is_dir():
+        return [(str(s), "summary is a folder, not a file name")]
+    problem = _check_folder(
+        "summary", s.parent if str(s.parent) else Path("."), create=False
+    )
+    if problem is not None:
+        return [(str(s), problem)]
+    if s.exists() and not os.access(s, os.W_OK):
+        return [(str(s), "summary exists and is not writable")]
+    return []
+
+
 def check_inputs(
     files: Iterable[str | os.PathLike],
-    *,
-    in_place: bool = False,
-    output_dir: str | os.PathLike | None = None,
-    summary: str | os.PathLike | None = None,
-    wcsname: str = "SUBPIXAL",
-    force: bool = False,
-    extname: str = "SCI",
-    dq_bits: int | str | None = 0,
-    min_files: int = 2,
-    check_data: bool = True,
+    checks: CheckOptions | None = None,
+    **options,
 ) -> CheckedInputs:
     """Check input files and output places before any work; raise if unusable.
 
@@ -394,34 +665,12 @@ def check_inputs(
     ----------
     files : iterable of str or os.PathLike
         The exposures (FITS, plain or gzip).
-    in_place : bool, optional
-        The files themselves will be updated: each must be a writable regular
-        file (checked on the mode bits, so a mode-0444 file is refused even
-        for root) in a writable folder.
-    output_dir : str or os.PathLike, optional
-        Folder for updated copies: must be a writable folder, or a folder that
-        can be created (its parent exists and is writable). No copy may land
-        on an input, no two inputs may share a file name, and an earlier
-        copy there is replaced only if writable (mode bits, unless
-        ``force``).
-    summary : str or os.PathLike, optional
-        File for the summary table: its folder must exist and be writable.
-    wcsname : str, optional
-        The WCSNAME to write: non-empty printable ASCII, at most 68 characters.
-    force : bool, optional
-        Update read-only (mode bits) files and folders anyway, where the user
-        may write them (e.g. root).
-    extname : str, optional
-        Name of the science extensions.
-    dq_bits : int, str or None, optional
-        DQ bits to ignore when judging whether an image is all flagged (as
-        :func:`subpixal_jax.images.read_exposure`).
-    min_files : int, optional
-        The least number of exposures (2: one alone has nothing to align to).
-    check_data : bool, optional
-        Read the science (and DQ) pixels to refuse images that are entirely
-        zero, non-finite or flagged. Everything else is checked from headers
-        and file sizes only.
+    checks : CheckOptions, optional
+        What to check; default ``CheckOptions()``.
+    **options
+        Fields of :class:`CheckOptions` (``in_place``, ``output_dir``,
+        ``summary``, ``wcsname``, ``force``, ``extname``, ``dq_bits``,
+        ``min_files``, ``check_data``), overriding those of ``checks``.
 
     Returns
     -------
@@ -455,151 +704,48 @@ def check_inputs(
     ...     print(err.problems[0])
     ('no_such_file.fits', 'no such file')
     """
+    checks = replace(checks or CheckOptions(), **options)
     if isinstance(files, str | os.PathLike):
         files = [files]
     given = [Path(f) for f in files]
-    problems: list[tuple[str, str]] = []
-    notes: list[str] = []
-    extname = str(extname).strip().upper()
-    if not extname:
-        problems.append(("extname", "must be a non-empty string"))
-    try:
-        interpret_bit_flags(dq_bits)
-    except (TypeError, ValueError) as exc:
-        problems.append(("dq_bits", f"cannot be interpreted: {dq_bits!r} ({exc})"))
-        dq_bits = None
-    if not isinstance(wcsname, str) or not wcsname.strip():
-        problems.append(("wcsname", f"must be a non-empty string, got {wcsname!r}"))
-    elif len(wcsname.strip()) > _MAX_WCSNAME or not all(
-        32 <= ord(ch) < 127 for ch in wcsname
-    ):
-        problems.append(
-            (
-                "wcsname",
-                f"must be at most 68 printable ASCII characters, got {wcsname!r}",
-            )
+    extname = str(checks.extname).strip().upper()
+    dq_problem = _dq_bits_problem(checks.dq_bits)
+    problems = [
+        (option, problem)
+        for option, problem in (
+            ("extname", None if extname else "must be a non-empty string"),
+            ("dq_bits", dq_problem),
+            ("wcsname", _wcsname_problem(checks.wcsname)),
         )
-
-    seen: dict[tuple[int, int], Path] = {}
-    frames: dict[str, list[str]] = {}
-    pairs: list[tuple[Path, Path]] = []
-    for p in given:
-        name = str(p)
-        if not p.exists():
-            problems.append(
-                (
-                    name,
-                    "no such file"
-                    if not p.is_symlink()
-                    else "a symbolic link to a missing file",
-                )
-            )
-            continue
-        if p.is_dir():
-            problems.append((name, "is a folder, not a FITS file"))
-            continue
-        real = p.resolve()
-        st = real.stat()
-        if not stat.S_ISREG(st.st_mode):
-            problems.append((name, "is not a regular file"))
-            continue
-        ident = (st.st_dev, st.st_ino)
-        if ident in seen:
-            problems.append(
-                (name, f"is the same file as {str(seen[ident])!r}, given twice")
-            )
-            continue
-        seen[ident] = p
-        if real != p.absolute() and (
-            p.is_symlink() or any(q.is_symlink() for q in p.absolute().parents)
-        ):
-            notes.append(f"{name} is a symbolic link to {real}; that file is used")
-        if in_place and st.st_nlink > 1:
-            notes.append(
-                f"{name} has {st.st_nlink} hard links; the update replaces this name "
-                "only (the other names keep the old file)"
-            )
-        problem = _check_file(
-            p,
-            real,
-            extname=extname or "SCI",
-            dq_bits=dq_bits,
-            check_data=check_data,
-            frames=frames,
-        )
-        if problem is not None:
-            problems.append((name, problem))
-        if in_place:
-            problems.extend((name, t) for t in _check_target(p, real, force=force))
-        pairs.append((p, real))
-
-    if len(frames) > 1:
-        notes.append(
-            "the inputs use different celestial frames ("
-            + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(frames.items()))
-            + "); positions are converted between them"
-        )
-    if len(seen) < min_files:
+        if problem is not None
+    ]
+    dq_bits = None if dq_problem else checks.dq_bits
+    scan = _scan_files(given, checks, extname, dq_bits)
+    problems += scan.problems
+    notes = scan.notes + _frames_notes(scan.frames)
+    if len(scan.pairs) < checks.min_files:
         problems.append(
             (
                 "files",
-                f"at least {min_files} different exposures are needed, got "
-                f"{len(seen)}" + (f" ({', '.join(map(str, given))})" if given else ""),
+                f"at least {checks.min_files} different exposures are needed, got "
+                f"{len(scan.pairs)}"
+                + (f" ({', '.join(map(str, given))})" if given else ""),
             )
         )
-    if output_dir is not None:
-        out = Path(output_dir)
-        problem = _check_folder("output_dir", out, create=True)
-        if problem is not None:
-            problems.append((str(out), problem))
-        else:
-            if not out.exists():
-                notes.append(f"output_dir {out} will be created")
-            names: dict[str, Path] = {}
-            target_dir = out.resolve()
-            for g, real in pairs:
-                if target_dir / real.name == real:
-                    problems.append(
-                        (
-                            str(g),
-                            f"output_dir {str(out)!r} holds this input itself: "
-                            "its copy would replace the original (use in_place, or "
-                            "another folder)",
-                        )
-                    )
-                if real.name in names:
-                    problems.append(
-                        (
-                            str(g),
-                            f"has the same file name as {str(names[real.name])!r}: "
-                            f"both copies would be {out / real.name}",
-                        )
-                    )
-                names.setdefault(real.name, g)
-                copy = target_dir / real.name
-                if copy != real and copy.exists():
-                    problems.extend(
-                        (str(copy), f"(an earlier copy of {g}) {t}")
-                        for t in _check_target(copy, copy.resolve(), force=force)
-                    )
-    if summary is not None:
-        s = Path(summary)
-        if s.is_dir():
-            problems.append((str(s), "summary is a folder, not a file name"))
-        else:
-            problem = _check_folder(
-                "summary", s.parent if str(s.parent) else Path("."), create=False
-            )
-            if problem is not None:
-                problems.append((str(s), problem))
-            elif s.exists() and not os.access(s, os.W_OK):
-                problems.append((str(s), "summary exists and is not writable"))
+    if checks.output_dir is not None:
+        more, out_notes = _output_dir_checks(
+            checks.output_dir, scan.pairs, force=checks.force
+        )
+        problems += more
+        notes += out_notes
+    if checks.summary is not None:
+        problems += _summary_problems(checks.summary)
     if problems:
         raise InputError(problems)
     for note in notes:
         log.info("%s", note)
     return CheckedInputs(
-        given=tuple(g for g, _ in pairs),
-        paths=tuple(r for _, r in pairs),
+        given=tuple(g for g, _ in scan.pairs),
+        paths=tuple(r for _, r in scan.pairs),
         notes=tuple(notes),
     )
