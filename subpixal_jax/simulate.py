@@ -48,6 +48,7 @@ import logging
 import math
 import pathlib
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 from astropy.io import fits
@@ -921,7 +922,7 @@ def _cosmic_rays(rng, shape, n_events):
     return flat[ok], (energy[:, None] / n_steps * np.ones_like(t))[ok], ids[ok]
 
 
-def simulate_exposures(
+def simulate_exposures(  # noqa: PLR0913  # seed signature
     outdir,
     *,
     n_exposures=4,
@@ -1085,68 +1086,219 @@ def simulate_exposures(
     >>> sim.errors[0]
     WcsError(shift=(0.0, 0.0), rotation=0.0, scale=1.0, skew=0.0)
     """
-    # ---- validation, before anything is touched
-    outdir = pathlib.Path(outdir)
+    config = _SimulationConfig.from_arguments(locals())  # first: the arguments only
+    config.outdir.mkdir(exist_ok=True)
+    rng = np.random.default_rng(config.seed)
+    geometry_rng, scene_rng, error_rng, *exposure_rngs = rng.spawn(
+        3 + config.n_exposures
+    )
+    layout = _layout(config, geometry_rng)
+    errors = config.errors
+    if errors is None:
+        errors = _draw_errors(
+            error_rng,
+            config.n_exposures,
+            config.max_shift,
+            config.max_rotation,
+            config.max_scale,
+            config.max_skew,
+        )
+    header_wcs = _header_wcs(config, layout, errors)
+    sources = _make_scene(scene_rng, config, layout)
+    paths = [
+        _write_exposure(config, i, erng, layout.true_wcs[i], header_wcs[i], sources)
+        for i, erng in enumerate(exposure_rngs)
+    ]
+    result = SimulatedExposures(
+        paths=paths,
+        truth_path=config.outdir / f"{config.prefix}_truth.ecsv",
+        true_wcs=layout.true_wcs,
+        header_wcs=header_wcs,
+        frame_wcs=layout.frames,
+        errors=list(errors),
+        sources=sources,
+        sky=config.sky,
+        exptime=config.exptime,
+        units=config.units,
+        pixel_scale=config.pixel_scale,
+        read_noise=config.read_noise,
+    )
+    _write_truth(
+        result,
+        config.shape,
+        layout.detector_shape,
+        layout.dither,
+        layout.roll_offsets,
+        config.seed,
+    )
+    logger.info("wrote %s", result.truth_path)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _SimulationConfig:
+    """The arguments of :func:`simulate_exposures`, checked and normalised."""
+
+    outdir: pathlib.Path
+    n_exposures: int
+    n_chips: int
+    rows: int
+    cols: int
+    chip_gap: int
+    pixel_scale: float
+    pointing: tuple[float, float]  # (ra, dec), degrees
+    roll: float
+    n_stars: int | None
+    n_galaxies: int | None
+    psf: str
+    psf_fwhm: float
+    moffat_beta: float
+    flux_range: tuple[float, float]
+    flux_slope: float
+    galaxy_r_eff: tuple[float, float]
+    min_separation: float
+    max_shift: float
+    max_rotation: float
+    max_scale: float
+    max_skew: float
+    max_roll_offset: float
+    errors: list[WcsError] | None
+    dither: np.ndarray | None
+    roll_offsets: np.ndarray | None
+    units: str
+    exptime: float
+    sky: float
+    read_noise: float
+    noise: bool
+    cosmic_rays: bool
+    cosmic_ray_rate: float
+    cr_flagged_fraction: float
+    bad_pixels: bool
+    distortion: bool
+    distortion_amplitude: float
+    seed: int
+    prefix: str
+
+    @classmethod
+    def from_arguments(cls, args: Mapping) -> _SimulationConfig:
+        """Check the arguments in signature order: the first bad one raises."""
+        geometry = _checked_geometry(args)
+        scene = _checked_scene(args)
+        errors = _checked_errors(args, geometry["n_exposures"])
+        return cls(**geometry, **scene, **errors, **_checked_detector(args))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, columns)`` of one chip."""
+        return self.rows, self.cols
+
+
+def _pair(value) -> tuple[float, float]:
+    """Two floats, or ``(nan, nan)`` when ``value`` is not a pair of numbers."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        lo = hi = math.nan
+    return lo, hi
+
+
+def _checked_geometry(args: Mapping) -> dict:
+    """Check and normalise the output folder, detector and pointing arguments."""
+    outdir = pathlib.Path(args["outdir"])
     if not outdir.is_dir() and not outdir.parent.is_dir():
         msg = f"outdir's parent directory must exist, got outdir={str(outdir)!r}"
         raise ValueError(msg)
     if outdir.exists() and not outdir.is_dir():
         msg = f"outdir must be a directory, got {str(outdir)!r}"
         raise ValueError(msg)
-    n_exposures = _check_count("n_exposures", n_exposures, lower=1)
+    n_exposures = _check_count("n_exposures", args["n_exposures"], lower=1)
+    n_chips = args["n_chips"]
     if isinstance(n_chips, bool) or n_chips not in (1, 2):
         msg = f"n_chips must be 1 or 2, got {n_chips!r}"
         raise ValueError(msg)
+    chip_shape = args["chip_shape"]
     rows, cols = _check_shape(chip_shape, "chip_shape")
     if rows < 16 or cols < 16:
         msg = f"chip_shape must be at least (16, 16), got {chip_shape!r}"
         raise ValueError(msg)
-    chip_gap = _check_count("chip_gap", chip_gap)
-    pixel_scale = _check_number("pixel_scale", pixel_scale, lower=0.0, strict=True)
-    try:
-        ra0, dec0 = (float(v) for v in pointing)
-    except (TypeError, ValueError):
-        ra0 = dec0 = math.nan
+    chip_gap = _check_count("chip_gap", args["chip_gap"])
+    pixel_scale = _check_number(
+        "pixel_scale", args["pixel_scale"], lower=0.0, strict=True
+    )
+    ra0, dec0 = _pair(args["pointing"])
     if not (math.isfinite(ra0) and -89.0 <= dec0 <= 89.0):
         msg = (
-            f"pointing must be (ra, dec) in degrees with |dec| <= 89, got {pointing!r}"
+            "pointing must be (ra, dec) in degrees with |dec| <= 89, "
+            f"got {args['pointing']!r}"
         )
         raise ValueError(msg)
-    roll = _check_number("roll", roll)
-    n_stars = _check_count("n_stars", n_stars, allow_none=True)
-    n_galaxies = _check_count("n_galaxies", n_galaxies, allow_none=True)
+    return {
+        "outdir": outdir,
+        "n_exposures": n_exposures,
+        "n_chips": n_chips,
+        "rows": rows,
+        "cols": cols,
+        "chip_gap": chip_gap,
+        "pixel_scale": pixel_scale,
+        "pointing": (ra0, dec0),
+        "roll": _check_number("roll", args["roll"]),
+    }
+
+
+def _checked_scene(args: Mapping) -> dict:
+    """Check and normalise the source-count, PSF and source-property arguments."""
+    n_stars = _check_count("n_stars", args["n_stars"], allow_none=True)
+    n_galaxies = _check_count("n_galaxies", args["n_galaxies"], allow_none=True)
+    psf = args["psf"]
     if psf not in _PSF_KINDS:
         msg = f"psf must be one of {_PSF_KINDS}, got {psf!r}"
         raise ValueError(msg)
-    psf_fwhm = _check_number("psf_fwhm", psf_fwhm, lower=0.0, strict=True)
-    moffat_beta = _check_number("moffat_beta", moffat_beta, lower=1.0, strict=True)
-    try:
-        f_lo, f_hi = (float(v) for v in flux_range)
-    except (TypeError, ValueError):
-        f_lo = f_hi = math.nan
+    psf_fwhm = _check_number("psf_fwhm", args["psf_fwhm"], lower=0.0, strict=True)
+    moffat_beta = _check_number(
+        "moffat_beta", args["moffat_beta"], lower=1.0, strict=True
+    )
+    f_lo, f_hi = _pair(args["flux_range"])
     if not (0.0 < f_lo <= f_hi < math.inf):
-        msg = f"flux_range must be (low, high) with 0 < low <= high, got {flux_range!r}"
+        msg = (
+            "flux_range must be (low, high) with 0 < low <= high, "
+            f"got {args['flux_range']!r}"
+        )
         raise ValueError(msg)
-    flux_slope = _check_number("flux_slope", flux_slope)
-    try:
-        r_lo, r_hi = (float(v) for v in galaxy_r_eff)
-    except (TypeError, ValueError):
-        r_lo = r_hi = math.nan
+    flux_slope = _check_number("flux_slope", args["flux_slope"])
+    r_lo, r_hi = _pair(args["galaxy_r_eff"])
     if not (0.0 < r_lo <= r_hi < math.inf):
         msg = (
             "galaxy_r_eff must be (low, high) arcsec with 0 < low <= high, "
-            f"got {galaxy_r_eff!r}"
+            f"got {args['galaxy_r_eff']!r}"
         )
         raise ValueError(msg)
-    min_separation = _check_number("min_separation", min_separation, lower=0.0)
-    max_shift = _check_number("max_shift", max_shift, lower=0.0)
-    max_rotation = _check_number("max_rotation", max_rotation, lower=0.0)
-    max_scale = _check_number("max_scale", max_scale, lower=0.0)
-    if max_scale >= 1.0:
-        msg = f"max_scale must be < 1, got {max_scale!r}"
+    return {
+        "n_stars": n_stars,
+        "n_galaxies": n_galaxies,
+        "psf": psf,
+        "psf_fwhm": psf_fwhm,
+        "moffat_beta": moffat_beta,
+        "flux_range": (f_lo, f_hi),
+        "flux_slope": flux_slope,
+        "galaxy_r_eff": (r_lo, r_hi),
+        "min_separation": _check_number(
+            "min_separation", args["min_separation"], lower=0.0
+        ),
+    }
+
+
+def _checked_errors(args: Mapping, n_exposures: int) -> dict:
+    """Check and normalise the injected-error, dither and roll arguments."""
+    limits = {
+        name: _check_number(name, args[name], lower=0.0)
+        for name in ("max_shift", "max_rotation", "max_scale")
+    }
+    if limits["max_scale"] >= 1.0:
+        msg = f"max_scale must be < 1, got {limits['max_scale']!r}"
         raise ValueError(msg)
-    max_skew = _check_number("max_skew", max_skew, lower=0.0)
-    max_roll_offset = _check_number("max_roll_offset", max_roll_offset, lower=0.0)
+    for name in ("max_skew", "max_roll_offset"):
+        limits[name] = _check_number(name, args[name], lower=0.0)
+    errors = args["errors"]
     if errors is not None:
         errors = list(errors)
         if len(errors) != n_exposures or not all(
@@ -1157,11 +1309,13 @@ def simulate_exposures(
                 f"got {errors!r}"
             )
             raise ValueError(msg)
+    dither = args["dither"]
     if dither is not None:
         dither = np.asarray(dither, dtype=float)
         if dither.shape != (n_exposures, 2) or not np.all(np.isfinite(dither)):
             msg = f"dither must be {n_exposures} finite (dx, dy) pairs, got {dither!r}"
             raise ValueError(msg)
+    roll_offsets = args["roll_offsets"]
     if roll_offsets is not None:
         roll_offsets = np.asarray(roll_offsets, dtype=float)
         if roll_offsets.shape != (n_exposures,) or not np.all(
@@ -1172,234 +1326,180 @@ def simulate_exposures(
                 f"got {roll_offsets!r}"
             )
             raise ValueError(msg)
+    return {**limits, "errors": errors, "dither": dither, "roll_offsets": roll_offsets}
+
+
+def _checked_detector(args: Mapping) -> dict:
+    """Check and normalise the exposure, noise, defect and file-name arguments."""
+    units = args["units"]
     if units not in _UNITS:
         msg = f"units must be one of {tuple(_UNITS)}, got {units!r}"
         raise ValueError(msg)
-    exptime = _check_number("exptime", exptime, lower=0.0, strict=True)
-    sky = _check_number("sky", sky, lower=0.0)
-    read_noise = _check_number("read_noise", read_noise, lower=0.0)
-    cosmic_ray_rate = _check_number("cosmic_ray_rate", cosmic_ray_rate, lower=0.0)
-    cr_flagged_fraction = _check_number(
-        "cr_flagged_fraction", cr_flagged_fraction, lower=0.0
-    )
-    if cr_flagged_fraction > 1.0:
-        msg = f"cr_flagged_fraction must be in [0, 1], got {cr_flagged_fraction!r}"
+    values = {
+        "units": units,
+        "exptime": _check_number("exptime", args["exptime"], lower=0.0, strict=True),
+    }
+    for name in ("sky", "read_noise", "cosmic_ray_rate", "cr_flagged_fraction"):
+        values[name] = _check_number(name, args[name], lower=0.0)
+    if values["cr_flagged_fraction"] > 1.0:
+        msg = (
+            "cr_flagged_fraction must be in [0, 1], "
+            f"got {values['cr_flagged_fraction']!r}"
+        )
         raise ValueError(msg)
-    distortion_amplitude = _check_number(
-        "distortion_amplitude", distortion_amplitude, lower=0.0
+    values["distortion_amplitude"] = _check_number(
+        "distortion_amplitude", args["distortion_amplitude"], lower=0.0
     )
-    seed = _check_count("seed", seed)
+    values["seed"] = _check_count("seed", args["seed"])
+    prefix = args["prefix"]
     if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "/\\"):
         msg = f"prefix must be a non-empty file name prefix, got {prefix!r}"
         raise ValueError(msg)
-    for name, flag in (
-        ("noise", noise),
-        ("cosmic_rays", cosmic_rays),
-        ("bad_pixels", bad_pixels),
-        ("distortion", distortion),
-    ):
-        if not isinstance(flag, bool | np.bool_):
-            msg = f"{name} must be True or False, got {flag!r}"
+    values["prefix"] = prefix
+    for name in ("noise", "cosmic_rays", "bad_pixels", "distortion"):
+        if not isinstance(args[name], bool | np.bool_):
+            msg = f"{name} must be True or False, got {args[name]!r}"
             raise ValueError(msg)
+        values[name] = args[name]
+    return values
 
-    outdir.mkdir(exist_ok=True)
-    rng = np.random.default_rng(seed)
-    geometry_rng, scene_rng, error_rng, *exposure_rngs = rng.spawn(3 + n_exposures)
 
-    # ---- geometry: detector, frames, chips
-    det_rows = n_chips * rows + (n_chips - 1) * chip_gap
+class _Layout(NamedTuple):
+    """Where every exposure and chip lies: the true geometry of a simulation."""
+
+    detector_shape: tuple[int, int]  # (rows, columns) of the detector
+    dither: np.ndarray  # (n_exposures, 2) frame pixels of exposure 0
+    roll_offsets: np.ndarray  # (n_exposures,) degrees
+    frame0: WCS  # frame of exposure 0 (the scene's frame)
+    frames: list[WCS]  # frame of each exposure
+    true_wcs: list[dict[int, WCS]]  # true WCS of each chip, by EXTVER
+
+
+def _layout(config: _SimulationConfig, rng) -> _Layout:
+    """Frames and true chip WCSs of every exposure (draws rolls and distortions)."""
+    rows, cols = config.shape
+    det_rows = config.n_chips * rows + (config.n_chips - 1) * config.chip_gap
     center = np.array([(cols + 1) / 2.0, (det_rows + 1) / 2.0])  # 1-based
-    chip_crpix = np.array([(cols + 1) / 2.0, (rows + 1) / 2.0])
-    chip_y0 = [k * (rows + chip_gap) for k in range(n_chips)]
+    dither = config.dither
     if dither is None:
         dither = np.array(
             [
                 np.add(_DITHER_BOX[i % 4], np.multiply(_DITHER_STEP, i // 4))
-                for i in range(n_exposures)
+                for i in range(config.n_exposures)
             ]
         )
+    roll_offsets = config.roll_offsets
     if roll_offsets is None:
-        roll_offsets = geometry_rng.uniform(
-            -max_roll_offset, max_roll_offset, n_exposures
-        )
+        limit = config.max_roll_offset
+        roll_offsets = rng.uniform(-limit, limit, config.n_exposures)
         roll_offsets[0] = 0.0
     sips = [
         sip_distortion(
             (rows, cols),
-            amplitude=distortion_amplitude if distortion else 0.0,
-            seed=int(geometry_rng.integers(2**31)),
+            amplitude=config.distortion_amplitude if config.distortion else 0.0,
+            seed=int(rng.integers(2**31)),
         )
-        for _ in range(n_chips)
+        for _ in range(config.n_chips)
     ]
-    frame0 = _wcs_from_header(
-        _wcs_header(crval=(ra0, dec0), crpix=center, cd=_frame_cd(pixel_scale, roll)),
-        (det_rows, cols),
-    )
+    cd0 = _frame_cd(config.pixel_scale, config.roll)
+    header0 = _wcs_header(crval=config.pointing, crpix=center, cd=cd0)
+    frame0 = _wcs_from_header(header0, (det_rows, cols))
     frames, true_wcs = [], []
-    for i in range(n_exposures):
+    for i in range(config.n_exposures):
         tangent = frame0.wcs_pix2world((center + dither[i])[None], 1)[0]
-        cd = _frame_cd(pixel_scale, roll + roll_offsets[i])
+        cd = _frame_cd(config.pixel_scale, config.roll + roll_offsets[i])
         frame = _wcs_from_header(
             _wcs_header(crval=tangent, crpix=center, cd=cd, wcsname="FRAME"),
             (det_rows, cols),
         )
         frames.append(frame)
-        chips = {}
-        for k in range(n_chips):
-            chip_center = chip_crpix + np.array([0.0, chip_y0[k]])
-            crval = frame.wcs_pix2world(chip_center[None], 1)[0]
-            header = _wcs_header(
-                crval=crval,
-                crpix=chip_crpix,
-                cd=cd,
-                sip=sips[k] if distortion else None,
-                wcsname="TRUE",
-            )
-            chips[k + 1] = _wcs_from_header(header, (rows, cols))
-        true_wcs.append(chips)
+        true_wcs.append(_true_chips(config, frame, cd, sips))
+    return _Layout((det_rows, cols), dither, roll_offsets, frame0, frames, true_wcs)
 
-    if errors is None:
-        errors = _draw_errors(
-            error_rng, n_exposures, max_shift, max_rotation, max_scale, max_skew
+
+def _true_chips(config: _SimulationConfig, frame: WCS, cd, sips) -> dict[int, WCS]:
+    """Build the true WCS of each chip of the exposure ``frame``, by EXTVER."""
+    rows, cols = config.shape
+    chip_crpix = np.array([(cols + 1) / 2.0, (rows + 1) / 2.0])
+    chips = {}
+    for k in range(config.n_chips):
+        chip_center = chip_crpix + np.array([0.0, k * (rows + config.chip_gap)])
+        crval = frame.wcs_pix2world(chip_center[None], 1)[0]
+        header = _wcs_header(
+            crval=crval,
+            crpix=chip_crpix,
+            cd=cd,
+            sip=sips[k] if config.distortion else None,
+            wcsname="TRUE",
         )
+        chips[k + 1] = _wcs_from_header(header, (rows, cols))
+    return chips
+
+
+def _header_wcs(
+    config: _SimulationConfig, layout: _Layout, errors
+) -> list[dict[int, WCS]]:
+    """Move every true chip WCS by its injected error (the header WCS)."""
     header_wcs = []
     for i, err in enumerate(errors):
         m_inv = np.linalg.inv(err.matrix)
         chips = {}
-        for extver, wcs in true_wcs[i].items():
+        for extver, wcs in layout.true_wcs[i].items():
             moved = transform_wcs(
-                wcs, frames[i], matrix=m_inv, shift=-m_inv @ np.asarray(err.shift)
+                wcs,
+                layout.frames[i],
+                matrix=m_inv,
+                shift=-m_inv @ np.asarray(err.shift),
             )
             chips[extver] = _wcs_from_header(
-                _header_of(moved, "SIMULATED"), (rows, cols)
+                _header_of(moved, "SIMULATED"), config.shape
             )
         header_wcs.append(chips)
+    return header_wcs
 
-    # ---- scene, drawn in the frame of exposure 0
+
+def _scene_box(layout: _Layout) -> tuple[float, float, float, float]:
+    """``(x0, x1, y0, y1)`` in the frame of exposure 0 that any exposure sees."""
+    det_rows, cols = layout.detector_shape
+    dither = layout.dither
     margin = 10.0
-    box = (
+    return (
         0.5 + min(0.0, dither[:, 0].min()) - margin,
         cols + 0.5 + max(0.0, dither[:, 0].max()) + margin,
         0.5 + min(0.0, dither[:, 1].min()) - margin,
         det_rows + 0.5 + max(0.0, dither[:, 1].max()) + margin,
     )
+
+
+def _make_scene(rng, config: _SimulationConfig, layout: _Layout) -> Table:
+    """Draw the source table in the frame of exposure 0."""
+    box = _scene_box(layout)
     area = (box[1] - box[0]) * (box[3] - box[2])
+    n_stars = config.n_stars
     if n_stars is None:
         n_stars = round(_STAR_DENSITY * area)
+    n_galaxies = config.n_galaxies
     if n_galaxies is None:
         n_galaxies = round(_GALAXY_DENSITY * area)
-    sources = _make_scene(
-        scene_rng,
-        frame0,
-        box,
-        n_stars=n_stars,
-        n_galaxies=n_galaxies,
-        psf=psf,
-        psf_fwhm=psf_fwhm,
-        moffat_beta=moffat_beta,
-        flux_range=(f_lo, f_hi),
-        flux_slope=flux_slope,
-        r_eff=(r_lo, r_hi),
-        min_separation=min_separation,
-    )
-
-    # ---- pixels
-    paths = []
-    scale_out = 1.0 if units == "counts" else 1.0 / exptime
-    for i in range(n_exposures):
-        erng = exposure_rngs[i]
-        path = outdir / f"{prefix}{i:02d}_flt.fits"
-        primary = fits.PrimaryHDU()
-        primary.header["TELESCOP"] = "SIMULATED"
-        primary.header["INSTRUME"] = "SUBPIXAL_JAX"
-        primary.header["ROOTNAME"] = f"{prefix}{i:02d}"
-        primary.header["FILENAME"] = path.name
-        primary.header["EXPTIME"] = (exptime, "exposure time (s)")
-        primary.header["NEXTEND"] = 3 * n_chips
-        hdus = [primary]
-        for extver in range(1, n_chips + 1):
-            sci, err, dq = _expose_chip(
-                erng,
-                true_wcs[i][extver],
-                sources,
-                (rows, cols),
-                psf_fwhm=psf_fwhm,
-                sky=sky,
-                read_noise=read_noise,
-                exptime=exptime,
-                noise=noise,
-                cosmic_rays=cosmic_rays,
-                cosmic_ray_rate=cosmic_ray_rate,
-                cr_flagged_fraction=cr_flagged_fraction,
-                bad_pixels=bad_pixels,
-            )
-            wcs_cards = _header_of(header_wcs[i][extver], "SIMULATED")
-            for name, data, bunit in (
-                ("SCI", (sci * scale_out).astype(np.float32), _UNITS[units]),
-                ("ERR", (err * scale_out).astype(np.float32), _UNITS[units]),
-                ("DQ", dq, "UNITLESS"),
-            ):
-                hdu = fits.ImageHDU(data=data, name=name, ver=extver)
-                hdu.header["BUNIT"] = bunit
-                hdu.header["CCDCHIP"] = extver
-                hdu.header.extend(wcs_cards)
-                hdus.append(hdu)
-        fits.HDUList(hdus).writeto(path, overwrite=True)
-        paths.append(path)
-        logger.info("wrote %s", path)
-
-    result = SimulatedExposures(
-        paths=paths,
-        truth_path=outdir / f"{prefix}_truth.ecsv",
-        true_wcs=true_wcs,
-        header_wcs=header_wcs,
-        frame_wcs=frames,
-        errors=list(errors),
-        sources=sources,
-        sky=sky,
-        exptime=exptime,
-        units=units,
-        pixel_scale=pixel_scale,
-        read_noise=read_noise,
-    )
-    _write_truth(result, (rows, cols), (det_rows, cols), dither, roll_offsets, seed)
-    logger.info("wrote %s", result.truth_path)
-    return result
-
-
-def _make_scene(
-    rng,
-    frame0,
-    box,
-    *,
-    n_stars,
-    n_galaxies,
-    psf,
-    psf_fwhm,
-    moffat_beta,
-    flux_range,
-    flux_slope,
-    r_eff,
-    min_separation,
-):
     n = n_stars + n_galaxies
-    xy = _positions(rng, n, box, min_separation)
-    sky = frame0.wcs_pix2world(xy, 0) if n else np.zeros((0, 2))
-    flux = _power_law(rng, n, *flux_range, flux_slope)
+    xy = _positions(rng, n, box, config.min_separation)
+    sky = layout.frame0.wcs_pix2world(xy, 0) if n else np.zeros((0, 2))
+    flux = _power_law(rng, n, *config.flux_range, config.flux_slope)
     is_star = np.arange(n) < n_stars
     nan = np.full(n, np.nan)
     gal = ~is_star
+    r_lo, r_hi = config.galaxy_r_eff
     re = nan.copy()
-    re[gal] = np.exp(rng.uniform(math.log(r_eff[0]), math.log(r_eff[1]), n_galaxies))
+    re[gal] = np.exp(rng.uniform(math.log(r_lo), math.log(r_hi), n_galaxies))
     ratio = nan.copy()
     ratio[gal] = rng.uniform(0.3, 1.0, n_galaxies)
     pa = nan.copy()
     pa[gal] = rng.uniform(0.0, 180.0, n_galaxies)
     sersic_n = nan.copy()
     sersic_n[gal] = rng.uniform(0.7, 3.0, n_galaxies)
-    fwhm = np.where(is_star, psf_fwhm, np.nan)
-    beta = np.where(is_star & (psf == "moffat"), moffat_beta, np.nan)
-    kind = np.where(is_star, psf, "sersic")
+    fwhm = np.where(is_star, config.psf_fwhm, np.nan)
+    beta = np.where(is_star & (config.psf == "moffat"), config.moffat_beta, np.nan)
+    kind = np.where(is_star, config.psf, "sersic")
     table = Table(
         {
             "id": np.arange(1, n + 1),
@@ -1422,24 +1522,44 @@ def _make_scene(
     return table
 
 
-def _expose_chip(
-    rng,
-    wcs,
-    sources,
-    shape,
-    *,
-    psf_fwhm,
-    sky,
-    read_noise,
-    exptime,
-    noise,
-    cosmic_rays,
-    cosmic_ray_rate,
-    cr_flagged_fraction,
-    bad_pixels,
-):
+def _write_exposure(
+    config: _SimulationConfig, i: int, rng, true_wcs, header_wcs, sources
+) -> pathlib.Path:
+    """Render and write exposure ``i``; return its path."""
+    path = config.outdir / f"{config.prefix}{i:02d}_flt.fits"
+    primary = fits.PrimaryHDU()
+    primary.header["TELESCOP"] = "SIMULATED"
+    primary.header["INSTRUME"] = "SUBPIXAL_JAX"
+    primary.header["ROOTNAME"] = f"{config.prefix}{i:02d}"
+    primary.header["FILENAME"] = path.name
+    primary.header["EXPTIME"] = (config.exptime, "exposure time (s)")
+    primary.header["NEXTEND"] = 3 * config.n_chips
+    hdus = [primary]
+    scale_out = 1.0 if config.units == "counts" else 1.0 / config.exptime
+    bunit = _UNITS[config.units]
+    for extver in range(1, config.n_chips + 1):
+        sci, err, dq = _expose_chip(rng, true_wcs[extver], sources, config)
+        wcs_cards = _header_of(header_wcs[extver], "SIMULATED")
+        for name, data, unit in (
+            ("SCI", (sci * scale_out).astype(np.float32), bunit),
+            ("ERR", (err * scale_out).astype(np.float32), bunit),
+            ("DQ", dq, "UNITLESS"),
+        ):
+            hdu = fits.ImageHDU(data=data, name=name, ver=extver)
+            hdu.header["BUNIT"] = unit
+            hdu.header["CCDCHIP"] = extver
+            hdu.header.extend(wcs_cards)
+            hdus.append(hdu)
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+    logger.info("wrote %s", path)
+    return path
+
+
+def _expose_chip(rng, wcs, sources, config: _SimulationConfig):
     """One chip in electrons: (sci, err, dq)."""
+    shape = config.shape
     rows, cols = shape
+    sky, read_noise = config.sky, config.read_noise
     if len(sources):
         xy = wcs.all_world2pix(
             np.column_stack([sources["ra"], sources["dec"]]),
@@ -1476,29 +1596,31 @@ def _expose_chip(
         theta=theta,
         sersic_n=np.asarray(local["sersic_n"], dtype=float),
     )
-    expected = sky + render_sources(shape, columns, psf_fwhm=psf_fwhm)
+    expected = sky + render_sources(shape, columns, psf_fwhm=config.psf_fwhm)
     dq = np.zeros(shape, dtype=np.int16)
-    if bad_pixels:
+    if config.bad_pixels:
         hot = rng.uniform(size=shape) < 2e-4
         expected[hot] += rng.uniform(500.0, 5000.0, int(hot.sum()))
         dq[hot] |= DQ_HOT_PIXEL
-    if noise:
+    if config.noise:
         sci = rng.poisson(expected).astype(float)
         sci += rng.normal(0.0, read_noise, shape) if read_noise > 0 else 0.0
     else:
         sci = expected.copy()
     err = np.sqrt(expected + read_noise**2)
-    if bad_pixels:
+    if config.bad_pixels:
         bad_cols = rng.choice(cols, size=min(2, cols), replace=False)
         start = rng.integers(0, rows // 2, size=bad_cols.size)
         for col, r0 in zip(bad_cols, start, strict=True):
             sci[r0:, col] = rng.normal(2000.0, 300.0, rows - r0)
             dq[r0:, col] |= DQ_BAD_PIXEL
-    if cosmic_rays and cosmic_ray_rate > 0:
-        n_events = int(rng.poisson(cosmic_ray_rate * exptime * rows * cols))
+    if config.cosmic_rays and config.cosmic_ray_rate > 0:
+        n_events = int(
+            rng.poisson(config.cosmic_ray_rate * config.exptime * rows * cols)
+        )
         flat, electrons, ids = _cosmic_rays(rng, shape, n_events)
         sci.ravel()[:] += np.bincount(flat, weights=electrons, minlength=rows * cols)
-        flagged = rng.uniform(size=n_events) < cr_flagged_fraction
+        flagged = rng.uniform(size=n_events) < config.cr_flagged_fraction
         hit = np.zeros(rows * cols, dtype=bool)
         hit[flat[flagged[ids]]] = True
         dq.ravel()[hit] |= DQ_COSMIC_RAY
