@@ -46,7 +46,7 @@ from subpixal_jax.core.batch import (
     source_chunk,
 )
 from subpixal_jax.core.blot import blot_scale
-from subpixal_jax.resample import _apply_homography, _focal_homography
+from subpixal_jax.geometry.homography import apply_homography, focal_homography
 from subpixal_jax.skywcs import SkyWCS
 
 __all__ = [
@@ -457,7 +457,7 @@ def _pixmap_nodes(
     lookup tables, cheap) is evaluated at every node; the remaining map
     focal plane -> sky -> reference pixel is a plane-to-plane gnomonic
     reprojection, exactly a homography, fitted once per chip and verified
-    (as in :func:`subpixal_jax.resample.chip_pixmap`). Where that check
+    (as in :func:`subpixal_jax.geometry.homography.chip_pixmap`). Where that check
     fails, it is evaluated exactly at a 3x3 subset of each cutout's nodes and
     represented by a quadratic least-squares polynomial in the focal
     coordinates.
@@ -484,9 +484,9 @@ def _pixmap_nodes(
     if chip_shape is None:  # fit over the nodes' extent from the origin
         top = np.ceil(nodes.max(axis=0)).astype(int) + 1
         chip_shape = (max(int(top[1]), 2), max(int(top[0]), 2))
-    h = _focal_homography(chip_wcs, ref_wcs, chip_shape)
+    h = focal_homography(chip_wcs, ref_wcs, chip_shape)
     if h is not None:
-        ref = _apply_homography(h, foc[:, 0], foc[:, 1])
+        ref = apply_homography(h, foc[:, 0], foc[:, 1])
         return [ref[bounds[k] : bounds[k + 1]] for k in range(len(shapes))]
     # 3x3 coarse subset: half-grid rows 0, h, 2h and columns 0, w, 2w.
     frac = np.arange(_COARSE_NODES)
