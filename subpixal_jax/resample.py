@@ -1,10 +1,10 @@
 r"""Drizzle-based resampling with exact O(1) leave-one-out references.
 
-The alignment loop (docs/original.md §1.2) needs, for every exposure *i*, a reference
-image
-built from all the *other* exposures on one output grid that stays frozen for
-the whole alignment. The original re-drizzled n−1 exposures per image per
-iteration; here each exposure's own weighted contribution is kept, so
+The alignment loop (docs/original.md §1.2) needs, for every exposure *i*, a
+reference image built from all the *other* exposures on one output grid that
+stays frozen for the whole alignment. The original re-drizzled n−1 exposures
+per image per iteration; here each exposure's own weighted contribution is
+kept, so
 
 .. math::
 
@@ -27,6 +27,16 @@ WCS objects are turned into pixel maps in exactly one place,
 drizzle and blot only see arrays. A WCS correction from the alignment loop
 can move a cached map directly
 (:func:`~subpixal_jax.geometry.homography.affine_pixmap`).
+
+The pieces are separate functions, callable on their own: the output grid
+(:func:`build_output_grid`, :func:`user_output_grid`), the sky
+(:func:`exposure_skies`), the drizzle of one exposure
+(:func:`drizzle_exposure`), the leave-one-out sums (:class:`LeaveOneOutStack`),
+the median of the single drizzles (:func:`median_combine`) and cosmic-ray
+masks, returned rather than written into the exposure
+(:func:`cosmic_ray_masks`). :class:`DrizzleResample` is the stateful facade
+over them that the alignment loop drives (:class:`Resample`); it applies the
+cosmic-ray masks to its own copies of the exposures.
 """
 
 from __future__ import annotations
@@ -936,6 +946,8 @@ class DrizzleResample:
         Per exposure ``{extver: sky}`` in native units.
     n_drizzles : int
         Number of single-chip drizzle (``add_image``) calls so far.
+    config : DrizzleConfig
+        The validated settings.
 
     Raises
     ------

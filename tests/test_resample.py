@@ -1,18 +1,30 @@
 """Tests of subpixal_jax.resample: grid, flux, leave-one-out, WCS updates, CRs."""
 
+import re
+from pathlib import Path
+from typing import Protocol
+
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 from scipy.special import erf
 
+import subpixal_jax
 from subpixal_jax.geometry.homography import focal_homography
 from subpixal_jax.images import read_exposure
 from subpixal_jax.resample import (
+    DrizzleConfig,
     DrizzleResample,
+    LeaveOneOutStack,
     Resample,
     affine_pixmap,
+    build_output_grid,
     chip_pixmap,
+    cosmic_ray_masks,
+    drizzle_exposure,
+    exposure_skies,
+    median_combine,
 )
 
 RA0, DEC0 = 6.02, -72.08
@@ -429,3 +441,68 @@ def test_update_wcs_with_affine_moves_cached_pixmaps(exposures):
         r.update_wcs(1, new, affine=(matrix, shift))
     with pytest.raises(ValueError, match="2x2"):
         affine_pixmap(old[1], np.eye(3), shift, center)
+
+
+def test_pure_pieces_rebuild_the_facade(scene):
+    """Grid, per-exposure drizzle, stack and CR masks reproduce the facade."""
+    crs = [(10, 15, 5e4), (30, 60, 2e4)]
+    exps = [
+        read_exposure(
+            _exposure(dx, dy, r, scene=scene, seed=i, crs=crs if i == 1 else ())
+        )
+        for i, (dx, dy, r) in enumerate(DITHERS)
+    ]
+    facade = DrizzleResample(exps, cr_reject=True)
+    wcs, shape = build_output_grid(exps)
+    assert shape == facade.output_shape
+    assert wcs.to_header_string() == facade.output_wcs.to_header_string()
+    sky = exposure_skies(exps)
+    assert sky == facade.sky
+    stack = LeaveOneOutStack(len(exps), shape)
+    singles = []
+    for i, e in enumerate(exps):
+        single = drizzle_exposure(
+            e, sky[i], lambda c: chip_pixmap(c.wcs, wcs, c.shape), shape
+        )
+        stack.set(i, *single)
+        singles.append(single)
+    median, covered = median_combine(singles, shape)
+    before = [c.valid.copy() for c in exps[1].chips]
+    masks = cosmic_ray_masks(
+        exps[1], sky[1], median, covered, lambda c: chip_pixmap(c.wcs, wcs, c.shape)
+    )
+    for b, c, bad, own in zip(
+        before, exps[1].chips, masks, facade.exposures[1].chips, strict=True
+    ):
+        np.testing.assert_array_equal(c.valid, b)  # returned, not written
+        np.testing.assert_array_equal(own.valid, b & ~bad)
+    for y, x, _ in crs:
+        assert masks[0][y - 1 : y + 2, x - 1 : x + 2].all()
+    # Exposures 0, 2 and 3 have no cosmic ray: their drizzles (and the
+    # combination without exposure 1) are the facade's, bit for bit.
+    np.testing.assert_array_equal(stack.contribution(0)[0], facade.contribution(0)[0])
+    sci, wht = stack.leave_out([1])
+    ref_sci, ref_wht = facade.leave_out([1])
+    np.testing.assert_array_equal(wht, ref_wht)
+    np.testing.assert_array_equal(sci, ref_sci)
+    with pytest.raises(ValueError, match="pixfrac"):
+        DrizzleConfig(pixfrac=1.5)
+    with pytest.raises(ValueError, match="read_noise"):
+        DrizzleConfig(read_noise=-1.0)
+
+
+def test_protocol_lists_what_the_loop_calls():
+    """Every ``resample.<name>`` the loop uses is in `Resample`, nothing more."""
+    root = Path(subpixal_jax.__file__).parent
+    sources = [*sorted((root / "pipeline").glob("*.py")), root / "align.py"]
+    used = set()
+    for path in sources:
+        text = path.read_text()
+        used |= set(re.findall(r"(?<![.\w])resample\.([a-z_]\w*)", text))
+        assert not re.search(r"(hasattr|getattr)\(\s*resample\b", text), path
+    members = {
+        name
+        for name in dir(Resample)
+        if not name.startswith("_") and name not in dir(Protocol)
+    } | set(Resample.__annotations__)
+    assert used == members
