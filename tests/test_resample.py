@@ -68,20 +68,10 @@ def _render(w, shape, ra, dec, flux_counts):
     return img
 
 
-def _exposure(
-    dx,
-    dy,
-    rot,
-    *,
-    scene,
-    n_chips=2,
-    units="counts",
-    exptime=100.0,
-    sky=20.0,
-    noise=0.0,
-    seed=0,
-    crs=(),
-):
+def _exposure(dither, *, scene, n_chips=2, units="counts", noise=0.0, seed=0, crs=()):
+    """One exposure dithered by ``dither = (dx, dy, rot_deg)``, 100 s, sky 20/s."""
+    dx, dy, rot = dither
+    exptime, sky = 100.0, 20.0
     ra, dec, flux = scene
     rng = np.random.default_rng(seed)
     prim = fits.PrimaryHDU()
@@ -118,7 +108,7 @@ def scene():
 @pytest.fixture(scope="module")
 def exposures(scene):
     return [
-        read_exposure(_exposure(dx, dy, r, scene=scene, seed=i))
+        read_exposure(_exposure((dx, dy, r), scene=scene, seed=i))
         for i, (dx, dy, r) in enumerate(DITHERS)
     ]
 
@@ -175,7 +165,7 @@ def test_flux_conserved():
     keep &= np.abs((ra - RA0) * np.cos(np.radians(DEC0))) < SCALE * (CHIP[1] / 2 - 12)
     scene = (ra[keep], dec[keep], flux[keep])
     exps = [
-        _exposure(dx, dy, r, scene=scene, seed=i)
+        _exposure((dx, dy, r), scene=scene, seed=i)
         for i, (dx, dy, r) in enumerate(DITHERS[:2])
     ]
     r = DrizzleResample(exps, pixel_scale=0.07, rotation=30.0, sky=[2000.0, 2000.0])
@@ -232,9 +222,9 @@ def test_update_wcs_redrizzles_one_exposure(exposures):
 
 
 def test_counts_and_rate_inputs_agree(scene):
-    a = _exposure(0, 0, 0, scene=scene, units="counts")
-    b = _exposure(0, 0, 0, scene=scene, units="rate")
-    c = _exposure(2.5, 1.5, 0, scene=scene)
+    a = _exposure((0, 0, 0), scene=scene, units="counts")
+    b = _exposure((0, 0, 0), scene=scene, units="rate")
+    c = _exposure((2.5, 1.5, 0), scene=scene)
     ra = DrizzleResample([a, c], sky=None)
     rb = DrizzleResample([b, c], sky=None, output_wcs=ra.output_wcs)
     np.testing.assert_allclose(ra.sci, rb.sci, rtol=1e-5, atol=1e-3)
@@ -251,7 +241,9 @@ def test_ivm_weights(exposures):
 def test_cosmic_ray_rejection(scene):
     crs = [(10, 15, 5e4), (30, 60, 2e4), (35, 25, 2e3)]  # star-free pixels
     exps = [
-        _exposure(dx, dy, r, scene=scene, seed=i, noise=5.0, crs=crs if i == 1 else ())
+        _exposure(
+            (dx, dy, r), scene=scene, seed=i, noise=5.0, crs=crs if i == 1 else ()
+        )
         for i, (dx, dy, r) in enumerate(DITHERS)
     ]
     plain = DrizzleResample(exps)
@@ -274,13 +266,13 @@ def test_cosmic_ray_rejection(scene):
 
 
 def test_bad_input(scene, exposures):
-    far = _exposure(0, 0, 0, scene=scene)
+    far = _exposure((0, 0, 0), scene=scene)
     for h in far[1:]:
         if "CRVAL1" in h.header:
             h.header["CRVAL1"] = RA0 + 0.5
     with pytest.raises(ValueError, match="overlap"):
         DrizzleResample([exposures[0], far])
-    far2 = _exposure(0, 0, 0, scene=scene)
+    far2 = _exposure((0, 0, 0), scene=scene)
     for h in far2[1:]:
         if "CRVAL1" in h.header:
             h.header["CRVAL1"] = RA0 + 60
@@ -291,7 +283,7 @@ def test_bad_input(scene, exposures):
     other.wcs.crval = [RA0 + 1, DEC0]
     with pytest.raises(ValueError, match="outside the output grid"):
         DrizzleResample(exposures[:2], output_wcs=other)
-    no_err = _exposure(0, 0, 0, scene=scene)
+    no_err = _exposure((0, 0, 0), scene=scene)
     for h in list(no_err):
         if h.name == "ERR":
             no_err.remove(h)
@@ -313,7 +305,7 @@ def test_bad_input(scene, exposures):
         DrizzleResample([])
     with pytest.raises(ValueError, match="exposures must be"):
         DrizzleResample([1.0, 2.0])
-    nan = _exposure(0, 0, 0, scene=scene, n_chips=1)
+    nan = _exposure((0, 0, 0), scene=scene, n_chips=1)
     nan[1].data[:] = np.nan
     with pytest.raises(ValueError, match="no valid"):
         DrizzleResample([nan, exposures[0]])
@@ -448,7 +440,7 @@ def test_pure_pieces_rebuild_the_facade(scene):
     crs = [(10, 15, 5e4), (30, 60, 2e4)]
     exps = [
         read_exposure(
-            _exposure(dx, dy, r, scene=scene, seed=i, crs=crs if i == 1 else ())
+            _exposure((dx, dy, r), scene=scene, seed=i, crs=crs if i == 1 else ())
         )
         for i, (dx, dy, r) in enumerate(DITHERS)
     ]
