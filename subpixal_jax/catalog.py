@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-from astropy.stats import SigmaClip, sigma_clipped_stats
+from astropy.stats import SigmaClip, gaussian_sigma_to_fwhm, sigma_clipped_stats
 from astropy.table import Table
 from photutils.background import Background2D, MedianBackground
 from photutils.segmentation import SourceCatalog, SourceFinder, make_2dgaussian_kernel
@@ -53,7 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _COMPARE = {
     ">": operator.gt,
     ">=": operator.ge,
@@ -145,7 +144,7 @@ def _add_weights(table: Table) -> None:
     flux = np.asarray(table["flux"], dtype=np.float64)
     err = np.asarray(table["fluxerr"], dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        pos_std = fwhm / (_FWHM_PER_SIGMA * flux / err)
+        pos_std = fwhm / (gaussian_sigma_to_fwhm * flux / err)
         weight = 1.0 / pos_std**2
     table["pos_std"] = pos_std
     table["weight"] = weight
@@ -339,7 +338,7 @@ class PhotutilsCatalog(_Filtered):
     True
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  # seed signature
         self,
         *,
         threshold_sigma: float = 3.0,

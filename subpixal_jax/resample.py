@@ -1,10 +1,10 @@
 r"""Drizzle-based resampling with exact O(1) leave-one-out references.
 
-The alignment loop (docs/original.md §1.2) needs, for every exposure *i*, a reference
-image
-built from all the *other* exposures on one output grid that stays frozen for
-the whole alignment. The original re-drizzled n−1 exposures per image per
-iteration; here each exposure's own weighted contribution is kept, so
+The alignment loop (docs/original.md §1.2) needs, for every exposure *i*, a
+reference image built from all the *other* exposures on one output grid that
+stays frozen for the whole alignment. The original re-drizzled n−1 exposures
+per image per iteration; here each exposure's own weighted contribution is
+kept, so
 
 .. math::
 
@@ -23,8 +23,20 @@ input pixel, 134 MB for a 4096x2048 chip), so that drizzling, cosmic-ray
 rejection and WCS updates evaluate the WCS once per chip.
 
 WCS objects are turned into pixel maps in exactly one place,
-:func:`chip_pixmap`; drizzle and blot only see arrays. A WCS correction from
-the alignment loop can move a cached map directly (:func:`affine_pixmap`).
+:func:`~subpixal_jax.geometry.homography.chip_pixmap` (re-exported here);
+drizzle and blot only see arrays. A WCS correction from the alignment loop
+can move a cached map directly
+(:func:`~subpixal_jax.geometry.homography.affine_pixmap`).
+
+The pieces are separate functions, callable on their own: the output grid
+(:func:`build_output_grid`, :func:`user_output_grid`), the sky
+(:func:`exposure_skies`), the drizzle of one exposure
+(:func:`drizzle_exposure`), the leave-one-out sums (:class:`LeaveOneOutStack`),
+the median of the single drizzles (:func:`median_combine`) and cosmic-ray
+masks, returned rather than written into the exposure
+(:func:`cosmic_ray_masks`). :class:`DrizzleResample` is the stateful facade
+over them that the alignment loop drives (:class:`Resample`); it applies the
+cosmic-ray masks to its own copies of the exposures.
 """
 
 from __future__ import annotations
@@ -33,7 +45,8 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -44,14 +57,31 @@ from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
 from astropy.wcs.utils import celestial_frame_to_wcs, proj_plane_pixel_area
 from drizzle.resample import Drizzle, blot_image
-from drizzle.utils import calc_pixmap
 from scipy import ndimage
 
+from subpixal_jax.geometry.homography import affine_pixmap, chip_pixmap
 from subpixal_jax.images import Chip, Exposure, read_exposure
 from subpixal_jax.skywcs import SkyWCS
 from subpixal_jax.wcs import celestial_frame, convert_wcs_frame, frame_label
 
-__all__ = ["DrizzleResample", "Resample", "affine_pixmap", "chip_pixmap"]
+__all__ = [
+    "DrizzleConfig",
+    "DrizzleResample",
+    "LeaveOneOutStack",
+    "Resample",
+    "affine_pixmap",
+    "build_output_grid",
+    "chip_borders",
+    "chip_pixmap",
+    "chip_rate",
+    "cosmic_ray_grid",
+    "cosmic_ray_masks",
+    "drizzle_exposure",
+    "exposure_skies",
+    "median_combine",
+    "native_pixel_scale",
+    "user_output_grid",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +92,14 @@ _EDGE_SAMPLES = 33
 
 @runtime_checkable
 class Resample(Protocol):
-    """What the alignment loop needs from a resampler.
+    """What the alignment loop calls on a resampler (and nothing else).
 
     Attributes
     ----------
     exposures : list of Exposure
-        The inputs, in order; index *i* everywhere refers to this list.
+        The inputs, in order; index *i* everywhere refers to this list. The
+        loop reads each chip's ``wcs`` and ``valid`` (cosmic-ray flags
+        included) from here.
     output_wcs : astropy.wcs.WCS
         The output grid's WCS, frozen for the whole alignment.
     output_shape : tuple of int
@@ -76,15 +108,12 @@ class Resample(Protocol):
         Per exposure, ``{extver: sky}`` in the exposure's native units.
     sci, wht : numpy.ndarray
         The combined image (rate units) and its weight.
-    n_drizzles : int
-        Number of single-chip drizzle operations done so far.
     """
 
     exposures: list[Exposure]
     output_wcs: WCS
     output_shape: tuple[int, int]
     sky: list[dict[int, float]]
-    n_drizzles: int
 
     @property
     def sci(self) -> np.ndarray:
@@ -96,8 +125,16 @@ class Resample(Protocol):
         """Combined weight, 0 where uncovered."""
         ...
 
-    def leave_one_out(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(sci, wht)`` of all exposures except exposure *i*."""
+    def leave_out(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(sci, wht)`` of all exposures except ``indices``."""
+        ...
+
+    def median_image(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the median of the single drizzles and where >= 3 cover."""
+        ...
+
+    def reject_cosmic_rays(self) -> None:
+        """Redo cosmic-ray rejection with the current WCSs."""
         ...
 
     def update_wcs(
@@ -111,241 +148,64 @@ class Resample(Protocol):
         ...
 
 
-def chip_pixmap(
-    chip_wcs: WCS, output_wcs: WCS, shape: tuple[int, int], *, exact: bool = False
-) -> np.ndarray:
-    """Map every pixel of a chip to the output grid (the only WCS touch point).
-
-    Parameters
-    ----------
-    chip_wcs : astropy.wcs.WCS
-        The chip's full WCS (distortion included).
-    output_wcs : astropy.wcs.WCS
-        The output grid's WCS.
-    shape : tuple of int
-        ``(ny, nx)`` of the chip.
-    exact : bool, optional
-        Evaluate the full sky round trip at every pixel
-        (``drizzle.utils.calc_pixmap``) instead of the fast path.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(ny, nx, 2)`` float64: the 0-based output ``x, y`` of each chip pixel
-        centre. Used both to drizzle the chip forward and to blot an output
-        image back onto the chip.
-
-    Notes
-    -----
-    The map is ``G(foc(p))``: astropy's ``pix2foc`` (SIP, D2IM and NPOL,
-    exact at every pixel, since D2IM tables have one node per pixel) followed
-    by the sky round trip ``G`` from the chip's focal plane to the output
-    pixels. For two gnomonic (TAN) WCSs ``G`` is a central projection between
-    two tangent planes, i.e. exactly a plane homography, whatever the
-    frames' relative rotation; it is fitted on a coarse grid of exact sky
-    round trips and checked there and on a second, offset grid. A 4096x2048
-    ACS/WFC chip then takes about 1 s instead of 7.4 s, agreeing with the
-    full evaluation to about 1e-9 px. When the check fails (a non-TAN or
-    distorted output grid) the full evaluation is used.
-
-    Examples
-    --------
-    >>> from astropy.wcs import WCS
-    >>> w = WCS(naxis=2)
-    >>> w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    >>> w.wcs.crval, w.wcs.cdelt, w.wcs.crpix = [5, 5], [-1e-5, 1e-5], [1, 1]
-    >>> v = w.deepcopy()
-    >>> v.wcs.crpix = [3, 1]
-    >>> chip_pixmap(w, v, (2, 2))[0, 0].round(6) + 0.0
-    array([2., 0.])
-    """
-    ny, nx = (int(n) for n in shape)
-    if exact:
-        return calc_pixmap(chip_wcs, output_wcs, shape=(ny, nx))
-    if isinstance(chip_wcs, SkyWCS):  # a gWCS chip: its own spline map
-        return chip_wcs.pixmap(output_wcs, (ny, nx))
-    h = _focal_homography(chip_wcs, output_wcs, (ny, nx))
-    if h is None:
-        return calc_pixmap(chip_wcs, output_wcs, shape=(ny, nx))
-    out = np.empty((ny, nx, 2))
-    x = np.arange(nx, dtype=np.float64)
-    rows = max(1, _PIXMAP_BLOCK // max(nx, 1))
-    for r0 in range(0, ny, rows):
-        yy, xx = np.meshgrid(
-            np.arange(r0, min(r0 + rows, ny), dtype=float), x, indexing="ij"
-        )
-        fx, fy = chip_wcs.pix2foc(xx.ravel(), yy.ravel(), 0)
-        out[r0 : r0 + rows] = _apply_homography(h, fx, fy).reshape(*yy.shape, 2)
-    return out
-
-
-#: Pixels per block of the fast pixel map (bounds its temporaries to ~50 MB).
-_PIXMAP_BLOCK = 1 << 20
-#: Nodes per axis of the grid on which the focal-plane homography is fitted.
-_HOMOGRAPHY_NODES = 9
-#: Largest disagreement (px) with the exact sky round trip the fast map accepts.
-_HOMOGRAPHY_TOL = 1e-7
-
-
-def _apply_homography(h: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``(..., 2)`` image of the points ``x, y`` under the 3x3 homography ``h``."""
-    w = h[2, 0] * x + h[2, 1] * y + h[2, 2]
-    return np.stack(
-        [
-            (h[0, 0] * x + h[0, 1] * y + h[0, 2]) / w,
-            (h[1, 0] * x + h[1, 1] * y + h[1, 2]) / w,
-        ],
-        axis=-1,
-    )
-
-
-def _focal_round_trip(chip_wcs, output_wcs, fx, fy) -> np.ndarray:
-    """Exact output pixels of chip focal-plane points (0-based)."""
-    ra, dec = chip_wcs.wcs_pix2world(fx, fy, 0)
-    ox, oy = output_wcs.all_world2pix(ra, dec, 0)
-    return np.stack([ox, oy], axis=-1)
-
-
-def _focal_homography(chip_wcs, output_wcs, shape) -> np.ndarray | None:
-    """Homography from the chip's focal plane to output pixels, or None.
-
-    Fitted (direct linear transform, normalised coordinates) on a coarse
-    grid of exact sky round trips over the chip's focal-plane footprint and
-    accepted only if it reproduces them, and those of an offset grid, to
-    `_HOMOGRAPHY_TOL` pixels.
-    """
-    ny, nx = shape
-    try:
-        u = np.linspace(-0.5, nx - 0.5, _HOMOGRAPHY_NODES)
-        v = np.linspace(-0.5, ny - 0.5, _HOMOGRAPHY_NODES)
-        px, py = (a.ravel() for a in np.meshgrid(u, v))
-        fx, fy = chip_wcs.pix2foc(px, py, 0)
-        target = _focal_round_trip(chip_wcs, output_wcs, fx, fy)
-    except Exception:  # anything odd: use the exact path
-        log.debug("chip_pixmap: no focal-plane round trip; exact evaluation")
-        return None
-    if not np.all(np.isfinite(target)):
-        return None
-    # Normalise both planes to O(1) so that the 8x8 system is well conditioned.
-    src = np.stack([fx, fy], axis=-1)
-    s0, ss = src.mean(0), max(float(np.ptp(src, 0).max()), 1.0)
-    t0, ts = target.mean(0), max(float(np.ptp(target, 0).max()), 1.0)
-    a = (src - s0) / ss
-    b = (target - t0) / ts
-    one, zero = np.ones(len(a)), np.zeros(len(a))
-    rows = np.concatenate(
-        [
-            np.stack(
-                [
-                    a[:, 0],
-                    a[:, 1],
-                    one,
-                    zero,
-                    zero,
-                    zero,
-                    -a[:, 0] * b[:, 0],
-                    -a[:, 1] * b[:, 0],
-                ],
-                axis=1,
-            ),
-            np.stack(
-                [
-                    zero,
-                    zero,
-                    zero,
-                    a[:, 0],
-                    a[:, 1],
-                    one,
-                    -a[:, 0] * b[:, 1],
-                    -a[:, 1] * b[:, 1],
-                ],
-                axis=1,
-            ),
-        ]
-    )
-    sol = np.linalg.lstsq(rows, np.concatenate([b[:, 0], b[:, 1]]), rcond=None)[0]
-    hn = np.append(sol, 1.0).reshape(3, 3)
-    pre = np.array([[1 / ss, 0, -s0[0] / ss], [0, 1 / ss, -s0[1] / ss], [0, 0, 1]])
-    post = np.array([[ts, 0, t0[0]], [0, ts, t0[1]], [0, 0, 1]])
-    h = post @ hn @ pre
-    # Check on the fit nodes and on a grid offset from them by half a cell.
-    du, dv = 0.5 * (u[1] - u[0]), 0.5 * (v[1] - v[0])
-    cx, cy = (a.ravel() for a in np.meshgrid(u[:-1] + du, v[:-1] + dv))
-    gx, gy = chip_wcs.pix2foc(cx, cy, 0)
-    check = _focal_round_trip(chip_wcs, output_wcs, gx, gy)
-    err = max(
-        float(np.max(np.abs(_apply_homography(h, fx, fy) - target))),
-        float(np.max(np.abs(_apply_homography(h, gx, gy) - check))),
-    )
-    if not err <= _HOMOGRAPHY_TOL:
-        log.debug("chip_pixmap: homography off by %.2g px; exact evaluation", err)
-        return None
-    return h
-
-
-def affine_pixmap(
-    pixmap: np.ndarray, matrix, shift, center, *, out: np.ndarray | None = None
-) -> np.ndarray:
-    r"""Pixel map after an affine correction measured in the output frame.
-
-    The correction is the fit model of :func:`subpixal_jax.wcs.correct_wcs`
-    with ``wcslin`` the output grid: :math:`T(u) = M (u - c) + c + s` maps
-    where a source *is* to where the old WCS *predicts* it, and the corrected
-    WCS maps a chip pixel to :math:`T^{-1}` of its old output position. So the
-    new map is
-
-    .. math:: p' = M^{-1} (p - c - s) + c.
-
-    This is the exact composite; ``correct_wcs`` can only represent it to a
-    second-order tangent-plane term (below 1e-6 px over an ACS/WFC chip for
-    a 0.05 deg, 2 px, 1e-4 scale correction, measured in
-    ``tests/test_resample.py``).
-
-    Parameters
-    ----------
-    pixmap : numpy.ndarray
-        ``(..., 2)`` output ``x, y`` (0-based), e.g. from :func:`chip_pixmap`.
-    matrix : array_like, shape (2, 2)
-        ``M`` (tweakwcs orientation, ``x' = M[0,0] u + M[0,1] v``).
-    shift : array_like, shape (2,)
-        ``s``, output pixels, about ``center``.
-    center : array_like, shape (2,)
-        ``c``, the 0-based output pixel about which ``M`` acts (the loop uses
-        ``output_wcs.wcs.crpix - 1``).
-    out : numpy.ndarray, optional
-        Where to write the result (may be ``pixmap`` itself).
-
-    Returns
-    -------
-    numpy.ndarray
-        The updated map, float64, same shape as ``pixmap``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> p = np.array([[[10.0, 20.0]]])
-    >>> affine_pixmap(p, np.eye(2), [1.0, -2.0], [0.0, 0.0])[0, 0]
-    array([ 9., 22.])
-    """
-    m = np.asarray(matrix, dtype=np.float64)
-    s = np.asarray(shift, dtype=np.float64)
-    c = np.asarray(center, dtype=np.float64)
-    if m.shape != (2, 2) or s.shape != (2,) or c.shape != (2,):
-        msg = "matrix must be 2x2 and shift, center 2-vectors, got shapes "
-        msg += f"{m.shape}, {s.shape}, {c.shape}"
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        msg = f"{name} must be one of {choices}, got {value!r}"
         raise ValueError(msg)
-    inv = np.linalg.inv(m)
-    off = c - inv @ (c + s)
-    pixmap = np.asarray(pixmap, dtype=np.float64)
-    # Copies, so that ``out`` may be ``pixmap``; no (N, 2) @ (2, 2) temporaries.
-    x, y = pixmap[..., 0].copy(), pixmap[..., 1].copy()
-    if out is None:
-        out = np.empty_like(pixmap)
-    for k in range(2):
-        np.multiply(x, inv[k, 0], out=out[..., k])
-        out[..., k] += inv[k, 1] * y
-        out[..., k] += off[k]
-    return out
+
+
+def _check_positive(name: str, value) -> None:
+    if not (np.isfinite(value) and value > 0):
+        msg = f"{name} must be positive, got {value!r}"
+        raise ValueError(msg)
+
+
+def _check_non_negative(name: str, value) -> None:
+    if not (np.isfinite(value) and value >= 0):
+        msg = f"{name} must be non-negative, got {value!r}"
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class DrizzleConfig:
+    """Validated drizzle, sky and cosmic-ray settings of `DrizzleResample`.
+
+    The fields are the `DrizzleResample` parameters of the same names (see
+    there); construction raises ValueError naming a bad one.
+    """
+
+    kernel: str = "square"
+    pixfrac: float = 1.0
+    weight: str = "exptime"
+    pixel_scale: float | None = None
+    rotation: float = 0.0
+    sky_sigma: float = 3.0
+    cr_reject: bool = False
+    cr_sigma: float = 4.0
+    cr_scale: float = 1.2
+    read_noise: float = 0.0
+    max_output_pixels: int = 400_000_000
+
+    def __post_init__(self):
+        _check_choice("kernel", self.kernel, _KERNELS)
+        if not (0.0 < float(self.pixfrac) <= 1.0):
+            msg = f"pixfrac must be in (0, 1], got {self.pixfrac!r}"
+            raise ValueError(msg)
+        _check_choice("weight", self.weight, _WEIGHTS)
+        for name in ("sky_sigma", "cr_sigma", "max_output_pixels"):
+            _check_positive(name, getattr(self, name))
+        for name in ("cr_scale", "read_noise"):
+            _check_non_negative(name, getattr(self, name))
+        if self.pixel_scale is not None and not (
+            np.isfinite(self.pixel_scale) and self.pixel_scale > 0
+        ):
+            msg = "pixel_scale must be a positive number of arcsec, "
+            msg += f"got {self.pixel_scale!r}"
+            raise ValueError(msg)
+        if not np.isfinite(self.rotation):
+            msg = f"rotation must be finite, got {self.rotation!r}"
+            raise ValueError(msg)
+        object.__setattr__(self, "pixfrac", float(self.pixfrac))
 
 
 def _area_ratio(pixmap: np.ndarray) -> float:
@@ -371,11 +231,27 @@ def _chip_scale(wcs) -> float:
     return math.sqrt(proj_plane_pixel_area(wcs.celestial))
 
 
-def _median_of(singles, shape, *, reject_high: bool = False):
-    """Per-pixel median of single drizzles ``[(sci, wht), ...]`` where >= 3 cover.
+def median_combine(singles, shape, *, reject_high: bool = False):
+    """Return the per-pixel median of single drizzles where >= 3 cover.
 
-    ``reject_high`` drops the highest value where at least 4 cover (see
-    :meth:`DrizzleResample.median_image`).
+    The detection image of the loop and the model of cosmic-ray rejection.
+
+    Parameters
+    ----------
+    singles : sequence of (numpy.ndarray, numpy.ndarray)
+        Every exposure's own ``(sci, wht)`` on one grid.
+    shape : tuple of int
+        ``(ny, nx)`` of the grid.
+    reject_high : bool, optional
+        Drop the highest value where at least 4 cover (see
+        :meth:`DrizzleResample.median_image`).
+
+    Returns
+    -------
+    median : numpy.ndarray
+        ``(ny, nx)`` float32, 0 where fewer than 3 cover.
+    covered : numpy.ndarray
+        ``(ny, nx)`` bool, True where at least 3 cover.
     """
     stack = np.full((len(singles), *shape), np.nan, dtype=np.float32)
     for i, (img, wht) in enumerate(singles):
@@ -453,6 +329,552 @@ def _as_exposure(src, dq_bits) -> Exposure:
     raise ValueError(msg)
 
 
+# ---------------------------------------------------------------------------
+# sky
+
+
+def _auto_sky(chip: Chip, sky_sigma: float) -> float:
+    """Sigma-clipped median of a chip's valid pixels (0 without any)."""
+    if not chip.valid.any():
+        return 0.0
+    _, med, _ = sigma_clipped_stats(
+        chip.data, mask=~chip.valid, sigma=sky_sigma, maxiters=10
+    )
+    return float(med)
+
+
+def _given_sky(exposure: Exposure, s) -> dict[int, float]:
+    if isinstance(s, Mapping):
+        missing = {c.extver for c in exposure.chips} - set(s)
+        if missing:
+            msg = f"sky for {exposure.name} lacks extver(s) {sorted(missing)}: {s!r}"
+            raise ValueError(msg)
+        d = {c.extver: float(s[c.extver]) for c in exposure.chips}
+    else:
+        d = {c.extver: float(s) for c in exposure.chips}
+    if not all(np.isfinite(v) for v in d.values()):
+        msg = f"sky for {exposure.name} must be finite, got {s!r}"
+        raise ValueError(msg)
+    return d
+
+
+def exposure_skies(
+    exposures: Sequence[Exposure], sky="auto", sky_sigma: float = 3.0
+) -> list[dict[int, float]]:
+    """Return the sky level of every chip, ``[{extver: sky}, ...]``.
+
+    Parameters
+    ----------
+    exposures : sequence of Exposure
+        The inputs.
+    sky : {'auto'}, None or sequence, optional
+        See `DrizzleResample`.
+    sky_sigma : float, optional
+        Clipping threshold of the 'auto' sky.
+
+    Returns
+    -------
+    list of dict
+        Per exposure ``{extver: sky}`` in native units.
+
+    Raises
+    ------
+    ValueError
+        On a malformed ``sky``.
+    """
+    if sky is None:
+        return [{c.extver: 0.0 for c in e.chips} for e in exposures]
+    if isinstance(sky, str):
+        if sky != "auto":
+            msg = f"sky must be 'auto', None or a sequence, got {sky!r}"
+            raise ValueError(msg)
+        return [{c.extver: _auto_sky(c, sky_sigma) for c in e.chips} for e in exposures]
+    sky = list(sky)
+    if len(sky) != len(exposures):
+        msg = f"sky must have one entry per exposure ({len(exposures)}), "
+        msg += f"got {len(sky)}"
+        raise ValueError(msg)
+    return [_given_sky(e, s) for e, s in zip(exposures, sky, strict=True)]
+
+
+# ---------------------------------------------------------------------------
+# the output grid
+
+
+def native_pixel_scale(exposures: Sequence[Exposure]) -> float:
+    """Return the finest chip pixel scale of the inputs (arcsec).
+
+    The default output scale, and the scale of cosmic-ray rejection;
+    taking the finest makes a mixed-scale set independent of file order.
+    """
+    return 3600.0 * min(_chip_scale(c.wcs) for e in exposures for c in e.chips)
+
+
+def chip_borders(exposures: Sequence[Exposure]) -> list[list[tuple]]:
+    """Sky points (deg) along every chip's outer edges, per exposure and chip."""
+    return [[_chip_border(c) for c in e.chips] for e in exposures]
+
+
+def _grid_frame(exposures, borders):
+    """Choose the grid's celestial frame; return it and the borders in it.
+
+    A grid in the inputs' own frame (e.g. FK5 J2000 for many HST headers)
+    needs no frame conversion anywhere. Mixed inputs get the frame most of
+    their chips use (ties: the first exposure's); the others' border
+    points are converted into it.
+    """
+    frames = [
+        [celestial_frame(c.wcs, f"{e.name} extver {c.extver}") for c in e.chips]
+        for e in exposures
+    ]
+    flat = [f for ex in frames for f in ex]
+    counts = [sum(f.is_equivalent_frame(g) for g in flat) for f in flat]
+    frame = flat[int(np.argmax(counts))]
+    if max(counts) < len(flat):
+        others = sorted(
+            {frame_label(f) for f in flat if not f.is_equivalent_frame(frame)}
+        )
+        log.info(
+            "the inputs use different celestial frames (%s and %s); the output "
+            "grid is in %s and the others are converted",
+            frame_label(frame),
+            ", ".join(others),
+            frame_label(frame),
+        )
+    converted = []
+    for ex, fr in zip(borders, frames, strict=True):
+        out = []
+        for (ra, dec), f in zip(ex, fr, strict=True):
+            if not f.is_equivalent_frame(frame):
+                sky = SkyCoord(ra * u.deg, dec * u.deg, frame=f).transform_to(frame)
+                sph = sky.represent_as(UnitSphericalRepresentation)
+                ra, dec = sph.lon.deg, sph.lat.deg
+            out.append((ra, dec))
+        converted.append(out)
+    return frame, converted
+
+
+def _tangent_point(ra: np.ndarray, dec: np.ndarray) -> tuple[float, float]:
+    """Mean direction of sky points, refused when they are too spread out."""
+    vec = _unit_vectors(ra, dec)
+    mean = vec.mean(axis=0)
+    norm = np.linalg.norm(mean)
+    if norm < 1e-6:
+        msg = "exposures are spread over the whole sky; no tangent plane fits"
+        raise ValueError(msg)
+    mean /= norm
+    if np.degrees(np.arccos(np.clip(vec @ mean, -1, 1))).max() > 30.0:
+        msg = "exposures span more than 30 degrees from their centre: they "
+        msg += "do not overlap"
+        raise ValueError(msg)
+    ra0 = float(np.degrees(np.arctan2(mean[1], mean[0])) % 360.0)
+    dec0 = float(np.degrees(np.arcsin(np.clip(mean[2], -1, 1))))
+    return ra0, dec0
+
+
+def build_output_grid(
+    exposures: Sequence[Exposure],
+    *,
+    pixel_scale: float | None = None,
+    rotation: float = 0.0,
+    max_output_pixels: int = 400_000_000,
+    borders=None,
+) -> tuple[WCS, tuple[int, int]]:
+    """Return an undistorted TAN grid covering all chips of ``exposures``.
+
+    Parameters
+    ----------
+    exposures : sequence of Exposure
+        The inputs (footprints through each chip's full WCS).
+    pixel_scale : float, optional
+        Arcsec per pixel; default `native_pixel_scale`.
+    rotation : float, optional
+        Orientation of the y axis, degrees East of North (0: north up).
+    max_output_pixels : int, optional
+        Refuse a larger grid.
+    borders : list, optional
+        `chip_borders` of ``exposures``, when already computed.
+
+    Returns
+    -------
+    wcs : astropy.wcs.WCS
+        The grid, tangent at the centre of the inputs, in the celestial frame
+        most chips use, with ``pixel_shape`` set.
+    shape : tuple of int
+        ``(ny, nx)``.
+
+    Raises
+    ------
+    ValueError
+        If the inputs are too spread out or the grid would be too large.
+    """
+    if borders is None:
+        borders = chip_borders(exposures)
+    frame, borders = _grid_frame(exposures, borders)
+    ra = np.concatenate([b[0] for ex in borders for b in ex])
+    dec = np.concatenate([b[1] for ex in borders for b in ex])
+    ra0, dec0 = _tangent_point(ra, dec)
+    if pixel_scale is None:
+        scale = native_pixel_scale(exposures) / 3600.0
+    else:
+        scale = float(pixel_scale) / 3600.0
+    th = math.radians(rotation)
+    w = WCS(naxis=2)
+    axes = celestial_frame_to_wcs(frame, projection="TAN").wcs
+    w.wcs.ctype = list(axes.ctype)
+    w.wcs.radesys = axes.radesys
+    w.wcs.equinox = axes.equinox
+    w.wcs.cunit = ["deg", "deg"]
+    w.wcs.crval = [ra0, dec0]
+    w.wcs.crpix = [1.0, 1.0]
+    w.wcs.cd = scale * np.array(
+        [[-math.cos(th), math.sin(th)], [math.sin(th), math.cos(th)]]
+    )
+    x, y = w.wcs_world2pix(ra, dec, 0)
+    pad = 1
+    # border points are pixel edges: keep every pixel centre inside them
+    x0 = math.floor(x.min() + 0.5 + 1e-6) - pad
+    y0 = math.floor(y.min() + 0.5 + 1e-6) - pad
+    nx = math.ceil(x.max() - 0.5 - 1e-6) + pad - x0 + 1
+    ny = math.ceil(y.max() - 0.5 - 1e-6) + pad - y0 + 1
+    if nx * ny > max_output_pixels:
+        msg = f"the output grid would be {ny}x{nx} pixels (> max_output_pixels="
+        msg += f"{max_output_pixels}): the exposures are too far apart to overlap"
+        raise ValueError(msg)
+    w.wcs.crpix = [1.0 - x0, 1.0 - y0]
+    w.pixel_shape = (nx, ny)
+    w.wcs.set()
+    return w, (ny, nx)
+
+
+def user_output_grid(
+    output_wcs: WCS,
+    output_shape: tuple[int, int] | None = None,
+    max_output_pixels: int = 400_000_000,
+) -> tuple[WCS, tuple[int, int]]:
+    """Check a user's output grid; return a copy with its ``(ny, nx)``.
+
+    Raises
+    ------
+    ValueError
+        If ``output_wcs`` is not an undistorted celestial WCS, its shape is
+        unknown or not positive, or larger than ``max_output_pixels``.
+    """
+    if not isinstance(output_wcs, WCS) or not output_wcs.has_celestial:
+        msg = f"output_wcs must be a celestial astropy WCS, got {output_wcs!r}"
+        raise ValueError(msg)
+    if output_wcs.has_distortion:
+        msg = "output_wcs must be undistorted (no SIP/D2IM/NPOL)"
+        raise ValueError(msg)
+    celestial_frame(output_wcs, "output_wcs")  # a frame astropy knows
+    if output_shape is None:
+        if output_wcs.pixel_shape is None:
+            msg = "output_shape is required when output_wcs has no pixel_shape"
+            raise ValueError(msg)
+        output_shape = tuple(output_wcs.pixel_shape[::-1])
+    output_shape = tuple(int(s) for s in output_shape)
+    if len(output_shape) != 2 or min(output_shape) < 1:
+        msg = f"output_shape must be (ny, nx) positive, got {output_shape!r}"
+        raise ValueError(msg)
+    if output_shape[0] * output_shape[1] > max_output_pixels:
+        msg = f"output_shape {output_shape} exceeds max_output_pixels="
+        msg += f"{max_output_pixels}"
+        raise ValueError(msg)
+    w = output_wcs.deepcopy()
+    w.pixel_shape = output_shape[::-1]
+    return w, output_shape
+
+
+def _check_overlap(exposures, borders, output_wcs, output_shape) -> None:
+    """Every exposure on the grid, and overlapping another (footprint boxes)."""
+    ny, nx = output_shape
+    boxes = []
+    for e, ex in zip(exposures, borders, strict=True):
+        x, y = output_wcs.wcs_world2pix(
+            np.concatenate([b[0] for b in ex]),
+            np.concatenate([b[1] for b in ex]),
+            0,
+        )
+        box = (x.min(), x.max(), y.min(), y.max())
+        if box[1] < -0.5 or box[0] > nx - 0.5 or box[3] < -0.5 or box[2] > ny - 0.5:
+            msg = f"exposure {e.name} falls outside the output grid"
+            raise ValueError(msg)
+        boxes.append(box)
+    if len(boxes) < 2:
+        return
+    for i, (e, a) in enumerate(zip(exposures, boxes, strict=True)):
+        if not any(
+            a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+            for j, b in enumerate(boxes)
+            if j != i
+        ):
+            msg = f"exposure {e.name} does not overlap any other exposure"
+            raise ValueError(msg)
+
+
+def _to_grid_frame(exposures, output_wcs) -> None:
+    """Express every chip's WCS in the grid's celestial frame (in place).
+
+    Pixel maps, cutouts and fits compare chip and grid coordinates as
+    numbers, so a chip in another frame (FK5 among ICRS inputs) is
+    converted once here (exact: the frames differ by a rotation; the
+    distortion is kept). :func:`subpixal_jax.wcs.convert_wcs_frame`
+    brings a corrected WCS back to its file's frame before writing. Only
+    the resampler's own copies of the exposures are passed here.
+    """
+    if isinstance(output_wcs, SkyWCS):
+        return
+    grid = celestial_frame(output_wcs, "output_wcs")
+    for e in exposures:
+        for c in e.chips:
+            if isinstance(c.wcs, SkyWCS):
+                continue
+            if not celestial_frame(c.wcs, e.name).is_equivalent_frame(grid):
+                c.wcs = convert_wcs_frame(c.wcs, grid)
+
+
+def cosmic_ray_grid(
+    exposures: Sequence[Exposure],
+    output_wcs: WCS,
+    max_output_pixels: int = 400_000_000,
+) -> tuple[WCS, tuple[int, int]] | None:
+    """Return the grid of cosmic-ray rejection: the inputs' own scale.
+
+    A median drizzled onto a coarser grid and blotted back is smoothed at
+    the coarser scale, so star cores would differ from it by much more
+    than the noise and be flagged as cosmic rays (AstroDrizzle's separate
+    drizzles use the input scale for this reason). When the output scale
+    differs from the inputs' by more than 10 %, rejection runs on a grid at
+    the inputs' scale; otherwise on the output grid itself (None).
+    """
+    out_scale = 3600.0 * math.sqrt(proj_plane_pixel_area(output_wcs))
+    native = native_pixel_scale(exposures)
+    if abs(out_scale / native - 1.0) <= 0.1:
+        return None
+    return build_output_grid(
+        exposures, pixel_scale=native, max_output_pixels=max_output_pixels
+    )
+
+
+# ---------------------------------------------------------------------------
+# drizzle of one exposure
+
+
+def chip_rate(exposure: Exposure, chip: Chip, sky: float, weight: str = "exptime"):
+    """Return a chip's sky-subtracted rate, weight map and weight scale.
+
+    Bad pixels are 0 in both. ``weight`` is 'exptime' (the map is the
+    validity, scaled by EXPTIME) or 'ivm' (inverse variance of the rate
+    from ``ERR``).
+    """
+    e, c = exposure, chip
+    scale = e.exptime if e.units == "counts" else 1.0
+    rate = np.where(c.valid, (c.data - np.float32(sky)) / np.float32(scale), 0)
+    if weight == "exptime":
+        wmap = c.valid.astype(np.float32)
+        wscale = e.exptime
+    else:
+        var = (c.err.astype(np.float64) / scale) ** 2
+        good = c.valid & np.isfinite(var) & (var > 0)
+        wmap = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0)
+        wscale = 1.0
+    return rate.astype(np.float32), wmap.astype(np.float32), wscale
+
+
+def drizzle_exposure(
+    exposure: Exposure,
+    sky: Mapping[int, float],
+    pixmap_of: Callable[[Chip], np.ndarray],
+    out_shape: tuple[int, int],
+    *,
+    kernel: str = "square",
+    pixfrac: float = 1.0,
+    weight: str = "exptime",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drizzle all chips of one exposure onto a grid.
+
+    Parameters
+    ----------
+    exposure : Exposure
+        The exposure (its chips' ``valid`` masks are honoured).
+    sky : mapping of int to float
+        Sky per ``extver``, native units.
+    pixmap_of : callable
+        ``pixmap_of(chip)``: the chip's ``(ny, nx, 2)`` map onto the grid
+        (e.g. :func:`chip_pixmap`).
+    out_shape : tuple of int
+        ``(ny, nx)`` of the grid.
+    kernel, pixfrac, weight
+        See `DrizzleResample`.
+
+    Returns
+    -------
+    sci, wht : numpy.ndarray
+        ``(ny, nx)`` float32 rate image (0 where uncovered) and weight.
+    """
+    driz = Drizzle(kernel=kernel, fillval=0.0, out_shape=out_shape, disable_ctx=True)
+    for c in exposure.chips:
+        pixmap = pixmap_of(c)
+        area = _area_ratio(pixmap)
+        rate, wmap, wscale = chip_rate(exposure, c, sky[c.extver], weight)
+        driz.add_image(
+            rate,
+            exptime=exposure.exptime,
+            pixmap=pixmap,
+            iscale=1.0 / area,
+            pixel_scale_ratio=1.0 / math.sqrt(area),
+            weight_map=wmap,
+            wht_scale=wscale,
+            pixfrac=pixfrac,
+            in_units="cps",
+        )
+    img = np.where(driz.out_wht > 0, driz.out_img, 0).astype(np.float32)
+    return img, driz.out_wht.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# the leave-one-out accumulator
+
+
+class LeaveOneOutStack:
+    r"""Running sums :math:`S = \sum_j w_j d_j`, :math:`W = \sum_j w_j`.
+
+    Keeps every exposure's own drizzle, so that the combination without
+    any subset is two subtractions (no drizzle).
+
+    Parameters
+    ----------
+    n : int
+        Number of exposures.
+    shape : tuple of int
+        ``(ny, nx)`` of the grid.
+    """
+
+    def __init__(self, n: int, shape: tuple[int, int]):
+        self.shape = tuple(shape)
+        self._img: list[np.ndarray | None] = [None] * n
+        self._wht: list[np.ndarray | None] = [None] * n
+        self._S = np.zeros(self.shape, dtype=np.float64)
+        self._W = np.zeros(self.shape, dtype=np.float64)
+
+    def set(self, i: int, img: np.ndarray, wht: np.ndarray) -> None:
+        """Replace exposure *i*'s drizzled ``(sci, wht)`` in the sums."""
+        if self._img[i] is not None:
+            self._S -= self._img[i].astype(np.float64) * self._wht[i]
+            self._W -= self._wht[i]
+        self._S += img.astype(np.float64) * wht
+        self._W += wht
+        self._img[i], self._wht[i] = img, wht
+
+    def contribution(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return exposure *i*'s own ``(sci, wht)`` (the stack's arrays)."""
+        return self._img[i], self._wht[i]
+
+    @property
+    def singles(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every exposure's own ``(sci, wht)``, in order."""
+        return list(zip(self._img, self._wht, strict=True))
+
+    def combined(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(S / W, W)`` as read-only float32 (0 where uncovered)."""
+        good = self._W > 0
+        sci = np.zeros(self.shape, dtype=np.float32)
+        sci[good] = self._S[good] / self._W[good]
+        wht = self._W.astype(np.float32)
+        sci.flags.writeable = False
+        wht.flags.writeable = False
+        return sci, wht
+
+    def leave_out(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Return the float32 ``(sci, wht)`` without the exposures ``indices``."""
+        w = self._W.copy()
+        s = self._S.copy()
+        for i in sorted(set(indices)):
+            w -= self._wht[i]
+            s -= self._img[i].astype(np.float64) * self._wht[i]
+        good = w > 0
+        sci = np.zeros(self.shape, dtype=np.float32)
+        sci[good] = s[good] / w[good]
+        return sci, np.where(good, w, 0).astype(np.float32)
+
+    def check(self, names: Sequence[str]) -> None:
+        """Raise ValueError if an exposure is empty or overlaps no other one."""
+        n = len(names)
+        for i, name in enumerate(names):
+            own = self._wht[i] > 0
+            if not own.any():
+                msg = f"exposure {name} has no valid pixel on the output grid"
+                raise ValueError(msg)
+            if n > 1 and not np.any(own & (self._W - self._wht[i] > 0)):
+                msg = f"exposure {name} does not overlap any other exposure"
+                raise ValueError(msg)
+
+
+# ---------------------------------------------------------------------------
+# cosmic rays
+
+
+def cosmic_ray_masks(
+    exposure: Exposure,
+    sky: Mapping[int, float],
+    median: np.ndarray,
+    covered: np.ndarray,
+    pixmap_of: Callable[[Chip], np.ndarray],
+    *,
+    cr_sigma: float = 4.0,
+    cr_scale: float = 1.2,
+    read_noise: float = 0.0,
+) -> list[np.ndarray]:
+    """Return the cosmic-ray pixels of every chip of an exposure.
+
+    The median is blotted back onto each chip (poly5) as its model; pixels
+    with ``|data - model| > cr_sigma * noise + cr_scale * gradient`` where
+    the median is defined are flagged and the flags grown by 1 pixel. The
+    chips are not changed.
+
+    Parameters
+    ----------
+    exposure : Exposure
+        The exposure; its chips' ``valid`` masks limit the flags.
+    sky : mapping of int to float
+        Sky per ``extver``, native units.
+    median, covered : numpy.ndarray
+        The median image (rate units) on the grid of ``pixmap_of`` and
+        where it is defined (see `median_combine`).
+    pixmap_of : callable
+        ``pixmap_of(chip)``: the chip's map onto the median's grid.
+    cr_sigma, cr_scale, read_noise
+        See `DrizzleResample`.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        Per chip (in ``exposure.chips`` order), bool, True = cosmic ray.
+    """
+    cover = covered.astype(np.float32)
+    struct = np.ones((3, 3), dtype=bool)
+    e = exposure
+    scale = e.exptime if e.units == "counts" else 1.0
+    masks = []
+    for c in e.chips:
+        pixmap = pixmap_of(c)
+        area = _area_ratio(pixmap)
+        model = blot_image(median, pixmap, iscale=area * scale, interp="poly5")
+        inside = blot_image(cover, pixmap, interp="nearest") > 0.5
+        model = model.astype(np.float64) + sky[c.extver]
+        if c.err is not None:
+            noise = c.err.astype(np.float64)
+        else:
+            electrons = np.maximum(model, 0) * (e.exptime / scale)
+            noise = np.sqrt(electrons + read_noise**2) * scale / e.exptime
+        deriv = _max_neighbour_difference(model)
+        with np.errstate(invalid="ignore"):
+            bad = np.abs(c.data - model) > cr_sigma * noise + cr_scale * deriv
+        bad &= c.valid & inside
+        masks.append(ndimage.binary_dilation(bad, structure=struct) & c.valid)
+    return masks
+
+
 class DrizzleResample:
     """Drizzle dithered exposures onto one frozen grid, with O(1) leave-one-out.
 
@@ -524,6 +946,8 @@ class DrizzleResample:
         Per exposure ``{extver: sky}`` in native units.
     n_drizzles : int
         Number of single-chip drizzle (``add_image``) calls so far.
+    config : DrizzleConfig
+        The validated settings.
 
     Raises
     ------
@@ -559,7 +983,7 @@ class DrizzleResample:
     (0.1, 2)
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  # seed signature
         self,
         exposures: Sequence[Exposure | str | os.PathLike | fits.HDUList],
         *,
@@ -585,382 +1009,110 @@ class DrizzleResample:
         if not exposures:
             msg = "exposures must contain at least one exposure, got none"
             raise ValueError(msg)
-        if kernel not in _KERNELS:
-            msg = f"kernel must be one of {_KERNELS}, got {kernel!r}"
-            raise ValueError(msg)
-        if not (0.0 < float(pixfrac) <= 1.0):
-            msg = f"pixfrac must be in (0, 1], got {pixfrac!r}"
-            raise ValueError(msg)
-        if weight not in _WEIGHTS:
-            msg = f"weight must be one of {_WEIGHTS}, got {weight!r}"
-            raise ValueError(msg)
-        for pname, val in (
-            ("sky_sigma", sky_sigma),
-            ("cr_sigma", cr_sigma),
-            ("max_output_pixels", max_output_pixels),
-        ):
-            if not (np.isfinite(val) and val > 0):
-                msg = f"{pname} must be positive, got {val!r}"
-                raise ValueError(msg)
-        for pname, val in (("cr_scale", cr_scale), ("read_noise", read_noise)):
-            if not (np.isfinite(val) and val >= 0):
-                msg = f"{pname} must be non-negative, got {val!r}"
-                raise ValueError(msg)
-        if pixel_scale is not None and not (
-            np.isfinite(pixel_scale) and pixel_scale > 0
-        ):
-            msg = (
-                f"pixel_scale must be a positive number of arcsec, got {pixel_scale!r}"
-            )
-            raise ValueError(msg)
-        if not np.isfinite(rotation):
-            msg = f"rotation must be finite, got {rotation!r}"
-            raise ValueError(msg)
+        config = DrizzleConfig(
+            kernel=kernel,
+            pixfrac=pixfrac,
+            weight=weight,
+            pixel_scale=pixel_scale,
+            rotation=rotation,
+            sky_sigma=sky_sigma,
+            cr_reject=bool(cr_reject),
+            cr_sigma=cr_sigma,
+            cr_scale=cr_scale,
+            read_noise=read_noise,
+            max_output_pixels=max_output_pixels,
+        )
         if cr_reject and len(exposures) < 3:
             msg = f"cr_reject needs at least 3 exposures, got {len(exposures)}"
             raise ValueError(msg)
+        self._setup(
+            [_as_exposure(e, dq_bits) for e in exposures],
+            config,
+            sky,
+            (output_wcs, output_shape),
+        )
 
-        self.kernel = kernel
-        self._max_output_pixels = max_output_pixels
-        self.pixfrac = float(pixfrac)
-        self.weight = weight
+    def _setup(self, exposures, config: DrizzleConfig, sky, user_grid) -> None:
+        """Grid, sky, first drizzle and cosmic-ray pass of the own copies."""
+        self.config = config
+        self.kernel = config.kernel
+        self.pixfrac = config.pixfrac
+        self.weight = config.weight
+        self.cr_reject = config.cr_reject
         self.n_drizzles = 0
-        self.exposures = [_as_exposure(e, dq_bits) for e in exposures]
-        if weight == "ivm":
+        self.exposures = exposures
+        if config.weight == "ivm":
             for e in self.exposures:
                 if any(c.err is None for c in e.chips):
                     msg = f"weight='ivm' needs ERR arrays; {e.name} has none"
                     raise ValueError(msg)
-        self.sky = self._resolve_sky(sky, sky_sigma)
+        self.sky = exposure_skies(self.exposures, sky, config.sky_sigma)
 
-        borders = [[_chip_border(c) for c in e.chips] for e in self.exposures]
-        if output_wcs is None:
-            self.output_wcs, self.output_shape = self._build_grid(
-                borders, pixel_scale, rotation, max_output_pixels
+        borders = chip_borders(self.exposures)
+        if user_grid[0] is None:
+            self.output_wcs, self.output_shape = build_output_grid(
+                self.exposures,
+                pixel_scale=config.pixel_scale,
+                rotation=config.rotation,
+                max_output_pixels=config.max_output_pixels,
+                borders=borders,
             )
         else:
-            self.output_wcs, self.output_shape = self._user_grid(
-                output_wcs, output_shape, max_output_pixels
+            self.output_wcs, self.output_shape = user_output_grid(
+                *user_grid, config.max_output_pixels
             )
-        self._check_overlap(borders)
-        self._to_grid_frame()
+        _check_overlap(self.exposures, borders, self.output_wcs, self.output_shape)
+        _to_grid_frame(self.exposures, self.output_wcs)
 
         n = len(self.exposures)
         # Per exposure, {extver: pixel map}: computed once, then moved by
         # affine corrections (update_wcs(affine=...)) or recomputed on a new WCS.
         self._pixmaps: list[dict[int, np.ndarray]] = [{} for _ in range(n)]
-        self._img: list[np.ndarray | None] = [None] * n
-        self._wht: list[np.ndarray | None] = [None] * n
-        self._S = np.zeros(self.output_shape, dtype=np.float64)
-        self._W = np.zeros(self.output_shape, dtype=np.float64)
+        self._stack = LeaveOneOutStack(n, self.output_shape)
         # DQ-only masks, so that cosmic-ray rejection can be redone from scratch
         # once the WCSs are better aligned.
         self._dq_valid = [[c.valid.copy() for c in e.chips] for e in self.exposures]
-        self._cr_options = (cr_sigma, cr_scale, read_noise)
-        self.cr_reject = bool(cr_reject)
-        for i in range(n):
-            self._set_contribution(i, *self._drizzle_exposure(i))
-        if cr_reject:
-            self._reject_cosmic_rays(*self._cr_options)
-        self._check_contributions()
+        self._drizzle_all()
+        if config.cr_reject:
+            self._reject_cosmic_rays()
+        self._stack.check([e.name for e in self.exposures])
         self._refresh()
 
-    # ---------------------------------------------------------------- setup
-    def _resolve_sky(self, sky, sky_sigma) -> list[dict[int, float]]:
-        if sky is None:
-            return [{c.extver: 0.0 for c in e.chips} for e in self.exposures]
-        if isinstance(sky, str):
-            if sky != "auto":
-                msg = f"sky must be 'auto', None or a sequence, got {sky!r}"
-                raise ValueError(msg)
-            out = []
-            for e in self.exposures:
-                d = {}
-                for c in e.chips:
-                    if c.valid.any():
-                        _, med, _ = sigma_clipped_stats(
-                            c.data, mask=~c.valid, sigma=sky_sigma, maxiters=10
-                        )
-                        d[c.extver] = float(med)
-                    else:
-                        d[c.extver] = 0.0
-                out.append(d)
-            return out
-        sky = list(sky)
-        if len(sky) != len(self.exposures):
-            msg = f"sky must have one entry per exposure ({len(self.exposures)}), "
-            msg += f"got {len(sky)}"
-            raise ValueError(msg)
-        out = []
-        for e, s in zip(self.exposures, sky, strict=True):
-            if isinstance(s, Mapping):
-                missing = {c.extver for c in e.chips} - set(s)
-                if missing:
-                    msg = f"sky for {e.name} lacks extver(s) {sorted(missing)}: {s!r}"
-                    raise ValueError(msg)
-                d = {c.extver: float(s[c.extver]) for c in e.chips}
-            else:
-                d = {c.extver: float(s) for c in e.chips}
-            if not all(np.isfinite(v) for v in d.values()):
-                msg = f"sky for {e.name} must be finite, got {s!r}"
-                raise ValueError(msg)
-            out.append(d)
-        return out
-
-    def _grid_frame(self, borders):
-        """Choose the grid's celestial frame; return it and the borders in it.
-
-        A grid in the inputs' own frame (e.g. FK5 J2000 for many HST headers)
-        needs no frame conversion anywhere. Mixed inputs get the frame most of
-        their chips use (ties: the first exposure's); the others' border
-        points are converted into it.
-        """
-        frames = [
-            [celestial_frame(c.wcs, f"{e.name} extver {c.extver}") for c in e.chips]
-            for e in self.exposures
-        ]
-        flat = [f for ex in frames for f in ex]
-        counts = [sum(f.is_equivalent_frame(g) for g in flat) for f in flat]
-        frame = flat[int(np.argmax(counts))]
-        if max(counts) < len(flat):
-            others = sorted(
-                {frame_label(f) for f in flat if not f.is_equivalent_frame(frame)}
-            )
-            log.info(
-                "the inputs use different celestial frames (%s and %s); the output "
-                "grid is in %s and the others are converted",
-                frame_label(frame),
-                ", ".join(others),
-                frame_label(frame),
-            )
-        converted = []
-        for ex, fr in zip(borders, frames, strict=True):
-            out = []
-            for (ra, dec), f in zip(ex, fr, strict=True):
-                if not f.is_equivalent_frame(frame):
-                    sky = SkyCoord(ra * u.deg, dec * u.deg, frame=f).transform_to(frame)
-                    sph = sky.represent_as(UnitSphericalRepresentation)
-                    ra, dec = sph.lon.deg, sph.lat.deg
-                out.append((ra, dec))
-            converted.append(out)
-        return frame, converted
-
-    def _to_grid_frame(self) -> None:
-        """Express every chip's WCS in the grid's celestial frame.
-
-        Pixel maps, cutouts and fits compare chip and grid coordinates as
-        numbers, so a chip in another frame (FK5 among ICRS inputs) is
-        converted once here (exact: the frames differ by a rotation; the
-        distortion is kept). :func:`subpixal_jax.wcs.convert_wcs_frame`
-        brings a corrected WCS back to its file's frame before writing.
-        """
-        if isinstance(self.output_wcs, SkyWCS):
-            return
-        grid = celestial_frame(self.output_wcs, "output_wcs")
-        for e in self.exposures:
-            for c in e.chips:
-                if isinstance(c.wcs, SkyWCS):
-                    continue
-                if not celestial_frame(c.wcs, e.name).is_equivalent_frame(grid):
-                    c.wcs = convert_wcs_frame(c.wcs, grid)
-
-    def _build_grid(self, borders, pixel_scale, rotation, max_pixels):
-        frame, borders = self._grid_frame(borders)
-        ra = np.concatenate([b[0] for ex in borders for b in ex])
-        dec = np.concatenate([b[1] for ex in borders for b in ex])
-        vec = _unit_vectors(ra, dec)
-        mean = vec.mean(axis=0)
-        norm = np.linalg.norm(mean)
-        if norm < 1e-6:
-            msg = "exposures are spread over the whole sky; no tangent plane fits"
-            raise ValueError(msg)
-        mean /= norm
-        if np.degrees(np.arccos(np.clip(vec @ mean, -1, 1))).max() > 30.0:
-            msg = "exposures span more than 30 degrees from their centre: they "
-            msg += "do not overlap"
-            raise ValueError(msg)
-        ra0 = float(np.degrees(np.arctan2(mean[1], mean[0])) % 360.0)
-        dec0 = float(np.degrees(np.arcsin(np.clip(mean[2], -1, 1))))
-        if pixel_scale is None:
-            scale = self.native_scale() / 3600.0
-        else:
-            scale = float(pixel_scale) / 3600.0
-        th = math.radians(rotation)
-        w = WCS(naxis=2)
-        axes = celestial_frame_to_wcs(frame, projection="TAN").wcs
-        w.wcs.ctype = list(axes.ctype)
-        w.wcs.radesys = axes.radesys
-        w.wcs.equinox = axes.equinox
-        w.wcs.cunit = ["deg", "deg"]
-        w.wcs.crval = [ra0, dec0]
-        w.wcs.crpix = [1.0, 1.0]
-        w.wcs.cd = scale * np.array(
-            [[-math.cos(th), math.sin(th)], [math.sin(th), math.cos(th)]]
-        )
-        x, y = w.wcs_world2pix(ra, dec, 0)
-        pad = 1
-        # border points are pixel edges: keep every pixel centre inside them
-        x0 = math.floor(x.min() + 0.5 + 1e-6) - pad
-        y0 = math.floor(y.min() + 0.5 + 1e-6) - pad
-        nx = math.ceil(x.max() - 0.5 - 1e-6) + pad - x0 + 1
-        ny = math.ceil(y.max() - 0.5 - 1e-6) + pad - y0 + 1
-        if nx * ny > max_pixels:
-            msg = f"the output grid would be {ny}x{nx} pixels (> max_output_pixels="
-            msg += f"{max_pixels}): the exposures are too far apart to overlap"
-            raise ValueError(msg)
-        w.wcs.crpix = [1.0 - x0, 1.0 - y0]
-        w.pixel_shape = (nx, ny)
-        w.wcs.set()
-        return w, (ny, nx)
-
-    @staticmethod
-    def _user_grid(output_wcs, output_shape, max_pixels):
-        if not isinstance(output_wcs, WCS) or not output_wcs.has_celestial:
-            msg = f"output_wcs must be a celestial astropy WCS, got {output_wcs!r}"
-            raise ValueError(msg)
-        if output_wcs.has_distortion:
-            msg = "output_wcs must be undistorted (no SIP/D2IM/NPOL)"
-            raise ValueError(msg)
-        celestial_frame(output_wcs, "output_wcs")  # a frame astropy knows
-        if output_shape is None:
-            if output_wcs.pixel_shape is None:
-                msg = "output_shape is required when output_wcs has no pixel_shape"
-                raise ValueError(msg)
-            output_shape = tuple(output_wcs.pixel_shape[::-1])
-        output_shape = tuple(int(s) for s in output_shape)
-        if len(output_shape) != 2 or min(output_shape) < 1:
-            msg = f"output_shape must be (ny, nx) positive, got {output_shape!r}"
-            raise ValueError(msg)
-        if output_shape[0] * output_shape[1] > max_pixels:
-            msg = f"output_shape {output_shape} exceeds max_output_pixels={max_pixels}"
-            raise ValueError(msg)
-        w = output_wcs.deepcopy()
-        w.pixel_shape = output_shape[::-1]
-        return w, output_shape
-
-    def _check_overlap(self, borders):
-        ny, nx = self.output_shape
-        boxes = []
-        for e, ex in zip(self.exposures, borders, strict=True):
-            x, y = self.output_wcs.wcs_world2pix(
-                np.concatenate([b[0] for b in ex]),
-                np.concatenate([b[1] for b in ex]),
-                0,
-            )
-            box = (x.min(), x.max(), y.min(), y.max())
-            if box[1] < -0.5 or box[0] > nx - 0.5 or box[3] < -0.5 or box[2] > ny - 0.5:
-                msg = f"exposure {e.name} falls outside the output grid"
-                raise ValueError(msg)
-            boxes.append(box)
-        if len(boxes) < 2:
-            return
-        for i, (e, a) in enumerate(zip(self.exposures, boxes, strict=True)):
-            if not any(
-                a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
-                for j, b in enumerate(boxes)
-                if j != i
-            ):
-                msg = f"exposure {e.name} does not overlap any other exposure"
-                raise ValueError(msg)
-
     # ------------------------------------------------------------- drizzle
-    def _chip_rate(self, e: Exposure, c: Chip, sky: float):
-        """Sky-subtracted rate data and weight map of one chip (bad -> 0)."""
-        scale = e.exptime if e.units == "counts" else 1.0
-        rate = np.where(c.valid, (c.data - np.float32(sky)) / np.float32(scale), 0)
-        if self.weight == "exptime":
-            wmap = c.valid.astype(np.float32)
-            wscale = e.exptime
-        else:
-            var = (c.err.astype(np.float64) / scale) ** 2
-            good = c.valid & np.isfinite(var) & (var > 0)
-            wmap = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0)
-            wscale = 1.0
-        return rate.astype(np.float32), wmap.astype(np.float32), wscale
-
     def native_scale(self) -> float:
         """Return the finest chip pixel scale of the inputs (arcsec).
 
-        The default output scale, and the scale of cosmic-ray rejection;
-        taking the finest makes a mixed-scale set independent of file order.
+        See :func:`native_pixel_scale`.
         """
-        return 3600.0 * min(_chip_scale(c.wcs) for e in self.exposures for c in e.chips)
+        return native_pixel_scale(self.exposures)
 
-    def _cr_grid(self):
-        """Return the grid of cosmic-ray rejection: the inputs' own scale.
-
-        A median drizzled onto a coarser grid and blotted back is smoothed at
-        the coarser scale, so star cores would differ from it by much more
-        than the noise and be flagged as cosmic rays (AstroDrizzle's separate
-        drizzles use the input scale for this reason). When the output scale
-        differs from the inputs' by more than 10 %, rejection runs on a grid at
-        the inputs' scale; otherwise on the output grid itself (None).
-        """
-        out_scale = 3600.0 * math.sqrt(proj_plane_pixel_area(self.output_wcs))
-        native = self.native_scale()
-        if abs(out_scale / native - 1.0) <= 0.1:
-            return None
-        borders = [[_chip_border(c) for c in e.chips] for e in self.exposures]
-        return self._build_grid(borders, native, 0.0, self._max_output_pixels)
+    def _pixmap_of(self, i: int, grid=None) -> Callable[[Chip], np.ndarray]:
+        """Chip -> pixel map of exposure *i*: cached, or onto ``grid``."""
+        if grid is None:
+            return lambda c: self.pixmap(i, c.extver)
+        return lambda c: chip_pixmap(c.wcs, grid[0], c.shape)
 
     def _drizzle_exposure(self, i: int, grid=None) -> tuple[np.ndarray, np.ndarray]:
         """Drizzle exposure *i* onto the output grid, or onto ``grid=(wcs, shape)``."""
         e = self.exposures[i]
-        driz = Drizzle(
+        out = drizzle_exposure(
+            e,
+            self.sky[i],
+            self._pixmap_of(i, grid),
+            self.output_shape if grid is None else grid[1],
             kernel=self.kernel,
-            fillval=0.0,
-            out_shape=self.output_shape if grid is None else grid[1],
-            disable_ctx=True,
+            pixfrac=self.pixfrac,
+            weight=self.weight,
         )
-        for c in e.chips:
-            if grid is None:
-                pixmap = self.pixmap(i, c.extver)
-            else:
-                pixmap = chip_pixmap(c.wcs, grid[0], c.shape)
-            area = _area_ratio(pixmap)
-            rate, wmap, wscale = self._chip_rate(e, c, self.sky[i][c.extver])
-            driz.add_image(
-                rate,
-                exptime=e.exptime,
-                pixmap=pixmap,
-                iscale=1.0 / area,
-                pixel_scale_ratio=1.0 / math.sqrt(area),
-                weight_map=wmap,
-                wht_scale=wscale,
-                pixfrac=self.pixfrac,
-                in_units="cps",
-            )
-            self.n_drizzles += 1
-        img = np.where(driz.out_wht > 0, driz.out_img, 0).astype(np.float32)
-        return img, driz.out_wht.astype(np.float32)
+        self.n_drizzles += len(e.chips)
+        return out
 
-    def _set_contribution(self, i, img, wht):
-        if self._img[i] is not None:
-            self._S -= self._img[i].astype(np.float64) * self._wht[i]
-            self._W -= self._wht[i]
-        self._S += img.astype(np.float64) * wht
-        self._W += wht
-        self._img[i], self._wht[i] = img, wht
-
-    def _check_contributions(self):
-        n = len(self.exposures)
-        for i, e in enumerate(self.exposures):
-            own = self._wht[i] > 0
-            if not own.any():
-                msg = f"exposure {e.name} has no valid pixel on the output grid"
-                raise ValueError(msg)
-            if n > 1 and not np.any(own & (self._W - self._wht[i] > 0)):
-                msg = f"exposure {e.name} does not overlap any other exposure"
-                raise ValueError(msg)
+    def _drizzle_all(self) -> None:
+        for i in range(len(self.exposures)):
+            self._stack.set(i, *self._drizzle_exposure(i))
 
     def _refresh(self):
-        good = self._W > 0
-        sci = np.zeros(self.output_shape, dtype=np.float32)
-        sci[good] = self._S[good] / self._W[good]
-        wht = self._W.astype(np.float32)
-        sci.flags.writeable = False
-        wht.flags.writeable = False
-        self._sci, self._wht_total = sci, wht
+        self._sci, self._wht_total = self._stack.combined()
 
     def median_image(
         self, *, reject_high: bool = False
@@ -987,11 +1139,16 @@ class DrizzleResample:
         covered : numpy.ndarray
             ``(ny, nx)`` bool, True where at least 3 exposures cover.
         """
-        singles = list(zip(self._img, self._wht, strict=True))
-        return _median_of(singles, self.output_shape, reject_high=reject_high)
+        return median_combine(
+            self._stack.singles, self.output_shape, reject_high=reject_high
+        )
 
-    def _reject_cosmic_rays(self, cr_sigma, cr_scale, read_noise):
-        grid = self._cr_grid()
+    def _reject_cosmic_rays(self) -> None:
+        """Flag cosmic rays in the own chips' ``valid`` and re-drizzle all."""
+        config = self.config
+        grid = cosmic_ray_grid(
+            self.exposures, self.output_wcs, config.max_output_pixels
+        )
         if grid is None:
             median, enough = self.median_image()
         else:
@@ -1002,31 +1159,20 @@ class DrizzleResample:
             singles = [
                 self._drizzle_exposure(i, grid) for i in range(len(self.exposures))
             ]
-            median, enough = _median_of(singles, grid[1])
-        cover = enough.astype(np.float32)
-        struct = np.ones((3, 3), dtype=bool)
+            median, enough = median_combine(singles, grid[1])
         total = 0
         for i, e in enumerate(self.exposures):
-            scale = e.exptime if e.units == "counts" else 1.0
-            for c in e.chips:
-                if grid is None:
-                    pixmap = self.pixmap(i, c.extver)
-                else:
-                    pixmap = chip_pixmap(c.wcs, grid[0], c.shape)
-                area = _area_ratio(pixmap)
-                model = blot_image(median, pixmap, iscale=area * scale, interp="poly5")
-                covered = blot_image(cover, pixmap, interp="nearest") > 0.5
-                model = model.astype(np.float64) + self.sky[i][c.extver]
-                if c.err is not None:
-                    noise = c.err.astype(np.float64)
-                else:
-                    electrons = np.maximum(model, 0) * (e.exptime / scale)
-                    noise = np.sqrt(electrons + read_noise**2) * scale / e.exptime
-                deriv = _max_neighbour_difference(model)
-                with np.errstate(invalid="ignore"):
-                    bad = np.abs(c.data - model) > cr_sigma * noise + cr_scale * deriv
-                bad &= c.valid & covered
-                bad = ndimage.binary_dilation(bad, structure=struct) & c.valid
+            masks = cosmic_ray_masks(
+                e,
+                self.sky[i],
+                median,
+                enough,
+                self._pixmap_of(i, grid),
+                cr_sigma=config.cr_sigma,
+                cr_scale=config.cr_scale,
+                read_noise=config.read_noise,
+            )
+            for c, bad in zip(e.chips, masks, strict=True):
                 c.valid &= ~bad
                 total += int(bad.sum())
                 log.debug(
@@ -1036,8 +1182,7 @@ class DrizzleResample:
                     int(bad.sum()),
                 )
         log.info("cosmic-ray rejection flagged %d pixels in all", total)
-        for i in range(len(self.exposures)):
-            self._set_contribution(i, *self._drizzle_exposure(i))
+        self._drizzle_all()
 
     # ---------------------------------------------------------------- API
     def reject_cosmic_rays(self) -> None:
@@ -1055,9 +1200,8 @@ class DrizzleResample:
         for e, masks in zip(self.exposures, self._dq_valid, strict=True):
             for c, mask in zip(e.chips, masks, strict=True):
                 c.valid = mask.copy()
-        for i in range(len(self.exposures)):
-            self._set_contribution(i, *self._drizzle_exposure(i))
-        self._reject_cosmic_rays(*self._cr_options)
+        self._drizzle_all()
+        self._reject_cosmic_rays()
         self._refresh()
 
     def leave_out(self, indices) -> tuple[np.ndarray, np.ndarray]:
@@ -1074,15 +1218,7 @@ class DrizzleResample:
             ``(ny, nx)`` float32 image (rate units, 0 where no remaining
             exposure covers) and weight of the remaining exposures.
         """
-        w = self._W.copy()
-        s = self._S.copy()
-        for i in sorted({self._check_index(i) for i in indices}):
-            w -= self._wht[i]
-            s -= self._img[i].astype(np.float64) * self._wht[i]
-        good = w > 0
-        sci = np.zeros(self.output_shape, dtype=np.float32)
-        sci[good] = s[good] / w[good]
-        return sci, np.where(good, w, 0).astype(np.float32)
+        return self._stack.leave_out({self._check_index(i) for i in indices})
 
     @property
     def sci(self) -> np.ndarray:
@@ -1118,7 +1254,8 @@ class DrizzleResample:
             ``(ny, nx)`` float32: the exposure alone on the output grid.
         """
         i = self._check_index(i)
-        return self._img[i].copy(), self._wht[i].copy()
+        img, wht = self._stack.contribution(i)
+        return img.copy(), wht.copy()
 
     def leave_one_out(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Return the reference without exposure *i*, ``(S - s_i) / (W - w_i)``.
@@ -1225,5 +1362,5 @@ class DrizzleResample:
                 if affine is not None:
                     moved[c.extver].flags.writeable = False
                     self._pixmaps[i][c.extver] = moved[c.extver]
-        self._set_contribution(i, *self._drizzle_exposure(i))
+        self._stack.set(i, *self._drizzle_exposure(i))
         self._refresh()

@@ -1,18 +1,30 @@
 """Tests of subpixal_jax.resample: grid, flux, leave-one-out, WCS updates, CRs."""
 
+import re
+from pathlib import Path
+from typing import Protocol
+
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 from scipy.special import erf
 
+import subpixal_jax
+from subpixal_jax.geometry.homography import focal_homography
 from subpixal_jax.images import read_exposure
 from subpixal_jax.resample import (
+    DrizzleConfig,
     DrizzleResample,
+    LeaveOneOutStack,
     Resample,
-    _focal_homography,
     affine_pixmap,
+    build_output_grid,
     chip_pixmap,
+    cosmic_ray_masks,
+    drizzle_exposure,
+    exposure_skies,
+    median_combine,
 )
 
 RA0, DEC0 = 6.02, -72.08
@@ -56,20 +68,10 @@ def _render(w, shape, ra, dec, flux_counts):
     return img
 
 
-def _exposure(
-    dx,
-    dy,
-    rot,
-    *,
-    scene,
-    n_chips=2,
-    units="counts",
-    exptime=100.0,
-    sky=20.0,
-    noise=0.0,
-    seed=0,
-    crs=(),
-):
+def _exposure(dither, *, scene, n_chips=2, units="counts", noise=0.0, seed=0, crs=()):
+    """One exposure dithered by ``dither = (dx, dy, rot_deg)``, 100 s, sky 20/s."""
+    dx, dy, rot = dither
+    exptime, sky = 100.0, 20.0
     ra, dec, flux = scene
     rng = np.random.default_rng(seed)
     prim = fits.PrimaryHDU()
@@ -106,7 +108,7 @@ def scene():
 @pytest.fixture(scope="module")
 def exposures(scene):
     return [
-        read_exposure(_exposure(dx, dy, r, scene=scene, seed=i))
+        read_exposure(_exposure((dx, dy, r), scene=scene, seed=i))
         for i, (dx, dy, r) in enumerate(DITHERS)
     ]
 
@@ -163,7 +165,7 @@ def test_flux_conserved():
     keep &= np.abs((ra - RA0) * np.cos(np.radians(DEC0))) < SCALE * (CHIP[1] / 2 - 12)
     scene = (ra[keep], dec[keep], flux[keep])
     exps = [
-        _exposure(dx, dy, r, scene=scene, seed=i)
+        _exposure((dx, dy, r), scene=scene, seed=i)
         for i, (dx, dy, r) in enumerate(DITHERS[:2])
     ]
     r = DrizzleResample(exps, pixel_scale=0.07, rotation=30.0, sky=[2000.0, 2000.0])
@@ -220,9 +222,9 @@ def test_update_wcs_redrizzles_one_exposure(exposures):
 
 
 def test_counts_and_rate_inputs_agree(scene):
-    a = _exposure(0, 0, 0, scene=scene, units="counts")
-    b = _exposure(0, 0, 0, scene=scene, units="rate")
-    c = _exposure(2.5, 1.5, 0, scene=scene)
+    a = _exposure((0, 0, 0), scene=scene, units="counts")
+    b = _exposure((0, 0, 0), scene=scene, units="rate")
+    c = _exposure((2.5, 1.5, 0), scene=scene)
     ra = DrizzleResample([a, c], sky=None)
     rb = DrizzleResample([b, c], sky=None, output_wcs=ra.output_wcs)
     np.testing.assert_allclose(ra.sci, rb.sci, rtol=1e-5, atol=1e-3)
@@ -239,7 +241,9 @@ def test_ivm_weights(exposures):
 def test_cosmic_ray_rejection(scene):
     crs = [(10, 15, 5e4), (30, 60, 2e4), (35, 25, 2e3)]  # star-free pixels
     exps = [
-        _exposure(dx, dy, r, scene=scene, seed=i, noise=5.0, crs=crs if i == 1 else ())
+        _exposure(
+            (dx, dy, r), scene=scene, seed=i, noise=5.0, crs=crs if i == 1 else ()
+        )
         for i, (dx, dy, r) in enumerate(DITHERS)
     ]
     plain = DrizzleResample(exps)
@@ -262,13 +266,13 @@ def test_cosmic_ray_rejection(scene):
 
 
 def test_bad_input(scene, exposures):
-    far = _exposure(0, 0, 0, scene=scene)
+    far = _exposure((0, 0, 0), scene=scene)
     for h in far[1:]:
         if "CRVAL1" in h.header:
             h.header["CRVAL1"] = RA0 + 0.5
     with pytest.raises(ValueError, match="overlap"):
         DrizzleResample([exposures[0], far])
-    far2 = _exposure(0, 0, 0, scene=scene)
+    far2 = _exposure((0, 0, 0), scene=scene)
     for h in far2[1:]:
         if "CRVAL1" in h.header:
             h.header["CRVAL1"] = RA0 + 60
@@ -279,7 +283,7 @@ def test_bad_input(scene, exposures):
     other.wcs.crval = [RA0 + 1, DEC0]
     with pytest.raises(ValueError, match="outside the output grid"):
         DrizzleResample(exposures[:2], output_wcs=other)
-    no_err = _exposure(0, 0, 0, scene=scene)
+    no_err = _exposure((0, 0, 0), scene=scene)
     for h in list(no_err):
         if h.name == "ERR":
             no_err.remove(h)
@@ -301,7 +305,7 @@ def test_bad_input(scene, exposures):
         DrizzleResample([])
     with pytest.raises(ValueError, match="exposures must be"):
         DrizzleResample([1.0, 2.0])
-    nan = _exposure(0, 0, 0, scene=scene, n_chips=1)
+    nan = _exposure((0, 0, 0), scene=scene, n_chips=1)
     nan[1].data[:] = np.nan
     with pytest.raises(ValueError, match="no valid"):
         DrizzleResample([nan, exposures[0]])
@@ -358,7 +362,7 @@ def test_fast_pixmap_falls_back_for_non_gnomonic_output():
     w = _acs_wcs()
     out = _grid_for(w, ctype=("RA---SIN", "DEC--SIN"), offset=0.5)
     shape = (8, 4096)
-    assert _focal_homography(w, out, shape) is None
+    assert focal_homography(w, out, shape) is None
     fast = chip_pixmap(w, out, shape)
     np.testing.assert_array_equal(fast, chip_pixmap(w, out, shape, exact=True))
     # and a small TAN case agrees with the exact path too
@@ -429,3 +433,68 @@ def test_update_wcs_with_affine_moves_cached_pixmaps(exposures):
         r.update_wcs(1, new, affine=(matrix, shift))
     with pytest.raises(ValueError, match="2x2"):
         affine_pixmap(old[1], np.eye(3), shift, center)
+
+
+def test_pure_pieces_rebuild_the_facade(scene):
+    """Grid, per-exposure drizzle, stack and CR masks reproduce the facade."""
+    crs = [(10, 15, 5e4), (30, 60, 2e4)]
+    exps = [
+        read_exposure(
+            _exposure((dx, dy, r), scene=scene, seed=i, crs=crs if i == 1 else ())
+        )
+        for i, (dx, dy, r) in enumerate(DITHERS)
+    ]
+    facade = DrizzleResample(exps, cr_reject=True)
+    wcs, shape = build_output_grid(exps)
+    assert shape == facade.output_shape
+    assert wcs.to_header_string() == facade.output_wcs.to_header_string()
+    sky = exposure_skies(exps)
+    assert sky == facade.sky
+    stack = LeaveOneOutStack(len(exps), shape)
+    singles = []
+    for i, e in enumerate(exps):
+        single = drizzle_exposure(
+            e, sky[i], lambda c: chip_pixmap(c.wcs, wcs, c.shape), shape
+        )
+        stack.set(i, *single)
+        singles.append(single)
+    median, covered = median_combine(singles, shape)
+    before = [c.valid.copy() for c in exps[1].chips]
+    masks = cosmic_ray_masks(
+        exps[1], sky[1], median, covered, lambda c: chip_pixmap(c.wcs, wcs, c.shape)
+    )
+    for b, c, bad, own in zip(
+        before, exps[1].chips, masks, facade.exposures[1].chips, strict=True
+    ):
+        np.testing.assert_array_equal(c.valid, b)  # returned, not written
+        np.testing.assert_array_equal(own.valid, b & ~bad)
+    for y, x, _ in crs:
+        assert masks[0][y - 1 : y + 2, x - 1 : x + 2].all()
+    # Exposures 0, 2 and 3 have no cosmic ray: their drizzles (and the
+    # combination without exposure 1) are the facade's, bit for bit.
+    np.testing.assert_array_equal(stack.contribution(0)[0], facade.contribution(0)[0])
+    sci, wht = stack.leave_out([1])
+    ref_sci, ref_wht = facade.leave_out([1])
+    np.testing.assert_array_equal(wht, ref_wht)
+    np.testing.assert_array_equal(sci, ref_sci)
+    with pytest.raises(ValueError, match="pixfrac"):
+        DrizzleConfig(pixfrac=1.5)
+    with pytest.raises(ValueError, match="read_noise"):
+        DrizzleConfig(read_noise=-1.0)
+
+
+def test_protocol_lists_what_the_loop_calls():
+    """Every ``resample.<name>`` the loop uses is in `Resample`, nothing more."""
+    root = Path(subpixal_jax.__file__).parent
+    sources = [*sorted((root / "pipeline").glob("*.py")), root / "align.py"]
+    used = set()
+    for path in sources:
+        text = path.read_text()
+        used |= set(re.findall(r"(?<![.\w])resample\.([a-z_]\w*)", text))
+        assert not re.search(r"(hasattr|getattr)\(\s*resample\b", text), path
+    members = {
+        name
+        for name in dir(Resample)
+        if not name.startswith("_") and name not in dir(Protocol)
+    } | set(Resample.__annotations__)
+    assert used == members

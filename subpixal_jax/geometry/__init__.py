@@ -1,0 +1,1 @@
+"""Geometry between chips and the reference grid: homographies and pixel maps."""

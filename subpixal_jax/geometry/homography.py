@@ -1,0 +1,288 @@
+"""Pixel maps between a chip and an undistorted grid, through a plane homography.
+
+WCS objects are turned into pixel maps here: the chip's distortion
+(astropy's ``pix2foc``) is evaluated at every pixel, and the remaining sky
+round trip from the chip's focal plane to the grid, a central projection
+between two tangent planes, is one 3x3 homography fitted on a few exact
+round trips and verified (:func:`focal_homography`). A correction measured
+on the grid moves a map directly (:func:`affine_pixmap`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from astropy.wcs import WCS
+from drizzle.utils import calc_pixmap
+
+from subpixal_jax.skywcs import SkyWCS
+
+__all__ = ["affine_pixmap", "apply_homography", "chip_pixmap", "focal_homography"]
+
+log = logging.getLogger(__name__)
+
+#: Pixels per block of the fast pixel map (bounds its temporaries to ~50 MB).
+_PIXMAP_BLOCK = 1 << 20
+#: Nodes per axis of the grid on which the focal-plane homography is fitted.
+_HOMOGRAPHY_NODES = 9
+#: Largest disagreement (px) with the exact sky round trip the fast map accepts.
+_HOMOGRAPHY_TOL = 1e-7
+
+
+def chip_pixmap(
+    chip_wcs: WCS, output_wcs: WCS, shape: tuple[int, int], *, exact: bool = False
+) -> np.ndarray:
+    """Map every pixel of a chip to the output grid (the only WCS touch point).
+
+    Parameters
+    ----------
+    chip_wcs : astropy.wcs.WCS
+        The chip's full WCS (distortion included).
+    output_wcs : astropy.wcs.WCS
+        The output grid's WCS.
+    shape : tuple of int
+        ``(ny, nx)`` of the chip.
+    exact : bool, optional
+        Evaluate the full sky round trip at every pixel
+        (``drizzle.utils.calc_pixmap``) instead of the fast path.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(ny, nx, 2)`` float64: the 0-based output ``x, y`` of each chip pixel
+        centre. Used both to drizzle the chip forward and to blot an output
+        image back onto the chip.
+
+    Notes
+    -----
+    The map is ``G(foc(p))``: astropy's ``pix2foc`` (SIP, D2IM and NPOL,
+    exact at every pixel, since D2IM tables have one node per pixel) followed
+    by the sky round trip ``G`` from the chip's focal plane to the output
+    pixels. For two gnomonic (TAN) WCSs ``G`` is a central projection between
+    two tangent planes, i.e. exactly a plane homography, whatever the
+    frames' relative rotation; it is fitted on a coarse grid of exact sky
+    round trips and checked there and on a second, offset grid. A 4096x2048
+    ACS/WFC chip then takes about 1 s instead of 7.4 s, agreeing with the
+    full evaluation to about 1e-9 px. When the check fails (a non-TAN or
+    distorted output grid) the full evaluation is used.
+
+    Examples
+    --------
+    >>> from astropy.wcs import WCS
+    >>> w = WCS(naxis=2)
+    >>> w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    >>> w.wcs.crval, w.wcs.cdelt, w.wcs.crpix = [5, 5], [-1e-5, 1e-5], [1, 1]
+    >>> v = w.deepcopy()
+    >>> v.wcs.crpix = [3, 1]
+    >>> chip_pixmap(w, v, (2, 2))[0, 0].round(6) + 0.0
+    array([2., 0.])
+    """
+    ny, nx = (int(n) for n in shape)
+    if exact:
+        return calc_pixmap(chip_wcs, output_wcs, shape=(ny, nx))
+    if isinstance(chip_wcs, SkyWCS):  # a gWCS chip: its own spline map
+        return chip_wcs.pixmap(output_wcs, (ny, nx))
+    h = focal_homography(chip_wcs, output_wcs, (ny, nx))
+    if h is None:
+        return calc_pixmap(chip_wcs, output_wcs, shape=(ny, nx))
+    out = np.empty((ny, nx, 2))
+    x = np.arange(nx, dtype=np.float64)
+    rows = max(1, _PIXMAP_BLOCK // max(nx, 1))
+    for r0 in range(0, ny, rows):
+        yy, xx = np.meshgrid(
+            np.arange(r0, min(r0 + rows, ny), dtype=float), x, indexing="ij"
+        )
+        fx, fy = chip_wcs.pix2foc(xx.ravel(), yy.ravel(), 0)
+        out[r0 : r0 + rows] = apply_homography(h, fx, fy).reshape(*yy.shape, 2)
+    return out
+
+
+def apply_homography(h: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Map points through a plane homography.
+
+    Parameters
+    ----------
+    h : numpy.ndarray
+        ``(3, 3)`` homography acting on ``(x, y, 1)``.
+    x, y : numpy.ndarray
+        Point coordinates (any matching shapes).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(..., 2)`` float64 mapped ``(x, y)``.
+    """
+    w = h[2, 0] * x + h[2, 1] * y + h[2, 2]
+    return np.stack(
+        [
+            (h[0, 0] * x + h[0, 1] * y + h[0, 2]) / w,
+            (h[1, 0] * x + h[1, 1] * y + h[1, 2]) / w,
+        ],
+        axis=-1,
+    )
+
+
+def _focal_round_trip(chip_wcs, output_wcs, fx, fy) -> np.ndarray:
+    """Exact output pixels of chip focal-plane points (0-based)."""
+    ra, dec = chip_wcs.wcs_pix2world(fx, fy, 0)
+    ox, oy = output_wcs.all_world2pix(ra, dec, 0)
+    return np.stack([ox, oy], axis=-1)
+
+
+def focal_homography(chip_wcs, output_wcs, shape) -> np.ndarray | None:
+    """Fit the homography from a chip's focal plane to output pixels.
+
+    Fitted (direct linear transform, normalised coordinates) on a 9x9 grid
+    of exact sky round trips over the chip's focal-plane footprint and
+    accepted only if it reproduces them, and those of a grid offset by half
+    a cell, to 1e-7 pixels.
+
+    Parameters
+    ----------
+    chip_wcs : astropy.wcs.WCS
+        The chip's full WCS (``pix2foc`` gives its focal plane).
+    output_wcs : astropy.wcs.WCS
+        The output (reference) grid's WCS.
+    shape : tuple of int
+        ``(ny, nx)`` of the chip footprint the fit covers.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        ``(3, 3)`` float64 homography for :func:`apply_homography`, or None
+        when the round trip fails or is not a homography to the tolerance
+        (non-TAN or distorted output grid): callers then evaluate exactly.
+    """
+    ny, nx = shape
+    try:
+        u = np.linspace(-0.5, nx - 0.5, _HOMOGRAPHY_NODES)
+        v = np.linspace(-0.5, ny - 0.5, _HOMOGRAPHY_NODES)
+        px, py = (a.ravel() for a in np.meshgrid(u, v))
+        fx, fy = chip_wcs.pix2foc(px, py, 0)
+        target = _focal_round_trip(chip_wcs, output_wcs, fx, fy)
+    except Exception:  # anything odd: use the exact path
+        log.debug("chip_pixmap: no focal-plane round trip; exact evaluation")
+        return None
+    if not np.all(np.isfinite(target)):
+        return None
+    # Normalise both planes to O(1) so that the 8x8 system is well conditioned.
+    src = np.stack([fx, fy], axis=-1)
+    s0, ss = src.mean(0), max(float(np.ptp(src, 0).max()), 1.0)
+    t0, ts = target.mean(0), max(float(np.ptp(target, 0).max()), 1.0)
+    a = (src - s0) / ss
+    b = (target - t0) / ts
+    one, zero = np.ones(len(a)), np.zeros(len(a))
+    rows = np.concatenate(
+        [
+            np.stack(
+                [
+                    a[:, 0],
+                    a[:, 1],
+                    one,
+                    zero,
+                    zero,
+                    zero,
+                    -a[:, 0] * b[:, 0],
+                    -a[:, 1] * b[:, 0],
+                ],
+                axis=1,
+            ),
+            np.stack(
+                [
+                    zero,
+                    zero,
+                    zero,
+                    a[:, 0],
+                    a[:, 1],
+                    one,
+                    -a[:, 0] * b[:, 1],
+                    -a[:, 1] * b[:, 1],
+                ],
+                axis=1,
+            ),
+        ]
+    )
+    sol = np.linalg.lstsq(rows, np.concatenate([b[:, 0], b[:, 1]]), rcond=None)[0]
+    hn = np.append(sol, 1.0).reshape(3, 3)
+    pre = np.array([[1 / ss, 0, -s0[0] / ss], [0, 1 / ss, -s0[1] / ss], [0, 0, 1]])
+    post = np.array([[ts, 0, t0[0]], [0, ts, t0[1]], [0, 0, 1]])
+    h = post @ hn @ pre
+    # Check on the fit nodes and on a grid offset from them by half a cell.
+    du, dv = 0.5 * (u[1] - u[0]), 0.5 * (v[1] - v[0])
+    cx, cy = (a.ravel() for a in np.meshgrid(u[:-1] + du, v[:-1] + dv))
+    gx, gy = chip_wcs.pix2foc(cx, cy, 0)
+    check = _focal_round_trip(chip_wcs, output_wcs, gx, gy)
+    err = max(
+        float(np.max(np.abs(apply_homography(h, fx, fy) - target))),
+        float(np.max(np.abs(apply_homography(h, gx, gy) - check))),
+    )
+    if not err <= _HOMOGRAPHY_TOL:
+        log.debug("chip_pixmap: homography off by %.2g px; exact evaluation", err)
+        return None
+    return h
+
+
+def affine_pixmap(
+    pixmap: np.ndarray, matrix, shift, center, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    r"""Pixel map after an affine correction measured in the output frame.
+
+    The correction is the fit model of :func:`subpixal_jax.wcs.correct_wcs`
+    with ``wcslin`` the output grid: :math:`T(u) = M (u - c) + c + s` maps
+    where a source *is* to where the old WCS *predicts* it, and the corrected
+    WCS maps a chip pixel to :math:`T^{-1}` of its old output position. So the
+    new map is
+
+    .. math:: p' = M^{-1} (p - c - s) + c.
+
+    This is the exact composite; ``correct_wcs`` can only represent it to a
+    second-order tangent-plane term (below 1e-6 px over an ACS/WFC chip for
+    a 0.05 deg, 2 px, 1e-4 scale correction, measured in
+    ``tests/test_resample.py``).
+
+    Parameters
+    ----------
+    pixmap : numpy.ndarray
+        ``(..., 2)`` output ``x, y`` (0-based), e.g. from :func:`chip_pixmap`.
+    matrix : array_like, shape (2, 2)
+        ``M`` (tweakwcs orientation, ``x' = M[0,0] u + M[0,1] v``).
+    shift : array_like, shape (2,)
+        ``s``, output pixels, about ``center``.
+    center : array_like, shape (2,)
+        ``c``, the 0-based output pixel about which ``M`` acts (the loop uses
+        ``output_wcs.wcs.crpix - 1``).
+    out : numpy.ndarray, optional
+        Where to write the result (may be ``pixmap`` itself).
+
+    Returns
+    -------
+    numpy.ndarray
+        The updated map, float64, same shape as ``pixmap``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = np.array([[[10.0, 20.0]]])
+    >>> affine_pixmap(p, np.eye(2), [1.0, -2.0], [0.0, 0.0])[0, 0]
+    array([ 9., 22.])
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    s = np.asarray(shift, dtype=np.float64)
+    c = np.asarray(center, dtype=np.float64)
+    if m.shape != (2, 2) or s.shape != (2,) or c.shape != (2,):
+        msg = "matrix must be 2x2 and shift, center 2-vectors, got shapes "
+        msg += f"{m.shape}, {s.shape}, {c.shape}"
+        raise ValueError(msg)
+    inv = np.linalg.inv(m)
+    off = c - inv @ (c + s)
+    pixmap = np.asarray(pixmap, dtype=np.float64)
+    # Copies, so that ``out`` may be ``pixmap``; no (N, 2) @ (2, 2) temporaries.
+    x, y = pixmap[..., 0].copy(), pixmap[..., 1].copy()
+    if out is None:
+        out = np.empty_like(pixmap)
+    for k in range(2):
+        np.multiply(x, inv[k, 0], out=out[..., k])
+        out[..., k] += inv[k, 1] * y
+        out[..., k] += off[k]
+    return out
