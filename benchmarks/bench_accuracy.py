@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from skimage.registration import phase_cross_correlation
 
-from subpixal_jax.accuracy import (
+from subpixal_jax.core.refine import refine_displacements
+from subpixal_jax.core.xcorr import find_displacements
+from subpixal_jax.testing.accuracy import (
     KINDS,
     cramer_rao_bound,
     make_case,
@@ -32,8 +34,6 @@ from subpixal_jax.accuracy import (
     refinement_inputs,
     texture_references,
 )
-from subpixal_jax.core.refine import refine_displacements
-from subpixal_jax.core.xcorr import find_displacements
 
 try:
     from image_registration import chi2_shift

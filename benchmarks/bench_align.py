@@ -34,14 +34,14 @@ from bench_displacement import original_find_displacement
 from drizzle.resample import blot_image
 
 from subpixal_jax import align
-from subpixal_jax.catalog import PhotutilsCatalog
 from subpixal_jax.core.batch import HALF_PIXEL_SHIFTS
-from subpixal_jax.cutouts import create_cutouts, create_primary_cutouts
+from subpixal_jax.geometry.cutouts import create_cutouts, create_primary_cutouts
+from subpixal_jax.io.wcs import correct_wcs
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline import stages
-from subpixal_jax.resample import DrizzleResample
+from subpixal_jax.reference.catalog import PhotutilsCatalog
+from subpixal_jax.reference.resample import DrizzleResample
 from subpixal_jax.simulate import simulate_exposures
-from subpixal_jax.wcs import correct_wcs
 
 N_ITERATIONS = 3
 

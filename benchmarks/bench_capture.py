@@ -1,6 +1,6 @@
 """Benchmark: coarse catalog matching (capture range) — speed and success rate.
 
-``subpixal_jax.matching.match_points`` on synthetic point sets in a
+``subpixal_jax.reference.matching.match_points`` on synthetic point sets in a
 4096 x 2048 px field (ACS/WFC-like), positions with 0.1 px noise:
 
 1. **Time vs number of points**: 2 x N points, 80% common, shift (117, -60)
@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from subpixal_jax.matching import match_points
+from subpixal_jax.reference.matching import match_points
 
 FIELD = np.array([4096.0, 2048.0])
 NOISE = 0.1

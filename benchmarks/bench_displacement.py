@@ -4,7 +4,7 @@ Compares the batched, jitted ``find_displacements`` with a per-source loop
 written the way the original works (docs/original.md §4–5: numpy normalisation, four
 ``scipy.signal.fftconvolve`` calls, interlacing, a numpy least-squares
 quadratic fit), both measured in the same run on the same cutouts
-(Gaussian sources at peak S/N 100, see ``subpixal_jax.accuracy``).
+(Gaussian sources at peak S/N 100, see ``subpixal_jax.testing.accuracy``).
 
 Run::
 
@@ -26,8 +26,8 @@ import jax
 import numpy as np
 from scipy.signal import fftconvolve
 
-from subpixal_jax.accuracy import make_case
 from subpixal_jax.core.xcorr import find_displacements
+from subpixal_jax.testing.accuracy import make_case
 
 
 def original_find_peak(image, w=5):

@@ -34,10 +34,10 @@ import jax
 import numpy as np
 
 from subpixal_jax import align
-from subpixal_jax import resample as resample_module
-from subpixal_jax.catalog import PhotutilsCatalog
 from subpixal_jax.compilation import count_compilations, enable_compilation_cache
-from subpixal_jax.resample import DrizzleResample
+from subpixal_jax.reference import resample as resample_module
+from subpixal_jax.reference.catalog import PhotutilsCatalog
+from subpixal_jax.reference.resample import DrizzleResample
 from subpixal_jax.simulate import simulate_exposures
 
 #: (label, owner, attribute, depth): the stages that are timed.

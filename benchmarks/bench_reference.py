@@ -29,10 +29,10 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from subpixal_jax.catalog import PhotutilsCatalog
-from subpixal_jax.images import read_exposure
-from subpixal_jax.resample import DrizzleResample, affine_pixmap, chip_pixmap
-from subpixal_jax.wcs import correct_wcs
+from subpixal_jax.io.images import read_exposure
+from subpixal_jax.io.wcs import correct_wcs
+from subpixal_jax.reference.catalog import PhotutilsCatalog
+from subpixal_jax.reference.resample import DrizzleResample, affine_pixmap, chip_pixmap
 
 RA0, DEC0, SCALE = 6.02, -72.08, 0.05 / 3600.0
 

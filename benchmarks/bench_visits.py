@@ -22,7 +22,7 @@ from pathlib import Path
 
 from distributed import Client, LocalCluster
 
-from subpixal_jax.distributed import align_visits
+from subpixal_jax.apps.distributed import align_visits
 from subpixal_jax.simulate import simulate_exposures
 
 OPTIONS = {"nmax": 2, "fitgeom": "rscale"}

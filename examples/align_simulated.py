@@ -17,8 +17,8 @@ import logging
 import tempfile
 
 from subpixal_jax import align_images
-from subpixal_jax.catalog import PhotutilsCatalog
-from subpixal_jax.resample import DrizzleResample
+from subpixal_jax.reference.catalog import PhotutilsCatalog
+from subpixal_jax.reference.resample import DrizzleResample
 from subpixal_jax.simulate import misregistration, recovered_error, simulate_exposures
 
 
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     print("\n(shifts in frame pixels, rotations in degrees, misregistration in px)")
 
     if args.plots:
-        from subpixal_jax.plots import write_figures
+        from subpixal_jax.apps.plots import write_figures
 
         for path in write_figures(result, args.plots):
             print(f"wrote {path}")

@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 
 from subpixal_jax import align_files, apply_solution
-from subpixal_jax.images import read_exposure
+from subpixal_jax.io.images import read_exposure
 from subpixal_jax.simulate import misregistration, simulate_exposures
 
 

@@ -26,13 +26,13 @@ _PUBLIC = {
     "apply_solution": "subpixal_jax.align",
     "find_linear_fit": "subpixal_jax.align",
     "write_corrections": "subpixal_jax.align",
-    "AlignmentResult": "subpixal_jax.result",
-    "ImageFit": "subpixal_jax.result",
-    "IterationResult": "subpixal_jax.result",
+    "AlignmentResult": "subpixal_jax.io.result",
+    "ImageFit": "subpixal_jax.io.result",
+    "IterationResult": "subpixal_jax.io.result",
     "AlignOptions": "subpixal_jax.options",
-    "correct_wcs": "subpixal_jax.wcs",
-    "update_exposure_wcs": "subpixal_jax.wcs",
-    "update_image_wcs": "subpixal_jax.wcs",
+    "correct_wcs": "subpixal_jax.io.wcs",
+    "update_exposure_wcs": "subpixal_jax.io.wcs",
+    "update_image_wcs": "subpixal_jax.io.wcs",
 }
 
 __all__ = ["__version__", *sorted(_PUBLIC)]

@@ -24,19 +24,14 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from subpixal_jax import result as res
 from subpixal_jax.compilation import count_compilations, enable_compilation_cache
 from subpixal_jax.core.linfit import LinearFit
-from subpixal_jax.cutouts import SourceCutouts
-from subpixal_jax.images import Exposure
-from subpixal_jax.options import AlignOptions
-from subpixal_jax.pipeline import loop, stages
-from subpixal_jax.pipeline.state import AlignState
-from subpixal_jax.preflight import CheckedInputs, InputError, check_inputs
-from subpixal_jax.refcat import read_reference_catalog
-from subpixal_jax.transaction import commit_set, discard, recover
-from subpixal_jax.verdict import WritePolicy, image_reports
-from subpixal_jax.wcs import (
+from subpixal_jax.geometry.cutouts import SourceCutouts
+from subpixal_jax.io import result as res
+from subpixal_jax.io.images import Exposure
+from subpixal_jax.io.preflight import CheckedInputs, InputError, check_inputs
+from subpixal_jax.io.transaction import commit_set, discard, recover
+from subpixal_jax.io.wcs import (
     TargetState,
     celestial_frame,
     classify_target,
@@ -45,6 +40,11 @@ from subpixal_jax.wcs import (
     prepare_exposure_update,
     update_exposure_wcs,
 )
+from subpixal_jax.options import AlignOptions
+from subpixal_jax.pipeline import loop, stages
+from subpixal_jax.pipeline.state import AlignState
+from subpixal_jax.pipeline.verdict import WritePolicy, image_reports
+from subpixal_jax.reference.refcat import read_reference_catalog
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def find_linear_fit(
     ----------
     cutouts : sequence of SourceCutouts
         The image's source cutouts (all chips), from
-        :func:`subpixal_jax.cutouts.create_cutouts`.
+        :func:`subpixal_jax.geometry.cutouts.create_cutouts`.
     exposure : Exposure
         The image (its chips' current WCSs map the cutouts to the sky).
     wcslin : astropy.wcs.WCS
@@ -163,16 +163,16 @@ def align_images(
     ----------
     catalog : ImageCatalog
         Finds sources and their segmentation in the drizzled image
-        (e.g. :class:`subpixal_jax.catalog.PhotutilsCatalog`).
+        (e.g. :class:`subpixal_jax.reference.catalog.PhotutilsCatalog`).
     resample : Resample
         Holds the images and drizzles them
-        (e.g. :class:`subpixal_jax.resample.DrizzleResample`). It is updated
+        (e.g. :class:`subpixal_jax.reference.resample.DrizzleResample`). It is updated
         in place with the corrected WCSs.
     wcslin : astropy.wcs.WCS, optional
         Undistorted tangent-plane frame of the fit (default: the drizzle
         grid). Honoured, unlike the original.
     on_iteration : callable, optional
-        Called with each :class:`~subpixal_jax.result.IterationResult`;
+        Called with each :class:`~subpixal_jax.io.result.IterationResult`;
         returning False stops the loop (replaces the original's ``input()``
         prompt, ``iterative=True``).
     throw : bool, optional
@@ -263,7 +263,7 @@ def _commit(updates: Sequence, *, dry_run: bool, force: bool) -> list:
 
     ``updates`` are callables ``(dry_run) -> UpdateReport | PendingWrite``:
     a dry run only collects the reports; otherwise every file is first
-    written next to its target, then :func:`~subpixal_jax.transaction.commit_set`
+    written next to its target, then :func:`~subpixal_jax.io.transaction.commit_set`
     renames them all (rolling back on failure).
     """
     if dry_run:
@@ -299,7 +299,7 @@ def _in_file_frames(path, final: dict, extname: str) -> dict:
 def _updater(path, wcs_by_ext, **kwargs):
     """Defer the update of one file: a report (dry run) or a prepared write.
 
-    ``kwargs`` are :func:`~subpixal_jax.wcs.prepare_exposure_update`'s
+    ``kwargs`` are :func:`~subpixal_jax.io.wcs.prepare_exposure_update`'s
     (``wcsname``, ``output``, ``fit_info``, ``force``).
     """
 
@@ -323,12 +323,13 @@ def write_corrections(
 ) -> list:
     """Write the corrected WCS of every image whose verdict allows it.
 
-    Only images whose correction passes :func:`subpixal_jax.verdict.image_reports`
+    Only images whose correction passes
+    :func:`subpixal_jax.pipeline.verdict.image_reports`
     (converged, enough sources, consistent residuals, significant) are
     written; images never aligned (failed, skipped, the fixed reference) are
     never touched. Each file keeps its old primary WCS under an alternate key,
     and the set is committed all together or not at all
-    (:func:`subpixal_jax.transaction.commit_set`).
+    (:func:`subpixal_jax.io.transaction.commit_set`).
 
     Parameters
     ----------
@@ -355,7 +356,7 @@ def write_corrections(
 
     Raises
     ------
-    subpixal_jax.transaction.CommitError
+    subpixal_jax.io.transaction.CommitError
         If the set could not be written; its message says exactly which
         files changed (normally none).
     """
@@ -402,7 +403,7 @@ def align_files(
     """Align FITS files with the default drizzle reference and photutils catalog.
 
     Every input and output place is checked first
-    (:func:`subpixal_jax.preflight.check_inputs`: unreadable, truncated or
+    (:func:`subpixal_jax.io.preflight.check_inputs`: unreadable, truncated or
     unsupported files, missing WCS, duplicates, empty images, unwritable
     targets — all reported at once, before any computation); temporary files
     of an interrupted earlier commit are finished or rolled back. Then the
@@ -434,12 +435,13 @@ def align_files(
         Orientation of the drizzle grid's y axis (degrees East of North);
         default north up.
     catalog : ImageCatalog, optional
-        Source finder; default :class:`~subpixal_jax.catalog.PhotutilsCatalog`.
+        Source finder; default
+        :class:`~subpixal_jax.reference.catalog.PhotutilsCatalog`.
     policy : WritePolicy, optional
-        Which corrections are written (:mod:`subpixal_jax.verdict`); its
+        Which corrections are written (:mod:`subpixal_jax.pipeline.verdict`); its
         ``force`` also allows updating read-only files.
     checked : CheckedInputs, optional
-        The result of an earlier :func:`~subpixal_jax.preflight.check_inputs`
+        The result of an earlier :func:`~subpixal_jax.io.preflight.check_inputs`
         of these same arguments (the CLI checks before loading JAX), so the
         files are not checked twice.
     **align_options
@@ -455,8 +457,8 @@ def align_files(
         What was (or, with ``dry_run``, would be) written; empty when none
         of ``in_place``, ``output_dir`` and ``dry_run`` was given.
     """
-    from subpixal_jax.catalog import PhotutilsCatalog
-    from subpixal_jax.resample import DrizzleResample
+    from subpixal_jax.reference.catalog import PhotutilsCatalog
+    from subpixal_jax.reference.resample import DrizzleResample
 
     policy = policy or WritePolicy()
     if in_place and output_dir is not None:
@@ -543,14 +545,14 @@ def _jwst_exposures(files: Sequence[Path]) -> list | None:
                 for f, k in zip(files, kinds, strict=True)
             ]
         )
-    from subpixal_jax.jwst import read_jwst_exposures
+    from subpixal_jax.io.jwst import read_jwst_exposures
 
     return read_jwst_exposures(files)
 
 
 def _write_jwst(result, exposures, wcsname, output_dir, dry_run, policy) -> list:
     """Write the corrected gWCS of every JWST exposure whose verdict allows it."""
-    from subpixal_jax.jwst import update_jwst_exposure_wcs
+    from subpixal_jax.io.jwst import update_jwst_exposure_wcs
 
     reports = []
     for exposure, verdict, final in zip(
@@ -615,7 +617,7 @@ def apply_solution(
         reference, failed images) and files already corrected are not
         rewritten.
     """
-    from subpixal_jax.images import read_exposure
+    from subpixal_jax.io.images import read_exposure
 
     wcslin, center, stored = res.read_solution(solution)
     fingerprints = res.read_fingerprints(solution)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from subpixal_jax.accuracy import KINDS, cramer_rao_bound, make_case
 from subpixal_jax.core.xcorr import find_displacements
+from subpixal_jax.testing.accuracy import KINDS, cramer_rao_bound, make_case
 
 SIZE = 25
 TRIALS = 200

@@ -15,21 +15,21 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from subpixal_jax import result as res
 from subpixal_jax.align import align_files, align_images, apply_solution
-from subpixal_jax.catalog import PhotutilsCatalog
-from subpixal_jax.cli import main
+from subpixal_jax.apps.cli import main
 from subpixal_jax.core import linfit
 from subpixal_jax.core.measure import measure_batch
 from subpixal_jax.errors import AlignmentError
-from subpixal_jax.resample import DrizzleResample
+from subpixal_jax.io import result as res
+from subpixal_jax.io.wcs import archived_wcs
+from subpixal_jax.reference.catalog import PhotutilsCatalog
+from subpixal_jax.reference.resample import DrizzleResample
 from subpixal_jax.simulate import (
     WcsError,
     misregistration,
     recovered_error,
     simulate_exposures,
 )
-from subpixal_jax.wcs import archived_wcs
 
 CHIP_SHAPE = (256, 512)
 SEED = 2

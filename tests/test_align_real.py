@@ -100,7 +100,7 @@ def test_perturbed_copy_is_realigned(pair):
 
 @pytest.mark.filterwarnings("ignore:cdelt will be ignored")
 def test_correction_applies_to_a_header_with_cd_and_pc():
-    from subpixal_jax.wcs import correct_wcs
+    from subpixal_jax.io.wcs import correct_wcs
 
     header = fits.Header()
     header["CTYPE1"], header["CTYPE2"] = "RA---TAN", "DEC--TAN"
@@ -139,8 +139,8 @@ def test_readme_example_at_another_pixel_scale(pair, tmp_path):
     # 0.025"/px HRC copies flagged ~65,800 pixels per image as cosmic rays and
     # never converged; rejection now runs at the inputs' own scale.
     from subpixal_jax.align import align_images
-    from subpixal_jax.catalog import PhotutilsCatalog
-    from subpixal_jax.resample import DrizzleResample
+    from subpixal_jax.reference.catalog import PhotutilsCatalog
+    from subpixal_jax.reference.resample import DrizzleResample
 
     reference, moved, truth = pair
     third = tmp_path / "third_flt.fits"

@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from subpixal_jax.capture import (
+from subpixal_jax.io.images import read_exposure
+from subpixal_jax.io.wcs import correct_wcs
+from subpixal_jax.pipeline.capture import (
     CaptureResult,
     coarse_transform,
     detect_exposure_sources,
     needs_capture,
 )
-from subpixal_jax.images import read_exposure
-from subpixal_jax.matching import MatchStatus
+from subpixal_jax.reference.matching import MatchStatus
 from subpixal_jax.simulate import WcsError, misregistration, simulate_exposures
-from subpixal_jax.wcs import correct_wcs
 
 #: Injected header errors: none, the three shifts of issue #16, a 5 degree
 #: rotation, a 2x-binned image whose header keeps the unbinned scale (the

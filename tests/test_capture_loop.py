@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from subpixal_jax.align import align_files
-from subpixal_jax.cli import main
+from subpixal_jax.apps.cli import main
 from subpixal_jax.simulate import WcsError, misregistration, simulate_exposures
 from subpixal_jax.status import ImageStatus, RunStatus
 

@@ -1,4 +1,4 @@
-"""Tests of subpixal_jax.catalog: detection truth, real HRC data, filters."""
+"""Tests of subpixal_jax.reference.catalog: detection truth, real HRC data, filters."""
 
 import importlib.resources
 import logging
@@ -9,7 +9,7 @@ from astropy.io import fits
 from astropy.table import Table
 from scipy.special import erf
 
-from subpixal_jax.catalog import (
+from subpixal_jax.reference.catalog import (
     DEFAULT_FILTERS,
     ImageCatalog,
     PhotutilsCatalog,
@@ -205,7 +205,7 @@ def test_no_sources_and_bad_images(caplog):
     with pytest.raises(ValueError, match="set_image"):
         _ = cat.catalog
     cat.set_image(rng.normal(100.0, 3.0, (128, 128)))
-    with caplog.at_level(logging.WARNING, logger="subpixal_jax.catalog"):
+    with caplog.at_level(logging.WARNING, logger="subpixal_jax.reference.catalog"):
         t = cat.catalog
     assert len(t) == 0
     assert "pos_std" in t.colnames
@@ -217,7 +217,7 @@ def test_no_sources_and_bad_images(caplog):
     img, _, _ = _stars((96, 96), 6, seed=4)
     img[10:20, 10:20] = np.nan
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="subpixal_jax.catalog"):
+    with caplog.at_level(logging.WARNING, logger="subpixal_jax.reference.catalog"):
         cat.set_image(img)
         assert len(cat.catalog) >= 3
     assert "non-finite" in caplog.text

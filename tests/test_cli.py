@@ -2,7 +2,7 @@
 
 import pytest
 
-from subpixal_jax.cli import main
+from subpixal_jax.apps.cli import main
 from subpixal_jax.simulate import load_truth
 
 

@@ -18,7 +18,7 @@ from subpixal_jax.core.batch import (
     source_bucket,
     source_chunk,
 )
-from subpixal_jax.cutouts import (
+from subpixal_jax.geometry.cutouts import (
     PIXMAP_OUTSIDE,
     _pixmap_nodes,
     build_batches,
@@ -26,7 +26,7 @@ from subpixal_jax.cutouts import (
     create_primary_cutouts,
     reference_points,
 )
-from subpixal_jax.images import Chip, Exposure, read_exposure
+from subpixal_jax.io.images import Chip, Exposure, read_exposure
 from subpixal_jax.simulate import WcsError, simulate_exposures
 
 REF_SHAPE = (260, 300)  # (ny, nx) of the synthetic reference

@@ -1,4 +1,4 @@
-"""Tests of subpixal_jax.distributed: many visits on a local Dask cluster.
+"""Tests of subpixal_jax.apps.distributed: many visits on a local Dask cluster.
 
 The default tests share one 2-worker LocalCluster (every worker process
 compiles the kernels once, ~20-40 s on 2 cores); the acceptance runs that
@@ -19,7 +19,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from subpixal_jax.align import align_files
-from subpixal_jax.distributed import COLUMNS, align_visits
+from subpixal_jax.apps.distributed import COLUMNS, align_visits
 from subpixal_jax.simulate import simulate_exposures
 
 distributed = pytest.importorskip("distributed")

@@ -12,7 +12,7 @@ import shutil
 import pytest
 from astropy.io import fits
 
-from subpixal_jax.cli import main
+from subpixal_jax.apps.cli import main
 from subpixal_jax.simulate import simulate_exposures
 
 
@@ -123,7 +123,7 @@ def _to_fk5(path):
     from astropy.coordinates import FK5
     from astropy.wcs import WCS
 
-    from subpixal_jax.wcs import convert_wcs_frame
+    from subpixal_jax.io.wcs import convert_wcs_frame
 
     with fits.open(path, mode="update") as hdul:
         for hdu in hdul:

@@ -14,8 +14,8 @@ from astropy.coordinates import FK5, ICRS, SkyCoord
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from subpixal_jax import wcs as spw
-from subpixal_jax.resample import DrizzleResample
+from subpixal_jax.io import wcs as spw
+from subpixal_jax.reference.resample import DrizzleResample
 
 DIST = importlib.resources.files("astropy").joinpath(
     "wcs", "tests", "data", "dist_lookup.fits.gz"
@@ -138,7 +138,7 @@ def test_same_numbers_in_any_frame_give_the_same_correction():
 def test_correct_wcs_mixed_frames_matches_skycoord(image, grid, caplog):
     w = _wcs("fk5+equinox" if image == "fk5" else "icrs")
     lin = _lin(grid, _centre(w))
-    with caplog.at_level(logging.INFO, logger="subpixal_jax.wcs"):
+    with caplog.at_level(logging.INFO, logger="subpixal_jax.io.wcs"):
         new = spw.correct_wcs(w, lin, MATRIX, SHIFT)
     assert "converting between them" in caplog.text
     assert spw.celestial_frame(new).name == image  # stays in the file's frame
@@ -261,7 +261,7 @@ def test_grid_of_a_mixed_set_takes_the_majority_frame(caplog):
         _exposure(18.0, "FK5", 2000.0),
         _exposure(20.0, None, 2000.0),
     ]
-    with caplog.at_level(logging.INFO, logger="subpixal_jax.resample"):
+    with caplog.at_level(logging.INFO, logger="subpixal_jax.reference.resample"):
         r = DrizzleResample(exps, sky=None)
     assert spw.celestial_frame(r.output_wcs).name == "fk5"
     assert "different celestial frames" in caplog.text

@@ -1,4 +1,4 @@
-"""Tests of subpixal_jax.images: reading exposures, masks, units, errors."""
+"""Tests of subpixal_jax.io.images: reading exposures, masks, units, errors."""
 
 import importlib.resources
 
@@ -7,7 +7,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from subpixal_jax.images import Exposure, read_exposure
+from subpixal_jax.io.images import Exposure, read_exposure
 
 
 def _wcs(crpix=(16.0, 12.0)):

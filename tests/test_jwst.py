@@ -11,8 +11,8 @@ from astropy.wcs import WCS
 pytest.importorskip("gwcs")
 datamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
 
-from subpixal_jax import jwst  # noqa: E402
-from subpixal_jax.images import Exposure  # noqa: E402
+from subpixal_jax.io import jwst  # noqa: E402
+from subpixal_jax.io.images import Exposure  # noqa: E402
 from subpixal_jax.simulate_jwst import (  # noqa: E402
     PIXEL_SCALE,
     PointingError,

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("gwcs")
 datamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
 
-from subpixal_jax import jwst  # noqa: E402
 from subpixal_jax.align import align_files  # noqa: E402
+from subpixal_jax.io import jwst  # noqa: E402
 from subpixal_jax.simulate_jwst import (  # noqa: E402
     PointingError,
     misregistration,

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from subpixal_jax.matching import MatchResult, MatchStatus, match_points
+from subpixal_jax.reference.matching import MatchResult, MatchStatus, match_points
 
 EXTENT = 2000.0
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from subpixal_jax.align import align_images, resolve_options
-from subpixal_jax.catalog import PhotutilsCatalog
-from subpixal_jax.cli import build_parser
+from subpixal_jax.apps.cli import build_parser
+from subpixal_jax.io.result import ImageFit, IterationResult
 from subpixal_jax.options import AlignOptions, cli_fields, flag_name
 from subpixal_jax.pipeline import (
     align_step,
@@ -24,8 +24,8 @@ from subpixal_jax.pipeline import (
     stop_reason,
 )
 from subpixal_jax.pipeline.loop import final_outcomes
-from subpixal_jax.resample import DrizzleResample
-from subpixal_jax.result import ImageFit, IterationResult
+from subpixal_jax.reference.catalog import PhotutilsCatalog
+from subpixal_jax.reference.resample import DrizzleResample
 from subpixal_jax.simulate import simulate_exposures
 from subpixal_jax.status import (
     ImageOutcome,

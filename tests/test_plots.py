@@ -11,10 +11,10 @@ matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.quiver import Quiver, QuiverKey  # noqa: E402
 
-from subpixal_jax import plots  # noqa: E402
 from subpixal_jax.align import align_images  # noqa: E402
-from subpixal_jax.catalog import PhotutilsCatalog  # noqa: E402
-from subpixal_jax.resample import DrizzleResample  # noqa: E402
+from subpixal_jax.apps import plots  # noqa: E402
+from subpixal_jax.reference.catalog import PhotutilsCatalog  # noqa: E402
+from subpixal_jax.reference.resample import DrizzleResample  # noqa: E402
 from subpixal_jax.simulate import simulate_exposures  # noqa: E402
 
 N_EXPOSURES = 3
@@ -421,8 +421,8 @@ def test_gallery_rows_and_peak_marker(image):
 
 def test_gallery_recovers_a_known_lag():
     # A synthetic ImageFit whose cutout is the blot moved by a known lag.
-    from subpixal_jax import result as res
-    from subpixal_jax.cutouts import SourceCutouts
+    from subpixal_jax.geometry.cutouts import SourceCutouts
+    from subpixal_jax.io import result as res
     from subpixal_jax.status import ImageOutcome, ImageStatus
 
     n = 15

@@ -1,4 +1,4 @@
-"""Tests of subpixal_jax.preflight: clear errors before any work (issue #15)."""
+"""Tests of subpixal_jax.io.preflight: clear errors before any work (issue #15)."""
 
 import bz2
 import gzip
@@ -13,8 +13,8 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from subpixal_jax import preflight
-from subpixal_jax.preflight import InputError, check_inputs
+from subpixal_jax.io import preflight
+from subpixal_jax.io.preflight import InputError, check_inputs
 
 SHAPE = (64, 48)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

@@ -8,15 +8,15 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from subpixal_jax.matching import MatchStatus
-from subpixal_jax.refcat import (
+from subpixal_jax.io.wcs import correct_wcs
+from subpixal_jax.reference.matching import MatchStatus
+from subpixal_jax.reference.refcat import (
     AbsoluteTie,
     observation_epoch,
     positions_at,
     read_reference_catalog,
     tie_to_catalog,
 )
-from subpixal_jax.wcs import correct_wcs
 
 MAS = 1.0 / 3.6e6  # degrees
 N_STARS = 100

@@ -28,9 +28,9 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from subpixal_jax.catalog import PhotutilsCatalog
-from subpixal_jax.images import read_exposure
-from subpixal_jax.resample import DrizzleResample, chip_pixmap
+from subpixal_jax.io.images import read_exposure
+from subpixal_jax.reference.catalog import PhotutilsCatalog
+from subpixal_jax.reference.resample import DrizzleResample, chip_pixmap
 from subpixal_jax.simulate import _local_shapes, render_sources, simulate_exposures
 
 CHIP = (256, 512)
@@ -376,7 +376,7 @@ def test_blank_sky_gives_empty_catalog(tmp_path, caplog):
     r.reject_cosmic_rays()
     median, covered = r.median_image()
     cat.set_image(median, mask=~covered)
-    with caplog.at_level(logging.WARNING, logger="subpixal_jax.catalog"):
+    with caplog.at_level(logging.WARNING, logger="subpixal_jax.reference.catalog"):
         t = cat.catalog
     assert len(t) == 0
     assert "no source detected" in caplog.text

@@ -13,13 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from subpixal_jax.accuracy import (
-    KINDS,
-    cramer_rao_bound,
-    make_case,
-    model_image,
-    refinement_inputs,
-)
 from subpixal_jax.core import refine
 from subpixal_jax.core.interp import sample
 from subpixal_jax.core.refine import (
@@ -29,6 +22,13 @@ from subpixal_jax.core.refine import (
     refine_transform,
 )
 from subpixal_jax.core.xcorr import find_displacements
+from subpixal_jax.testing.accuracy import (
+    KINDS,
+    cramer_rao_bound,
+    make_case,
+    model_image,
+    refinement_inputs,
+)
 
 SIZE = 25
 PER_KIND = 150

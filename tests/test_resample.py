@@ -1,4 +1,4 @@
-"""Tests of subpixal_jax.resample: grid, flux, leave-one-out, WCS updates, CRs."""
+"""Tests of reference.resample: grid, flux, leave-one-out, WCS updates, CRs."""
 
 import re
 from pathlib import Path
@@ -12,8 +12,8 @@ from scipy.special import erf
 
 import subpixal_jax
 from subpixal_jax.geometry.homography import focal_homography
-from subpixal_jax.images import read_exposure
-from subpixal_jax.resample import (
+from subpixal_jax.io.images import read_exposure
+from subpixal_jax.reference.resample import (
     DrizzleConfig,
     DrizzleResample,
     LeaveOneOutStack,
@@ -379,7 +379,7 @@ def _rotation(deg, scale=1.0):
 
 
 def test_affine_pixmap_equals_corrected_wcs_on_acs_chip():
-    from subpixal_jax.wcs import correct_wcs
+    from subpixal_jax.io.wcs import correct_wcs
 
     w = _acs_wcs()
     out = _grid_for(w)
@@ -407,7 +407,7 @@ def test_affine_pixmap_equals_corrected_wcs_on_acs_chip():
 
 
 def test_update_wcs_with_affine_moves_cached_pixmaps(exposures):
-    from subpixal_jax.wcs import correct_wcs
+    from subpixal_jax.io.wcs import correct_wcs
 
     r = DrizzleResample(exposures, sky=None)
     plain = DrizzleResample(exposures, output_wcs=r.output_wcs, sky=None)

@@ -1,4 +1,4 @@
-"""Tests of subpixal_jax.transaction: a set of files changes all or nothing."""
+"""Tests of subpixal_jax.io.transaction: a set of files changes all or nothing."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from subpixal_jax import transaction as tx
-from subpixal_jax import wcs as spw
+from subpixal_jax.io import transaction as tx
+from subpixal_jax.io import wcs as spw
 
 NAMES = ("a_flt.fits", "b_flt.fits", "c_flt.fits")
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from astropy.wcs import WCS
 
-from subpixal_jax.result import AlignmentResult
+from subpixal_jax.geometry.transform import Affine
+from subpixal_jax.io.result import AlignmentResult
+from subpixal_jax.pipeline.verdict import Verdict, WritePolicy, image_reports
 from subpixal_jax.status import ImageOutcome, ImageStatus, RunOutcome, RunStatus
-from subpixal_jax.transform import Affine
-from subpixal_jax.verdict import Verdict, WritePolicy, image_reports
 
 CENTER = np.array([100.0, 100.0])
 

@@ -1,4 +1,4 @@
-"""Tests of subpixal_jax.wcs: WCS correction and safe FITS header updates.
+"""Tests of subpixal_jax.io.wcs: WCS correction and safe FITS header updates.
 
 Real headers: ACS/WFC two-chip files 2chipA/2chipB (spherical-geometry) and
 dist_lookup (astropy), all with SIP, D2IM and NPOL.
@@ -16,8 +16,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from tweakwcs.correctors import FITSWCSCorrector
 
-from subpixal_jax import wcs as spw
-from subpixal_jax.transaction import commit_set
+from subpixal_jax.io import wcs as spw
+from subpixal_jax.io.transaction import commit_set
 
 SG = ("spherical_geometry", ("tests", "data"))
 FILES = {

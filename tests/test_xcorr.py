@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from scipy.signal import fftconvolve
 from test_peak import numpy_find_peak
 
-from subpixal_jax.accuracy import model_image, texture_references
 from subpixal_jax.core import xcorr
 from subpixal_jax.core.peak import PeakFlag
 from subpixal_jax.core.xcorr import (
@@ -21,6 +20,7 @@ from subpixal_jax.core.xcorr import (
     find_displacements,
     interlace,
 )
+from subpixal_jax.testing.accuracy import model_image, texture_references
 
 ORACLE = Path(__file__).parent / "data" / "original_native_ncc.npz"
 N, H, W = 8, 24, 24  # the one bucket shape shared by most tests

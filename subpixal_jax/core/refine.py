@@ -322,7 +322,7 @@ class RefinedTransform(NamedTuple):
 
     The transform follows the linear-fit convention
     ``xy = matrix @ (uv - center) + center + shift`` (fit-frame pixels), so it
-    can be passed to :func:`subpixal_jax.wcs.correct_wcs` like a fit.
+    can be passed to :func:`subpixal_jax.io.wcs.correct_wcs` like a fit.
 
     Attributes
     ----------

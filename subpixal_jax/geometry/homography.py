@@ -16,7 +16,7 @@ import numpy as np
 from astropy.wcs import WCS
 from drizzle.utils import calc_pixmap
 
-from subpixal_jax.skywcs import SkyWCS
+from subpixal_jax.geometry.skywcs import SkyWCS
 
 __all__ = ["affine_pixmap", "apply_homography", "chip_pixmap", "focal_homography"]
 
@@ -228,7 +228,7 @@ def affine_pixmap(
 ) -> np.ndarray:
     r"""Pixel map after an affine correction measured in the output frame.
 
-    The correction is the fit model of :func:`subpixal_jax.wcs.correct_wcs`
+    The correction is the fit model of :func:`subpixal_jax.io.wcs.correct_wcs`
     with ``wcslin`` the output grid: :math:`T(u) = M (u - c) + c + s` maps
     where a source *is* to where the old WCS *predicts* it, and the corrected
     WCS maps a chip pixel to :math:`T^{-1}` of its old output position. So the

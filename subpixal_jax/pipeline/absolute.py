@@ -4,7 +4,7 @@ After the relative alignment, the sources of the final drizzled combination
 are matched to a reference catalog (e.g. Gaia DR3, propagated to the
 observation epoch) with the capture stage's matching, a clipped ``shift`` or
 ``rscale`` fit weighted by both catalogs' errors is made
-(:func:`subpixal_jax.refcat.tie_to_catalog`), and that one correction is
+(:func:`subpixal_jax.reference.refcat.tie_to_catalog`), and that one correction is
 applied to every exposure, so the relative alignment is kept exactly.
 """
 
@@ -20,15 +20,15 @@ from astropy.time import Time
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
+from subpixal_jax.geometry.transform import Affine
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline.stages import corrected_wcs
-from subpixal_jax.refcat import (
+from subpixal_jax.reference.refcat import (
     AbsoluteTie,
     observation_epoch,
     positions_at,
     tie_to_catalog,
 )
-from subpixal_jax.transform import Affine
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The cross-correlation only sees offsets that fit inside a source's cutout
 (the segment box plus a 2-pixel pad). :func:`capture_stage` measures larger
-ones by catalog matching (:func:`subpixal_jax.capture.coarse_transform`:
+ones by catalog matching (:func:`subpixal_jax.pipeline.capture.coarse_transform`:
 each exposure's own sources, mapped through its full WCS into the fit frame,
 matched by triangles against an anchor exposure's sources, invariant to
 shift, rotation and scale) and applies the found transform to the WCS when it
@@ -23,18 +23,18 @@ from collections.abc import Sequence
 import numpy as np
 from astropy.wcs import WCS
 
-from subpixal_jax import result as res
-from subpixal_jax.capture import (
+from subpixal_jax.geometry.transform import Affine
+from subpixal_jax.io import result as res
+from subpixal_jax.options import AlignOptions
+from subpixal_jax.pipeline.capture import (
     CaptureResult,
     coarse_transform,
     detect_exposure_sources,
     needs_capture,
 )
-from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline.stages import corrected_wcs
 from subpixal_jax.pipeline.state import AlignState, initial_state
 from subpixal_jax.status import ImageStatus
-from subpixal_jax.transform import Affine
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,11 @@ from collections.abc import Callable, Sequence
 
 from astropy.wcs import WCS
 
-from subpixal_jax import result as res
-from subpixal_jax.cutouts import create_primary_cutouts
 from subpixal_jax.errors import AlignmentError
+from subpixal_jax.geometry.cutouts import create_primary_cutouts
+from subpixal_jax.geometry.skywcs import SkyWCS
+from subpixal_jax.geometry.transform import Affine
+from subpixal_jax.io import result as res
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline.absolute import tie_set
 from subpixal_jax.pipeline.coarse import (
@@ -36,9 +38,7 @@ from subpixal_jax.pipeline.state import (
     snapshot_masks,
     sync_resample,
 )
-from subpixal_jax.skywcs import SkyWCS
 from subpixal_jax.status import ImageOutcome, ImageStatus, RunOutcome, RunStatus
-from subpixal_jax.transform import Affine
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def run(
     ``state`` resumes a run (a loaded checkpoint); ``checkpoint`` is called
     with the state after every iteration (e.g. to save it). With a
     ``reference_catalog`` (a table of
-    :func:`~subpixal_jax.refcat.read_reference_catalog`) a converged set is
+    :func:`~subpixal_jax.reference.refcat.read_reference_catalog`) a converged set is
     tied to it at the end.
     """
     fresh = state is None

@@ -22,7 +22,7 @@ import numpy as np
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from subpixal_jax import result as res
+from subpixal_jax.apps.sharding import shard_batch
 from subpixal_jax.core.linfit import (
     FITGEOM_MIN_POINTS,
     FitStatus,
@@ -31,19 +31,19 @@ from subpixal_jax.core.linfit import (
 )
 from subpixal_jax.core.measure import measure_batch, refine_batch
 from subpixal_jax.core.refine import FLAG_NOT_CONVERGED, refine_transform
-from subpixal_jax.cutouts import (
+from subpixal_jax.geometry.cutouts import (
     SourceCutouts,
     build_batches,
     create_cutouts,
     reference_points,
 )
-from subpixal_jax.images import Exposure
+from subpixal_jax.geometry.skywcs import SkyWCS
+from subpixal_jax.geometry.transform import Affine, RefinedFit, fit_affine
+from subpixal_jax.io import result as res
+from subpixal_jax.io.images import Exposure
+from subpixal_jax.io.wcs import correct_wcs
 from subpixal_jax.options import AlignOptions
-from subpixal_jax.sharding import shard_batch
-from subpixal_jax.skywcs import SkyWCS
 from subpixal_jax.status import ImageOutcome, ImageStatus, SourceFlag, refine_flags
-from subpixal_jax.transform import Affine, RefinedFit, fit_affine
-from subpixal_jax.wcs import correct_wcs
 
 log = logging.getLogger(__name__)
 
@@ -498,8 +498,8 @@ def corrected_wcs(
 ) -> dict[int, WCS]:
     """Return new WCS objects of every chip, corrected by ``correction``.
 
-    FITS chips are corrected by :func:`subpixal_jax.wcs.correct_wcs` (CRVAL
-    and CD; distortion kept); gWCS chips (:class:`subpixal_jax.jwst.SkyWCS`)
+    FITS chips are corrected by :func:`subpixal_jax.io.wcs.correct_wcs` (CRVAL
+    and CD; distortion kept); gWCS chips (:class:`subpixal_jax.io.jwst.SkyWCS`)
     get a tangent-plane correction the JWST pipeline reads.
     """
     out = {}
@@ -535,7 +535,7 @@ def measure_and_fit(
 ) -> list[res.ImageFit]:
     """Measure, fit and correct the images ``indices`` against their references.
 
-    Returns one :class:`~subpixal_jax.result.ImageFit` per image with the
+    Returns one :class:`~subpixal_jax.io.result.ImageFit` per image with the
     corrected WCSs as new objects; nothing is applied to ``resample``.
     """
     center = np.asarray(wcslin.wcs.crpix, dtype=float) - 1.0

@@ -3,7 +3,8 @@
 :class:`AlignState` holds every image's current chip WCSs and validity masks
 (cosmic-ray flags included), the accumulated corrections, the images left out
 of the references, the catalog being measured, and the record of the
-iterations so far. The resampler (:class:`~subpixal_jax.resample.DrizzleResample`)
+iterations so far. The resampler
+(:class:`~subpixal_jax.reference.resample.DrizzleResample`)
 holds the drizzled contributions that follow from it; :func:`sync_resample`
 brings a resampler to a state (so a state saved to a file and loaded in
 another process resumes exactly where it stopped).
@@ -19,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from astropy.wcs import WCS
 
-from subpixal_jax import result as res
+from subpixal_jax.geometry.transform import Affine
+from subpixal_jax.io import result as res
 from subpixal_jax.pipeline.stages import CatalogState
-from subpixal_jax.transform import Affine
 
 #: Format version of :func:`save_state` files.
 _CHECKPOINT_VERSION = 1

@@ -51,7 +51,7 @@ from subpixal_jax.core.batch import (
 )
 from subpixal_jax.core.blot import blot_scale
 from subpixal_jax.geometry.homography import apply_homography, focal_homography
-from subpixal_jax.skywcs import SkyWCS
+from subpixal_jax.geometry.skywcs import SkyWCS
 
 __all__ = [
     "PIXMAP_OUTSIDE",
@@ -564,7 +564,7 @@ def _check_exposure(exposure) -> None:
         _check_celestial_wcs(chip.wcs, f"exposure chip {chip.extver} wcs")
 
 
-def create_cutouts(  # noqa: PLR0913  # seed signature
+def create_cutouts(  # seed signature
     primaries: Sequence[PrimaryCutout],
     segmentation,
     ref_data,
@@ -613,7 +613,7 @@ def create_cutouts(  # noqa: PLR0913  # seed signature
         ``(ny, nx)`` True where the reference is covered (``wht > 0``).
     ref_wcs : astropy.wcs.WCS
         The reference's undistorted WCS.
-    exposure : subpixal_jax.images.Exposure
+    exposure : subpixal_jax.io.images.Exposure
         The exposure (``chips`` with ``extver``, ``data``, ``valid``, ``err``,
         ``wcs``; ``units``; ``exptime``).
     sky : mapping of int to float or None, optional
@@ -1163,7 +1163,7 @@ def reference_points(
     dxdy : array_like
         ``(K, 2)`` displacements ``(dx, dy)`` in image pixels (docs/original.md §4.3
         sign). Non-finite rows give non-finite points.
-    exposure : subpixal_jax.images.Exposure
+    exposure : subpixal_jax.io.images.Exposure
         The exposure the cutouts came from (its chips' WCS are used).
     ref_wcs : astropy.wcs.WCS
         The reference (undistorted) WCS.

@@ -1,7 +1,7 @@
 """The WCS interface the shell needs from a chip, whatever carries it.
 
 FITS chips carry an `astropy.wcs.WCS`; JWST chips a gWCS behind
-:class:`subpixal_jax.jwst.GWCSAdapter`, which implements this protocol. The
+:class:`subpixal_jax.io.jwst.GWCSAdapter`, which implements this protocol. The
 protocol lives here, apart from the gWCS code, so that the pipeline can test
 for it without the optional ``jwst`` dependencies.
 """

@@ -20,8 +20,8 @@ brightest = smallest); NaN where the file has no such column.
 
 The tie is a fit in 0-based ``wcslin`` pixels, ``xy ≈ M (uv − c) + c + s``,
 ``xy`` where the aligned set's WCS puts its sources, ``uv`` where the
-catalog puts them: the direction :func:`subpixal_jax.wcs.correct_wcs`
-expects (as in :mod:`subpixal_jax.capture`).
+catalog puts them: the direction :func:`subpixal_jax.io.wcs.correct_wcs`
+expects (as in :mod:`subpixal_jax.pipeline.capture`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from numpy.typing import ArrayLike
 
 from subpixal_jax.core.linfit import FITGEOM_MIN_POINTS, FitStatus, LinearFit
 from subpixal_jax.linearfit import iter_linear_fit
-from subpixal_jax.matching import (
+from subpixal_jax.reference.matching import (
     MatchResult,
     MatchStatus,
     TransformSummary,
@@ -351,7 +351,7 @@ class AbsoluteTie(TransformSummary):
 
     ``xy ≈ matrix @ (uv − center) + center + shift`` in 0-based ``wcslin``
     pixels, ``xy`` the aligned set's positions, ``uv`` the catalog's: apply it
-    to every exposure's chips with :func:`subpixal_jax.wcs.correct_wcs`
+    to every exposure's chips with :func:`subpixal_jax.io.wcs.correct_wcs`
     (same ``matrix``, ``shift``, ``center`` and ``fitgeom``). Only when
     ``status`` is OK.
 
@@ -486,7 +486,7 @@ def tie_to_catalog(
     r"""Fit one linear correction of an aligned set onto a reference catalog.
 
     Both catalogs are projected into 0-based ``wcslin`` pixels, matched with
-    :func:`~subpixal_jax.matching.match_points` (any shift; rotation and
+    :func:`~subpixal_jax.reference.matching.match_points` (any shift; rotation and
     scale within the priors), and the matched pairs are fitted with
     :func:`~subpixal_jax.linearfit.iter_linear_fit` weighted by
     ``1/(σ_aligned² + σ_catalog²)``.
@@ -524,7 +524,7 @@ def tie_to_catalog(
     sigma : float, optional
         Clipping threshold in RMS.
     **match_options
-        Passed to :func:`~subpixal_jax.matching.match_points`.
+        Passed to :func:`~subpixal_jax.reference.matching.match_points`.
 
     Returns
     -------

@@ -34,9 +34,9 @@ import math
 import numpy as np
 
 from subpixal_jax.core.linfit import FITGEOM_MIN_POINTS
-from subpixal_jax.result import AlignmentResult
+from subpixal_jax.geometry.transform import Affine
+from subpixal_jax.io.result import AlignmentResult
 from subpixal_jax.status import ImageOutcome, ImageStatus
-from subpixal_jax.transform import Affine
 
 
 class Verdict(enum.Enum):

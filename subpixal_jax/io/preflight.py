@@ -355,7 +355,7 @@ def _data_problem(
     """:func:`_image_problem` with a JWST data model's own bad DQ bits."""
     if any(h.name == "ASDF" for h in hdul):
         # A JWST data model: only its "bad" DQ bits make a pixel unusable.
-        from subpixal_jax.jwst import DEFAULT_DQ_BAD
+        from subpixal_jax.io.jwst import DEFAULT_DQ_BAD
 
         dq_bits = (2**32 - 1) ^ int(DEFAULT_DQ_BAD)
     return _image_problem(hdul, chips, extname, dq_bits)
@@ -468,7 +468,7 @@ class CheckOptions:
         Name of the science extensions.
     dq_bits : int, str or None
         DQ bits to ignore when judging whether an image is all flagged (as
-        :func:`subpixal_jax.images.read_exposure`).
+        :func:`subpixal_jax.io.images.read_exposure`).
     min_files : int
         The least number of exposures (2: one alone has nothing to align to).
     check_data : bool

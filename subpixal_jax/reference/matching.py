@@ -91,8 +91,8 @@ from numpy.typing import ArrayLike
 from scipy.spatial import cKDTree
 
 from subpixal_jax.core.linfit import FITGEOM_MIN_POINTS, FitStatus, LinearFit
+from subpixal_jax.geometry.transform import describe
 from subpixal_jax.linearfit import iter_linear_fit
-from subpixal_jax.transform import describe
 
 __all__ = ["MatchResult", "MatchStatus", "match_points"]
 
@@ -126,7 +126,7 @@ class TransformSummary:
     """Status and decomposition shared by the matching results.
 
     The rotation and scale come from the library's one decomposition of a fit
-    matrix (:func:`subpixal_jax.transform.describe`, tweakwcs conventions).
+    matrix (:func:`subpixal_jax.geometry.transform.describe`, tweakwcs conventions).
     """
 
     @property

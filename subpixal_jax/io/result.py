@@ -18,8 +18,8 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from subpixal_jax.core.linfit import LinearFit
+from subpixal_jax.geometry.transform import Affine, RefinedFit
 from subpixal_jax.status import ImageOutcome, ImageStatus, RunOutcome
-from subpixal_jax.transform import Affine, RefinedFit
 
 #: Text forms of the image statuses (summary tables, ECSV, the CLI).
 SUCCESS = ImageStatus.SUCCESS.value
@@ -278,7 +278,7 @@ class AlignmentResult:
         The fingerprints (of the WCS fitted from and of the corrected one)
         make applying the solution idempotent.
         """
-        from subpixal_jax.wcs import wcs_fingerprint
+        from subpixal_jax.io.wcs import wcs_fingerprint
 
         c = self.corrections[i]
         if c is None:

@@ -241,7 +241,7 @@ def _all_ok(result) -> bool:
 
 
 def _policy(args):
-    from subpixal_jax.verdict import WritePolicy
+    from subpixal_jax.pipeline.verdict import WritePolicy
 
     return WritePolicy(force=args.force, apply_insignificant=args.apply_insignificant)
 
@@ -249,9 +249,9 @@ def _policy(args):
 def _run_align(args: argparse.Namespace) -> int:
     # Inputs are checked before JAX is even imported: a mistake is reported
     # within a second, and the first progress line comes at once.
-    from subpixal_jax.preflight import check_inputs
+    from subpixal_jax.io.preflight import check_inputs
 
-    log = logging.getLogger("subpixal_jax.cli")
+    log = logging.getLogger("subpixal_jax.apps.cli")
     log.info("checking %d input file(s)", len(args.files))
     dq_bits = int(args.dq_bits) if args.dq_bits.isdigit() else args.dq_bits
     try:
@@ -297,7 +297,7 @@ def _run_align(args: argparse.Namespace) -> int:
         )
     except (ValueError, OSError) as exc:
         return _error("align", exc)
-    from subpixal_jax.verdict import image_reports
+    from subpixal_jax.pipeline.verdict import image_reports
 
     verdicts = image_reports(result, _policy(args))
     _print_result(result, verdicts)
@@ -307,7 +307,7 @@ def _run_align(args: argparse.Namespace) -> int:
     if not writing:
         print("no file written (use --in-place or --output-dir)")
     if args.plots:
-        from subpixal_jax.plots import write_figures
+        from subpixal_jax.apps.plots import write_figures
 
         for path in write_figures(result, args.plots):
             print(f"wrote {path}")
@@ -319,7 +319,7 @@ def _run_align(args: argparse.Namespace) -> int:
 
 def _run_align_many(args: argparse.Namespace) -> int:
     try:
-        from subpixal_jax.distributed import align_visits
+        from subpixal_jax.apps.distributed import align_visits
         from subpixal_jax.options import from_arguments
 
         table = align_visits(
@@ -367,7 +367,7 @@ def _run_apply(args: argparse.Namespace) -> int:
 def _run_plot(args: argparse.Namespace) -> int:
     from astropy.table import Table
 
-    from subpixal_jax.plots import plot_summary_table
+    from subpixal_jax.apps.plots import plot_summary_table
 
     try:
         table = Table.read(args.summary, format="ascii.ecsv")

@@ -48,8 +48,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from astropy.wcs.utils import celestial_frame_to_wcs, wcs_to_celestial_frame
 
-from subpixal_jax.skywcs import SkyWCS
-from subpixal_jax.transaction import PendingWrite, write_temp
+from subpixal_jax.geometry.skywcs import SkyWCS
+from subpixal_jax.io.transaction import PendingWrite, write_temp
 
 __all__ = [
     "FIT_KEYWORDS",
@@ -1098,7 +1098,7 @@ def update_exposure_wcs(
     A symbolic link is followed: the file it points to is updated. To update
     several files all together or not at all, use
     :func:`prepare_exposure_update` and
-    :func:`subpixal_jax.transaction.commit_set`.
+    :func:`subpixal_jax.io.transaction.commit_set`.
 
     Examples
     --------
@@ -1145,7 +1145,7 @@ def prepare_exposure_update(
 
     The first phase of a two-phase update: the updated file is written in
     full, next to its target, as ``.<name>.subpixal-tmp``; nothing visible
-    changes until :func:`subpixal_jax.transaction.commit_set` renames every
+    changes until :func:`subpixal_jax.io.transaction.commit_set` renames every
     prepared file of the set (or none).
 
     Parameters
@@ -1157,7 +1157,7 @@ def prepare_exposure_update(
 
     Returns
     -------
-    subpixal_jax.transaction.PendingWrite or None
+    subpixal_jax.io.transaction.PendingWrite or None
         The pending write; its ``info`` is the :class:`UpdateReport` (its
         ``path`` the file the commit will write). None when an in-place
         update would change no keyword (nothing to commit).
@@ -1172,7 +1172,7 @@ def prepare_exposure_update(
     >>> import tempfile, pathlib
     >>> from astropy.io import fits
     >>> from astropy.wcs import WCS
-    >>> from subpixal_jax.transaction import commit_set
+    >>> from subpixal_jax.io.transaction import commit_set
     >>> w = WCS(naxis=2)
     >>> w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     >>> w.wcs.crval, w.wcs.crpix = [10.0, 20.0], [5.0, 5.0]
@@ -1525,7 +1525,7 @@ def wcs_fingerprint(
         corrected WCSs of a solution, to compare with a file later).
     extname : str, optional
         Name of the science extensions; without any, the primary HDU is the
-        single chip (extver 1), as in :func:`subpixal_jax.images.read_exposure`.
+        single chip (extver 1), as in :func:`subpixal_jax.io.images.read_exposure`.
 
     Returns
     -------

@@ -156,7 +156,7 @@ class CommitReport:
         )
         if self.journal:
             text += (
-                f"; run subpixal_jax.transaction.recover on {self.journal[0].parent}"
+                f"; run subpixal_jax.io.transaction.recover on {self.journal[0].parent}"
             )
         return text
 
@@ -312,7 +312,7 @@ def commit_set(updates: Sequence[PendingWrite], *, force: bool = False) -> Commi
     ----------
     updates : sequence of PendingWrite
         From :func:`write_temp` (or
-        :func:`subpixal_jax.wcs.prepare_exposure_update`). Targets must be
+        :func:`subpixal_jax.io.wcs.prepare_exposure_update`). Targets must be
         distinct.
     force : bool, optional
         Replace read-only (mode bits) targets too, where the user may.

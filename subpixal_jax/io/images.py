@@ -47,7 +47,7 @@ class Chip:
     valid : numpy.ndarray
         ``(ny, nx)`` bool, True where the pixel is good: finite and not
         flagged in ``DQ`` (after ignoring ``dq_bits``). Cosmic-ray rejection in
-        `~subpixal_jax.resample.DrizzleResample` clears further pixels here.
+        `~subpixal_jax.reference.resample.DrizzleResample` clears further pixels here.
     err : numpy.ndarray or None
         ``(ny, nx)`` float32 ``ERR`` array in native units, or None.
     wcs : astropy.wcs.WCS

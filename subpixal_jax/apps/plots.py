@@ -9,7 +9,7 @@ with :func:`write_figures`. Matplotlib is the optional ``plot`` extra
 :class:`ImportError`.
 
 Positions and fit residuals are in the fit frame (``wcslin`` pixels,
-0-based), as in :class:`subpixal_jax.result.SourceMeasurements`. The fit maps
+0-based), as in :class:`subpixal_jax.io.result.SourceMeasurements`. The fit maps
 measured to predicted positions, ``xy ≈ T(uv) = M (uv − c) + c + s``; the
 residual map's "before" panel shows the first iteration's ``xy − uv`` (the
 misalignment the run started from) and its "after" panel the last
@@ -37,8 +37,8 @@ import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from subpixal_jax import result as res
-from subpixal_jax.transform import fit_affine
+from subpixal_jax.geometry.transform import fit_affine
+from subpixal_jax.io import result as res
 
 log = logging.getLogger(__name__)
 
@@ -905,7 +905,7 @@ def plot_summary_table(summary):
     Parameters
     ----------
     summary : AlignmentResult, astropy.table.Table, list of dict, str or path
-        The result, its :meth:`~subpixal_jax.result.AlignmentResult.to_table`,
+        The result, its :meth:`~subpixal_jax.io.result.AlignmentResult.to_table`,
         its ``summary`` rows, or the path of an ECSV summary.
 
     Returns

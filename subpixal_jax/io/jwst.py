@@ -17,7 +17,7 @@ module is the shell's JWST input/output layer:
   FITS shell makes (``all_pix2world``, ``all_world2pix``,
   ``pixel_scale_matrix``, ``deepcopy``).
 * :func:`read_jwst_exposures` reads files (or open data models) into
-  :class:`JWSTExposure` objects (a `~subpixal_jax.images.Exposure` subclass),
+  :class:`JWSTExposure` objects (a `~subpixal_jax.io.images.Exposure` subclass),
   one per exposure, its detectors as chips.
 * :func:`update_jwst_wcs` and :func:`update_jwst_exposure_wcs` write a
   corrected gWCS back: the correction is the pipeline's ``v2v3corr`` frame
@@ -29,7 +29,7 @@ module is the shell's JWST input/output layer:
 The correction
 --------------
 The linear fit of the alignment, ``T(uv) = M (uv - c) + c + s`` in 0-based
-``wcslin`` pixels, asks (as for FITS WCSs, see `subpixal_jax.wcs.correct_wcs`)
+``wcslin`` pixels, asks (as for FITS WCSs, see `subpixal_jax.io.wcs.correct_wcs`)
 that every sky position ``W(p)`` become ``G(W(p))`` with
 ``G = L ∘ T⁻¹ ∘ L⁻¹``, ``L`` the ``wcslin`` pixel-to-sky map. The pipeline
 represents a correction as an affine map ``A`` of the tangent plane whose
@@ -73,15 +73,15 @@ from astropy.nddata.bitmask import bitfield_to_boolean_mask, interpret_bit_flags
 from astropy.time import Time
 from scipy.interpolate import RectBivariateSpline
 
-from subpixal_jax.images import Chip, Exposure
-from subpixal_jax.skywcs import SkyWCS
+from subpixal_jax.geometry.skywcs import SkyWCS
+from subpixal_jax.io.images import Chip, Exposure
 
 try:
     import gwcs
     from astropy.modeling import models as _models
     from gwcs.geometry import CartesianToSpherical, SphericalToCartesian
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    msg = "subpixal_jax.jwst needs gwcs: pip install 'subpixal-jax[jwst]'"
+    msg = "subpixal_jax.io.jwst needs gwcs: pip install 'subpixal-jax[jwst]'"
     raise ImportError(msg) from exc
 
 __all__ = [
@@ -711,7 +711,7 @@ class GWCSAdapter:
     def corrected(self, wcslin, matrix, shift, *, center=None) -> GWCSAdapter:
         r"""Return a new adapter with an alignment fit applied.
 
-        Same convention as `subpixal_jax.wcs.correct_wcs`: the fit
+        Same convention as `subpixal_jax.io.wcs.correct_wcs`: the fit
         ``xy ≈ T(uv) = M (uv - c) + c + s`` is in 0-based ``wcslin`` pixels,
         and the new WCS maps every pixel to ``L(T⁻¹(L⁻¹(W(p))))``. The
         correction becomes (or is composed into) the gWCS' ``v2v3corr``
@@ -980,7 +980,7 @@ def sip_approximation(
 class JWSTExposure(Exposure):
     """A JWST exposure: its detectors as chips, with the files' metadata.
 
-    Adds to `~subpixal_jax.images.Exposure` (whose ``path`` is the first
+    Adds to `~subpixal_jax.io.images.Exposure` (whose ``path`` is the first
     detector's file, ``units`` is ``'rate'`` for ``MJy/sr`` or ``DN/s``
     data, ``exptime`` the effective exposure time):
 

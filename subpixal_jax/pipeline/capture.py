@@ -5,17 +5,17 @@ segment box plus 2 px), so an exposure whose WCS is off by tens or hundreds of
 pixels, degrees of rotation or a wrong pixel scale never converges.
 :func:`coarse_transform` measures such an error first: it detects the
 exposure's own sources on every chip (photutils, through
-:class:`~subpixal_jax.catalog.PhotutilsCatalog`), maps them through each
+:class:`~subpixal_jax.reference.catalog.PhotutilsCatalog`), maps them through each
 chip's full WCS (SIP, D2IM and NPOL included) into the pixel frame of
 ``wcslin`` and matches them against a reference catalog in that frame with
-:func:`subpixal_jax.matching.match_points`.
+:func:`subpixal_jax.reference.matching.match_points`.
 
 Direction
 ---------
 The result is the linear fit of docs/original.md §6.2 in ``wcslin`` pixels,
 ``xy ≈ M (uv − c) + c + s``, with ``xy`` where the exposure's current WCS
 puts its sources and ``uv`` where the reference says they are. It is exactly
-what :func:`subpixal_jax.wcs.correct_wcs` expects, so::
+what :func:`subpixal_jax.io.wcs.correct_wcs` expects, so::
 
     new = correct_wcs(chip.wcs, wcslin, res.matrix, res.shift,
                       center=res.center, fitgeom=res.fitgeom)
@@ -42,11 +42,11 @@ import numpy as np
 from astropy.wcs import WCS
 from numpy.typing import ArrayLike
 
-from subpixal_jax.catalog import PhotutilsCatalog
 from subpixal_jax.core.linfit import FITGEOM_MIN_POINTS, FitStatus, LinearFit
-from subpixal_jax.images import Exposure
+from subpixal_jax.io.images import Exposure
 from subpixal_jax.linearfit import iter_linear_fit
-from subpixal_jax.matching import (
+from subpixal_jax.reference.catalog import PhotutilsCatalog
+from subpixal_jax.reference.matching import (
     MatchResult,
     MatchStatus,
     TransformSummary,
@@ -69,7 +69,7 @@ class CaptureResult(TransformSummary):
 
     ``xy ≈ matrix @ (uv − center) + center + shift`` with ``xy`` the
     exposure's sources as its WCS places them and ``uv`` the reference
-    positions: the argument order of :func:`subpixal_jax.wcs.correct_wcs`.
+    positions: the argument order of :func:`subpixal_jax.io.wcs.correct_wcs`.
     Apply only when ``status`` is OK.
 
     Attributes
@@ -136,7 +136,7 @@ def detect_exposure_sources(
     Parameters
     ----------
     exposure : Exposure
-        The exposure (:func:`subpixal_jax.images.read_exposure`).
+        The exposure (:func:`subpixal_jax.io.images.read_exposure`).
     wcslin : astropy.wcs.WCS
         The fit frame.
     max_sources : int or None, optional
@@ -231,7 +231,7 @@ def coarse_transform(
         The exposure's sources already in ``wcslin`` pixels (brightest
         first); skips detection.
     **match_options
-        Passed to :func:`~subpixal_jax.matching.match_points`
+        Passed to :func:`~subpixal_jax.reference.matching.match_points`
         (``min_significance``, ``n_neighbors``, ...).
 
     Returns
@@ -362,7 +362,7 @@ def needs_capture(result: CaptureResult, *, threshold: float = 1.0) -> bool:
     Examples
     --------
     >>> import numpy as np
-    >>> from subpixal_jax.matching import MatchStatus
+    >>> from subpixal_jax.reference.matching import MatchStatus
     >>> res = CaptureResult(MatchStatus.OK, "", np.eye(2), np.array([0.3, 0.0]),
     ...                     np.zeros(2), "shift", 40, 0.05, 20.0, 50, 60, 0.3,
     ...                     np.zeros((50, 2)), None)

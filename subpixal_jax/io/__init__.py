@@ -1,0 +1,1 @@
+"""Reading exposures, checking inputs, and writing WCS corrections safely."""

@@ -1,0 +1,1 @@
+"""The drizzled reference, source catalogs and catalog matching."""

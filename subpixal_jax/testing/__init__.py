@@ -1,0 +1,1 @@
+"""Helpers for judging accuracy in tests and benchmarks."""
