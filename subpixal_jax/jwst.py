@@ -81,6 +81,7 @@ from subpixal_jax.transaction import PendingWrite, commit_set, discard, write_te
 from subpixal_jax.wcs import TargetState
 
 try:
+    import asdf
     import gwcs
     from astropy.modeling import models as _models
     from gwcs.geometry import CartesianToSpherical, SphericalToCartesian
@@ -1604,7 +1605,13 @@ def _prepare_file(
     """
     dry_run = output_dir is False
     out = path if dry_run else _output_path(path, output_dir)
-    model, _, _ = _open_model(path)
+    # Saving validates the whole ASDF tree against its schemas, so the
+    # validation of the same tree on reading it here is redundant: asdf's
+    # documented ``validate_on_read`` switch skips it (0.27 of 0.42 s CPU to
+    # open a file that archives three gWCSs). The reader keeps it.
+    with asdf.config_context() as config:
+        config.validate_on_read = False
+        model, _, _ = _open_model(path)
     try:
         report = _prepare_update(model, new_wcs, options, fit_info, str(path))
         report = dataclasses.replace(report, path=out, dry_run=dry_run)
