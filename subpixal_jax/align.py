@@ -561,6 +561,8 @@ def _jwst_solution_wcs(result: res.AlignmentResult) -> list:
     ``final_wcs`` (one linearised tangent-plane correction per iteration)
     by 6e-9 px.
     """
+    if result.wcslin is None or not (result.corrections and result.initial_wcs):
+        return [None] * len(result.names)
     wcslin = WCS(result.wcslin.to_header_string(relax=True))
     center = result.center
     return [
