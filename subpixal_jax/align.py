@@ -499,7 +499,9 @@ def align_files(
         resample,
         **align_options,
     )
-    if summary is not None:
+    if summary is not None and jwst_exposures:
+        _write_jwst_summary(result, summary)
+    elif summary is not None:
         result.write_summary(summary)
     if not (in_place or output_dir is not None or dry_run):
         return result, []
@@ -550,13 +552,47 @@ def _jwst_exposures(files: Sequence[Path]) -> list | None:
     return read_jwst_exposures(files)
 
 
-def _write_jwst(result, exposures, wcsname, output_dir, dry_run, policy) -> list:
-    """Write the corrected gWCS of every JWST exposure whose verdict allows it."""
-    from subpixal_jax.io.jwst import update_jwst_exposure_wcs
+def _jwst_solution_wcs(result: res.AlignmentResult) -> list:
+    """Each image's chip gWCSs corrected by its stored total (None: none).
 
-    reports = []
-    for exposure, verdict, final in zip(
-        exposures, image_reports(result, policy), result.final_wcs, strict=True
+    Computed exactly as :func:`apply_solution` computes them from the
+    summary (the fit frame read back from its header, the total correction
+    applied once to the gWCS the alignment started from), so that applying
+    the summary to the original files writes the same gWCSs, bit for bit,
+    and their fingerprints agree. They differ from the loop's
+    ``final_wcs`` (one linearised tangent-plane correction per iteration)
+    by 6e-9 px.
+    """
+    if result.wcslin is None or not (result.corrections and result.initial_wcs):
+        return [None] * len(result.names)
+    wcslin = WCS(result.wcslin.to_header_string(relax=True))
+    center = result.center
+    return [
+        None
+        if total is None
+        else {
+            k: w.corrected(wcslin, total.matrix, total.shift, center=center)
+            for k, w in initial.items()
+        }
+        for initial, total in zip(result.initial_wcs, result.corrections, strict=True)
+    ]
+
+
+def _write_jwst(result, exposures, wcsname, output_dir, dry_run, policy) -> list:
+    """Write the corrected gWCS of every JWST exposure whose verdict allows it.
+
+    Every file of every written exposure is committed as one set
+    (:func:`subpixal_jax.io.jwst.write_jwst_updates`).
+    """
+    from subpixal_jax.io.jwst import JWSTUpdate, JWSTWriteOptions, write_jwst_updates
+
+    updates = []
+    for exposure, verdict, final, solved in zip(
+        exposures,
+        image_reports(result, policy),
+        result.final_wcs,
+        _jwst_solution_wcs(result),
+        strict=True,
     ):
         if not verdict.write:
             log.info(
@@ -565,17 +601,42 @@ def _write_jwst(result, exposures, wcsname, output_dir, dry_run, policy) -> list
                 verdict.reason or "not aligned",
             )
             continue
-        reports.extend(
-            update_jwst_exposure_wcs(
+        updates.append(
+            JWSTUpdate(
                 exposure,
-                final,
-                wcsname=wcsname,
-                fit_info=_fit_info(result, verdict.name),
-                output_dir=output_dir,
-                dry_run=dry_run,
+                final if solved is None else solved,
+                _fit_info(result, verdict.name),
             )
         )
-    return reports
+    return write_jwst_updates(
+        updates,
+        options=JWSTWriteOptions(wcsname=wcsname),
+        output_dir=output_dir,
+        dry_run=dry_run,
+        force=policy.force,
+    )
+
+
+def _write_jwst_summary(result: res.AlignmentResult, path) -> None:
+    """Write the summary of a gWCS run, its fingerprints those of the gWCSs.
+
+    :meth:`AlignmentResult.write_summary` fingerprints FITS WCSs only; the
+    table is the same, with :func:`subpixal_jax.io.jwst.gwcs_fingerprint` of
+    each corrected exposure's gWCS before and after
+    (:func:`_jwst_solution_wcs`, what is written).
+    """
+    from subpixal_jax.io.jwst import gwcs_fingerprint
+
+    table = dataclasses.replace(result, initial_wcs=[]).to_table()
+    solution = table.meta.get("solution", {})
+    for name, initial, solved in zip(
+        result.names, result.initial_wcs, _jwst_solution_wcs(result), strict=True
+    ):
+        entry = solution.get(Path(name).name)
+        if entry is not None and solved is not None:
+            entry["fitted_fingerprint"] = gwcs_fingerprint(initial)
+            entry["result_fingerprint"] = gwcs_fingerprint(solved)
+    table.write(path, format="ascii.ecsv", overwrite=True)
 
 
 def apply_solution(
@@ -599,6 +660,13 @@ def apply_solution(
     (with a message); a file whose WCS is neither is refused unless
     ``force``. The set is written all together or not at all.
 
+    JWST files (gWCS) are grouped into exposures as :func:`align_files`
+    groups them and matched to images by exposure name; the correction goes
+    into each detector's gWCS as there (:mod:`subpixal_jax.io.jwst`), and the
+    fingerprints are those of the exposure's gWCSs, so an exposure's
+    detector files are applied together (a subset of them is refused as
+    changed unless ``force``).
+
     Parameters
     ----------
     solution : path
@@ -612,14 +680,14 @@ def apply_solution(
 
     Returns
     -------
-    list of UpdateReport
+    list of UpdateReport or JWSTUpdateReport
         One per corrected file; files the alignment left unchanged (the fixed
         reference, failed images) and files already corrected are not
         rewritten.
     """
     from subpixal_jax.io.images import read_exposure
 
-    wcslin, center, stored = res.read_solution(solution)
+    solved = res.read_solution(solution)
     fingerprints = res.read_fingerprints(solution)
     check_inputs(
         files,
@@ -630,17 +698,37 @@ def apply_solution(
         min_files=1,
         check_data=False,
     )
-    missing = [Path(f).name for f in files if Path(f).name not in stored]
+    jwst_exposures = _jwst_exposures([Path(f) for f in files])
+    if jwst_exposures:
+        names = [Path(e.name).name for e in jwst_exposures]
+    else:
+        names = [Path(f).name for f in files]
+    wcslin, center, stored = solved
+    missing = [n for n in names if n not in stored]
     if missing:
         msg = f"{solution} has no correction for {missing}"
         raise ValueError(msg)
+    if output_dir is not None and not dry_run:
+        Path(output_dir).mkdir(exist_ok=True)
+    if jwst_exposures:
+        return _apply_jwst(
+            solved,
+            fingerprints,
+            jwst_exposures,
+            wcsname=wcsname,
+            output_dir=output_dir,
+            dry_run=dry_run,
+            force=force,
+        )
     updates = []
     for path in files:
         name = Path(path).name
         if stored[name] is None:
             log.info("%s: left unchanged by the alignment, not rewritten", path)
             continue
-        if not _may_apply(path, fingerprints.get(name), force, extname):
+        fp = fingerprints.get(name)
+        state = None if fp is None else classify_target(path, *fp, extname=extname)
+        if not _may_apply(path, state, force):
             continue
         correction = stored[name]
         exposure = read_exposure(path, extname=extname)
@@ -665,17 +753,57 @@ def apply_solution(
                 force=force,
             )
         )
-    if output_dir is not None and not dry_run:
-        Path(output_dir).mkdir(exist_ok=True)
     return _commit(updates, dry_run=dry_run, force=force)
 
 
-def _may_apply(path, fingerprints, force: bool, extname: str) -> bool:
-    """Whether a solution may be applied to ``path`` (idempotence check)."""
-    if fingerprints is None:
+def _apply_jwst(solved, fingerprints, exposures, **write) -> list:
+    """Apply a stored solution to JWST exposures (matched by exposure name).
+
+    ``write`` are :func:`subpixal_jax.io.jwst.write_jwst_updates`' ``output_dir``,
+    ``dry_run`` and ``force``, and the ``wcsname``. Every corrected file of
+    every exposure is committed as one set.
+    """
+    from subpixal_jax.io.jwst import (
+        JWSTUpdate,
+        JWSTWriteOptions,
+        exposure_target_state,
+        write_jwst_updates,
+    )
+
+    wcslin, center, stored = solved
+    updates = []
+    for exposure in exposures:
+        name = Path(exposure.name).name
+        correction = stored[name]
+        if correction is None:
+            log.info("%s: left unchanged by the alignment, not rewritten", name)
+            continue
+        fp = fingerprints.get(name)
+        state = None if fp is None else exposure_target_state(exposure, *fp)
+        if not _may_apply(name, state, write["force"]):
+            continue
+        new = {
+            chip.extver: chip.wcs.corrected(
+                wcslin, correction.matrix, correction.shift, center=center
+            )
+            for chip in exposure.chips
+        }
+        updates.append(JWSTUpdate(exposure, new))
+    return write_jwst_updates(
+        updates,
+        options=JWSTWriteOptions(wcsname=write.pop("wcsname")),
+        **write,
+    )
+
+
+def _may_apply(path, state: TargetState | None, force: bool) -> bool:
+    """Whether a solution may be applied to ``path`` (idempotence check).
+
+    ``state`` is what the file holds (None: the solution has no fingerprint).
+    """
+    if state is None:
         log.warning("%s: the solution has no WCS fingerprint; applying", path)
         return True
-    state = classify_target(path, *fingerprints, extname=extname)
     if state is TargetState.ALREADY_APPLIED:
         log.warning("%s: already carries this solution's WCS; not rewritten", path)
         return False

@@ -45,7 +45,7 @@ import functools
 import logging
 import math
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 from astropy import coordinates as coord
@@ -67,6 +67,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = [
     "DETECTORS",
     "PIXEL_SCALE",
+    "JWSTSimConfig",
     "PointingError",
     "SimulatedJWST",
     "attitude_matrix",
@@ -605,23 +606,84 @@ def _draw_errors(rng, n, max_shift, max_rotation):
     return errs
 
 
-def _model(data, err, dq, w, info, *, detector, index, exptime, shape):
-    from stdatamodels.jwst import datamodels
+@dataclasses.dataclass(frozen=True)
+class JWSTSimConfig:
+    """What :func:`simulate_jwst_exposures` simulates.
 
-    model = datamodels.ImageModel(data=data.astype(np.float32))
-    model.err = err.astype(np.float32)
-    model.dq = dq
-    meta = model.meta
-    meta.telescope = "JWST"
-    meta.instrument.name = "NIRCAM"
-    meta.instrument.detector = detector
-    meta.instrument.module = detector[3]
-    meta.instrument.channel = "SHORT"
-    meta.instrument.filter = "F200W"
-    meta.instrument.pupil = "CLEAR"
+    Attributes
+    ----------
+    n_exposures : int
+        Exposures (the first has no error).
+    detectors : tuple of str
+        Keys of `DETECTORS`; every exposure has all of them.
+    shape : tuple of int
+        ``(ny, nx)`` per detector.
+    max_shift, max_rotation : float
+        Largest injected shift (nominal pixels) and rotation (degrees);
+        drawn per exposure unless ``errors`` is given.
+    errors : tuple of PointingError, optional
+        The errors, one per exposure.
+    n_stars, n_galaxies : int
+        Sources of the scene (Gaussian stars, Sersic galaxies).
+    psf_fwhm : float
+        Star FWHM and galaxy smoothing, pixels.
+    exptime : float
+        Effective exposure time, seconds.
+    sky, read_noise : float
+        Sky (electrons per pixel per exposure) and read noise (electrons).
+    noise : bool
+        Poisson and read noise (else the expectation).
+    """
+
+    n_exposures: int = 4
+    detectors: tuple[str, ...] = ("NRCA1", "NRCA2")
+    shape: tuple[int, int] = (256, 256)
+    max_shift: float = 1.5
+    max_rotation: float = 0.03
+    errors: tuple[PointingError, ...] | None = None
+    n_stars: int = 120
+    n_galaxies: int = 60
+    psf_fwhm: float = 2.1
+    exptime: float = 500.0
+    sky: float = 100.0
+    read_noise: float = 10.0
+    noise: bool = True
+
+    def __post_init__(self):
+        # Sequences given as lists are kept as tuples (the config is frozen).
+        object.__setattr__(self, "detectors", tuple(self.detectors))
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        for d in self.detectors:
+            if d not in DETECTORS:
+                msg = f"detector must be one of {sorted(DETECTORS)}, got {d!r}"
+                raise ValueError(msg)
+        if self.errors is not None:
+            object.__setattr__(self, "errors", tuple(self.errors))
+            if len(self.errors) != self.n_exposures:
+                msg = (
+                    f"errors must have {self.n_exposures} entries, "
+                    f"got {len(self.errors)}"
+                )
+                raise ValueError(msg)
+
+    @classmethod
+    def create(cls, config: JWSTSimConfig | None = None, **kwargs) -> JWSTSimConfig:
+        """Return ``config`` (default: the defaults) with fields replaced by name.
+
+        Raises
+        ------
+        TypeError
+            For an unknown field name.
+        """
+        base = config if config is not None else cls()
+        return dataclasses.replace(base, **kwargs) if kwargs else base
+
+
+def _set_observation(meta, index: int, config: JWSTSimConfig) -> None:
+    """Exposure keywords: one exposure per index, shared by its detectors."""
     meta.exposure.type = "NRC_IMAGE"
-    meta.exposure.exposure_time = exptime
-    meta.exposure.effective_exposure_time = exptime
+    meta.exposure.exposure_time = config.exptime
+    meta.exposure.effective_exposure_time = config.exptime
     meta.exposure.start_time = 61200.5 + index * 0.01
     obs = meta.observation
     obs.date = "2026-07-01"
@@ -633,20 +695,12 @@ def _model(data, err, dq, w, info, *, detector, index, exptime, shape):
     obs.sequence_id = "1"
     obs.activity_id = "01"
     obs.exposure_number = f"{index + 1:05d}"
-    meta.bunit_data = "MJy/sr"
-    meta.bunit_err = "MJy/sr"
-    meta.photometry.conversion_megajanskys = _PHOTMJSR
-    meta.photometry.pixelarea_arcsecsq = PIXEL_SCALE**2
-    meta.photometry.pixelarea_steradians = (PIXEL_SCALE / 206264.80624709636) ** 2
-    for k in (
-        "v2_ref",
-        "v3_ref",
-        "vparity",
-        "v3yangle",
-        "ra_ref",
-        "dec_ref",
-        "roll_ref",
-    ):
+
+
+def _set_wcs(meta, w, info, shape) -> None:
+    """Set the gWCS, its pointing keywords and the header SIP approximation."""
+    keys = ("v2_ref", "v3_ref", "vparity", "v3yangle", "ra_ref", "dec_ref", "roll_ref")
+    for k in keys:
         setattr(meta.wcsinfo, k, info[k])
     meta.wcs = w
     ny, nx = shape
@@ -661,27 +715,85 @@ def _model(data, err, dq, w, info, *, detector, index, exptime, shape):
     for key, value in hdr.items():
         if not key.startswith("NAXIS"):
             meta.wcsinfo.instance[key.lower()] = value
+
+
+def _model(arrays, w, info, *, detector: str, index: int, config: JWSTSimConfig):
+    """Return the ImageModel of one detector; ``arrays`` are ``(data, err, dq)``."""
+    from stdatamodels.jwst import datamodels
+
+    data, err, dq = arrays
+    model = datamodels.ImageModel(data=data.astype(np.float32))
+    model.err = err.astype(np.float32)
+    model.dq = dq
+    meta = model.meta
+    meta.telescope = "JWST"
+    meta.instrument.name = "NIRCAM"
+    meta.instrument.detector = detector
+    meta.instrument.module = detector[3]
+    meta.instrument.channel = "SHORT"
+    meta.instrument.filter = "F200W"
+    meta.instrument.pupil = "CLEAR"
+    _set_observation(meta, index, config)
+    meta.bunit_data = "MJy/sr"
+    meta.bunit_err = "MJy/sr"
+    meta.photometry.conversion_megajanskys = _PHOTMJSR
+    meta.photometry.pixelarea_arcsecsq = PIXEL_SCALE**2
+    meta.photometry.pixelarea_steradians = (PIXEL_SCALE / 206264.80624709636) ** 2
+    _set_wcs(meta, w, info, config.shape)
     meta.filename = f"jw01234001001_01101_{index + 1:05d}_{detector.lower()}_cal.fits"
     return model
 
 
+def _detector_gwcs(att, det: str, shape):
+    """Return a detector's gWCS under an attitude, and its pointing keywords."""
+    ref = DETECTORS[det]
+    ra, dec, roll = pointing_from_attitude(att, ref["v2_ref"], ref["v3_ref"])
+    return nircam_like_gwcs(det, ra_ref=ra, dec_ref=dec, roll_ref=roll, shape=shape)
+
+
+def _write_detector(rng, outdir, config, sources, *, index, det, attitudes):
+    """Render and save one detector file; return its path and gWCSs."""
+    att_true, att_hdr = attitudes
+    w_true, _ = _detector_gwcs(att_true, det, config.shape)
+    w_hdr, info = _detector_gwcs(att_hdr, det, config.shape)
+    electrons, err_e, expected = _render(
+        rng,
+        w_true,
+        sources,
+        config.shape,
+        psf_fwhm=config.psf_fwhm,
+        sky=config.sky,
+        read_noise=config.read_noise,
+        noise=config.noise,
+    )
+    full_well = 0.8 * 6.0e4 * _GAIN
+    electrons, dq = _dq_and_defects(rng, electrons - config.sky, expected, full_well)
+    to_mjysr = _PHOTMJSR / (_GAIN * config.exptime)
+    model = _model(
+        (electrons * to_mjysr, err_e * to_mjysr, dq),
+        w_hdr,
+        info,
+        detector=det,
+        index=index,
+        config=config,
+    )
+    path = outdir / model.meta.filename
+    model.save(path)
+    model.close()
+    return path, w_true, w_hdr
+
+
+def _scene_half_width(config: JWSTSimConfig, v2c: float, v3c: float) -> float:
+    """Half the side (arcsec) of the sky square the scene must cover."""
+    spread = max(
+        abs(DETECTORS[d]["v3_ref"] - v3c) + abs(DETECTORS[d]["v2_ref"] - v2c)
+        for d in config.detectors
+    )
+    return 0.5 * max(config.shape) * PIXEL_SCALE + spread + 1.0
+
+
 def simulate_jwst_exposures(
-    outdir,
-    *,
-    n_exposures: int = 4,
-    detectors: Sequence[str] = ("NRCA1", "NRCA2"),
-    shape=(256, 256),
-    max_shift: float = 1.5,
-    max_rotation: float = 0.03,
-    errors: Sequence[PointingError] | None = None,
-    n_stars: int = 120,
-    n_galaxies: int = 60,
-    psf_fwhm: float = 2.1,
-    exptime: float = 500.0,
-    sky: float = 100.0,
-    read_noise: float = 10.0,
-    noise: bool = True,
-    seed: int = 0,
+    outdir, config: JWSTSimConfig | None = None, *, seed: int = 0, **kwargs
 ) -> SimulatedJWST:
     """Write dithered NIRCam-like ``*_cal.fits`` exposures with pointing errors.
 
@@ -689,133 +801,82 @@ def simulate_jwst_exposures(
     ----------
     outdir : path
         Existing folder for the files.
-    n_exposures : int, optional
-        Exposures (the first has no error).
-    detectors : sequence of str, optional
-        Keys of `DETECTORS`; every exposure has all of them.
-    shape : tuple of int, optional
-        ``(ny, nx)`` per detector.
-    max_shift, max_rotation : float, optional
-        Largest injected shift (nominal pixels) and rotation (degrees);
-        drawn per exposure unless ``errors`` is given.
-    errors : sequence of PointingError, optional
-        The errors, one per exposure.
-    n_stars, n_galaxies : int, optional
-        Sources of the scene (Gaussian stars, Sersic galaxies).
-    psf_fwhm : float, optional
-        Star FWHM and galaxy smoothing, pixels.
-    exptime : float, optional
-        Effective exposure time, seconds.
-    sky, read_noise : float, optional
-        Sky (electrons per pixel per exposure) and read noise (electrons).
-    noise : bool, optional
-        Poisson and read noise (else the expectation).
+    config : JWSTSimConfig, optional
+        What to simulate (default: four two-detector 256x256 exposures).
     seed : int, optional
         Random seed.
+    **kwargs
+        :class:`JWSTSimConfig` fields by name (``n_exposures``, ``shape``,
+        ``errors``, ...), replacing those of ``config``.
 
     Returns
     -------
     SimulatedJWST
         Files and truth.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> sim = simulate_jwst_exposures(
+    ...     tempfile.mkdtemp(), n_exposures=2, shape=(32, 32), n_stars=5,
+    ...     n_galaxies=0)
+    >>> [len(p) for p in sim.paths], sim.detectors
+    ([2, 2], ('NRCA1', 'NRCA2'))
     """
     outdir = pathlib.Path(outdir)
     if not outdir.is_dir():
         msg = f"outdir must be an existing folder, got {str(outdir)!r}"
         raise ValueError(msg)
-    detectors = tuple(detectors)
-    for d in detectors:
-        if d not in DETECTORS:
-            msg = f"detector must be one of {sorted(DETECTORS)}, got {d!r}"
-            raise ValueError(msg)
+    config = JWSTSimConfig.create(config, **kwargs)
     rng = np.random.default_rng(seed)
-    if errors is None:
-        errors = _draw_errors(rng, n_exposures, max_shift, max_rotation)
-    errors = list(errors)
-    if len(errors) != n_exposures:
-        msg = f"errors must have {n_exposures} entries, got {len(errors)}"
-        raise ValueError(msg)
+    errors = list(
+        config.errors
+        if config.errors is not None
+        else _draw_errors(
+            rng, config.n_exposures, config.max_shift, config.max_rotation
+        )
+    )
     ra0, dec0, roll0 = 53.16, -27.78, 45.0
-    v2c = float(np.mean([DETECTORS[d]["v2_ref"] for d in detectors]))
-    v3c = float(np.mean([DETECTORS[d]["v3_ref"] for d in detectors]))
+    v2c = float(np.mean([DETECTORS[d]["v2_ref"] for d in config.detectors]))
+    v3c = float(np.mean([DETECTORS[d]["v3_ref"] for d in config.detectors]))
     # Dithers of the reference point: sub-pixel and multi-pixel (arcsec).
     pattern = [(0.0, 0.0), (0.17, 0.05), (0.08, 0.15), (0.26, 0.21)]
-    dithers = [
-        (pattern[i % 4][0] + 0.33 * (i // 4), pattern[i % 4][1] + 0.3 * (i // 4))
-        for i in range(n_exposures)
-    ]
-    half = (
-        0.5 * max(shape) * PIXEL_SCALE
-        + max(
-            abs(DETECTORS[d]["v3_ref"] - v3c) + abs(DETECTORS[d]["v2_ref"] - v2c)
-            for d in detectors
-        )
-        + 1.0
+    sources = _scene(
+        rng,
+        ra0,
+        dec0,
+        _scene_half_width(config, v2c, v3c),
+        config.n_stars,
+        config.n_galaxies,
+        config.psf_fwhm,
     )
-    sources = _scene(rng, ra0, dec0, half, n_stars, n_galaxies, psf_fwhm)
     paths, true_wcs, header_wcs = [], [], []
-    full_well = 0.8 * 6.0e4 * _GAIN
-    for i in range(n_exposures):
-        att_true = attitude_matrix(
-            v2c + dithers[i][0], v3c + dithers[i][1], ra0, dec0, roll0
-        )
+    for i in range(config.n_exposures):
+        dv2 = pattern[i % 4][0] + 0.33 * (i // 4)
+        dv3 = pattern[i % 4][1] + 0.3 * (i // 4)
+        att_true = attitude_matrix(v2c + dv2, v3c + dv3, ra0, dec0, roll0)
         center = att_true @ _unit(v2c / 3600.0, v3c / 3600.0)
-        att_hdr = _error_rotation(errors[i], center) @ att_true
+        attitudes = (att_true, _error_rotation(errors[i], center) @ att_true)
         paths.append([])
         true_wcs.append({})
         header_wcs.append({})
-        for det in detectors:
-            ref = DETECTORS[det]
-            t_ra, t_dec, t_roll = pointing_from_attitude(
-                att_true, ref["v2_ref"], ref["v3_ref"]
+        for det in config.detectors:
+            path, w_true, w_hdr = _write_detector(
+                rng, outdir, config, sources, index=i, det=det, attitudes=attitudes
             )
-            w_true, _ = nircam_like_gwcs(
-                det, ra_ref=t_ra, dec_ref=t_dec, roll_ref=t_roll, shape=shape
-            )
-            h_ra, h_dec, h_roll = pointing_from_attitude(
-                att_hdr, ref["v2_ref"], ref["v3_ref"]
-            )
-            w_hdr, info = nircam_like_gwcs(
-                det, ra_ref=h_ra, dec_ref=h_dec, roll_ref=h_roll, shape=shape
-            )
-            electrons, err_e, expected = _render(
-                rng,
-                w_true,
-                sources,
-                shape,
-                psf_fwhm=psf_fwhm,
-                sky=sky,
-                read_noise=read_noise,
-                noise=noise,
-            )
-            electrons, dq = _dq_and_defects(rng, electrons - sky, expected, full_well)
-            to_mjysr = _PHOTMJSR / (_GAIN * exptime)
-            model = _model(
-                electrons * to_mjysr,
-                err_e * to_mjysr,
-                dq,
-                w_hdr,
-                info,
-                detector=det,
-                index=i,
-                exptime=exptime,
-                shape=shape,
-            )
-            path = outdir / model.meta.filename
-            model.save(path)
-            model.close()
             paths[-1].append(path)
             true_wcs[-1][det] = w_true
             header_wcs[-1][det] = w_hdr
-    log.debug("simulated %d JWST exposures in %s", n_exposures, outdir)
+    log.debug("simulated %d JWST exposures in %s", config.n_exposures, outdir)
     return SimulatedJWST(
         paths=paths,
-        detectors=detectors,
+        detectors=config.detectors,
         true_wcs=true_wcs,
         header_wcs=header_wcs,
         errors=errors,
         sources=sources,
-        shape=tuple(shape),
-        exptime=float(exptime),
+        shape=config.shape,
+        exptime=float(config.exptime),
     )
 
 

@@ -6,13 +6,15 @@ corrected gWCS must put them on the truth to <= 0.01 px RMS, and the written
 files must carry the correction in the pipeline's ``v2v3corr`` frame.
 """
 
+import shutil
+
 import numpy as np
 import pytest
 
 pytest.importorskip("gwcs")
 datamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
 
-from subpixal_jax.align import align_files  # noqa: E402
+from subpixal_jax.align import align_files, apply_solution  # noqa: E402
 from subpixal_jax.io import jwst  # noqa: E402
 from subpixal_jax.simulate_jwst import (  # noqa: E402
     PointingError,
@@ -43,7 +45,8 @@ def test_four_two_detector_exposures_align_to_001_px(tmp_path):
     exposures = jwst.read_jwst_exposures(files)
     assert [len(e.chips) for e in exposures] == [2, 2, 2, 2]
     out = tmp_path / "aligned"
-    result, reports = align_files(files, reference=0, output_dir=out)
+    summary = tmp_path / "summary.ecsv"
+    result, reports = align_files(files, reference=0, output_dir=out, summary=summary)
     assert result.status.status.value == "CONVERGED"
     before, after = [], []
     for i, e in enumerate(exposures):
@@ -67,3 +70,22 @@ def test_four_two_detector_exposures_align_to_001_px(tmp_path):
         if i:
             frames = e.chips[0].wcs.gwcs.available_frames
             assert frames == ["detector", "v2v3", "v2v3corr", "world"]
+    # The stored solution applied to copies of the inputs writes the same
+    # gWCSs, and applying it again changes nothing.
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for p in files:
+        shutil.copy(p, copies / p.name)
+    applied = apply_solution(summary, [copies / p.name for p in files])
+    assert [r.path.name for r in applied] == [r.path.name for r in reports]
+    mine = jwst.read_jwst_exposures([copies / p.name for p in files])
+    for e, f in zip(mine, reread, strict=True):
+        for a, b in zip(e.chips, f.chips, strict=True):
+            xy = np.meshgrid(np.arange(0, 256, 32.0), np.arange(0, 256, 32.0))
+            ra_a, dec_a = a.wcs.pixel_to_sky(*xy)
+            ra_b, dec_b = b.wcs.pixel_to_sky(*xy)
+            assert np.array_equal(ra_a, ra_b)
+            assert np.array_equal(dec_a, dec_b)
+    stamps = [(copies / p.name).stat().st_mtime_ns for p in files]
+    assert apply_solution(summary, [copies / p.name for p in files]) == []
+    assert [(copies / p.name).stat().st_mtime_ns for p in files] == stamps

@@ -128,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Apply the corrections stored in a summary ECSV to files.",
     )
     apply.add_argument("summary", help="summary ECSV written by 'align --summary'")
-    apply.add_argument("files", nargs="+", help="FITS files to correct")
+    apply.add_argument(
+        "files",
+        nargs="+",
+        help="files to correct (FITS, or JWST *_cal.fits with a gWCS: an "
+        "exposure's detector files together)",
+    )
     _add_output_options(apply)
     apply.add_argument(
         "--force",

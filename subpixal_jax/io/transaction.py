@@ -345,28 +345,9 @@ def commit_set(updates: Sequence[PendingWrite], *, force: bool = False) -> Commi
     (True, 'new', ['a', 'b'])
     """
     updates = list(updates)
-    targets = [Path(u.target).absolute() for u in updates]
-    if len({os.path.realpath(t) for t in targets}) != len(targets):
-        discard(updates)
-        msg = f"commit_set: a target is named twice in {targets}"
-        raise ValueError(msg)
-    for u in updates:
-        if not Path(u.temp).is_file():
-            discard(updates)
-            msg = f"commit_set: the temporary file {u.temp} of {u.target} is missing"
-            raise ValueError(msg)
+    targets = _checked_targets(updates, force=force)
     if not updates:
         return CommitReport(changed=(), unchanged=(), complete=True)
-    none = CommitReport(changed=(), unchanged=tuple(targets), complete=False)
-    problems = [
-        f"{t}: {p}"
-        for t in targets
-        if (p := _writable_problem(t, force=force)) is not None
-    ]
-    if problems:
-        discard(updates)
-        raise CommitError("cannot replace " + "; ".join(problems), none)
-
     ident = uuid.uuid4().hex[:12]
     journals = _journal_paths((t.parent for t in targets), ident)
     entries = [
@@ -387,19 +368,7 @@ def commit_set(updates: Sequence[PendingWrite], *, force: bool = False) -> Commi
     }
     renamed: list[int] = []
     try:
-        _write_journal(journals, record)
-        for e in entries:
-            if e["existed"]:
-                _keep_original(Path(e["target"]), Path(e["orig"]))
-        record["state"] = _State.COMMITTING.value
-        _write_journal(journals, record)
-        for i, e in enumerate(entries):
-            os.replace(e["temp"], e["target"])
-            renamed.append(i)
-        for folder in {t.parent for t in targets}:
-            _fsync_dir(folder)
-        record["state"] = _State.COMMITTED.value
-        _write_journal(journals, record)
+        _replace_all(record, journals, renamed)
     except BaseException as exc:
         report = _roll_back(entries, renamed, journals)
         if not report.journal:
@@ -411,6 +380,48 @@ def commit_set(updates: Sequence[PendingWrite], *, force: bool = False) -> Commi
     _finish(entries, journals)
     log.info("committed %d file(s) together", len(targets))
     return CommitReport(changed=tuple(targets), unchanged=(), complete=True)
+
+
+def _checked_targets(updates: list[PendingWrite], *, force: bool) -> list[Path]:
+    """Return the targets of a set, or discard it and raise (nothing touched)."""
+    targets = [Path(u.target).absolute() for u in updates]
+    if len({os.path.realpath(t) for t in targets}) != len(targets):
+        discard(updates)
+        msg = f"commit_set: a target is named twice in {targets}"
+        raise ValueError(msg)
+    for u in updates:
+        if not Path(u.temp).is_file():
+            discard(updates)
+            msg = f"commit_set: the temporary file {u.temp} of {u.target} is missing"
+            raise ValueError(msg)
+    problems = [
+        f"{t}: {p}"
+        for t in targets
+        if (p := _writable_problem(t, force=force)) is not None
+    ]
+    if problems:
+        discard(updates)
+        none = CommitReport(changed=(), unchanged=tuple(targets), complete=False)
+        raise CommitError("cannot replace " + "; ".join(problems), none)
+    return targets
+
+
+def _replace_all(record: dict, journals: list[Path], renamed: list[int]) -> None:
+    """Phases 3 and 4: journal, keep the originals, rename (``renamed`` grows)."""
+    entries = record["entries"]
+    _write_journal(journals, record)
+    for e in entries:
+        if e["existed"]:
+            _keep_original(Path(e["target"]), Path(e["orig"]))
+    record["state"] = _State.COMMITTING.value
+    _write_journal(journals, record)
+    for i, e in enumerate(entries):
+        os.replace(e["temp"], e["target"])
+        renamed.append(i)
+    for folder in {Path(e["target"]).parent for e in entries}:
+        _fsync_dir(folder)
+    record["state"] = _State.COMMITTED.value
+    _write_journal(journals, record)
 
 
 def discard(updates: Iterable[PendingWrite | None]) -> None:
