@@ -291,7 +291,7 @@ def test_batch_chunking_and_no_recompilation(batch, monkeypatch):
     ref, ref_valid, pixmap, iscale = batch
     with jax.enable_x64(True):
         full, full_valid = half_pixel_blots_batch(ref, ref_valid, pixmap, iscale)
-        monkeypatch.setattr(blot_module, "BATCH_CHUNK", 2)  # 3 chunks, 1 padded
+        monkeypatch.setattr(blot_module, "BATCH_CHUNK", 2)  # 2 chunks and a remainder
         chunked, chunked_valid = half_pixel_blots_batch(ref, ref_valid, pixmap, iscale)
         np.testing.assert_array_equal(chunked, full)
         np.testing.assert_array_equal(chunked_valid, full_valid)
