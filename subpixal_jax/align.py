@@ -133,7 +133,7 @@ def resolve_options(resample, options: AlignOptions) -> AlignOptions:
     return options
 
 
-def align_images(
+def align_images(  # noqa: PLR0913  # seed signature
     catalog,
     resample,
     wcslin: WCS | None = None,
@@ -223,11 +223,8 @@ def align_images(
             resample,
             wcslin,
             options,
-            on_iteration=on_iteration,
-            throw=throw,
-            progress=progress,
+            control=loop.RunControl(on_iteration, throw, progress, checkpoint),
             state=state,
-            checkpoint=checkpoint,
             reference_catalog=_reference_table(reference_catalog),
         )
     log.info("%s", compiled)

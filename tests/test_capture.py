@@ -11,7 +11,7 @@ from subpixal_jax.capture import (
     needs_capture,
 )
 from subpixal_jax.images import read_exposure
-from subpixal_jax.matching import MatchStatus
+from subpixal_jax.matching import MatchLimits, MatchStatus
 from subpixal_jax.simulate import WcsError, misregistration, simulate_exposures
 from subpixal_jax.wcs import correct_wcs
 
@@ -181,11 +181,21 @@ def test_max_shift_prior(reference, captures):
     wcslin, ref_xy, flux = reference
     exposure, res = captures["shift250"]
     out = coarse_transform(
-        exposure, ref_xy, wcslin, reference_flux=flux, source_xy=res.xy, max_shift=100
+        exposure,
+        ref_xy,
+        wcslin,
+        MatchLimits(max_shift=100),
+        reference_flux=flux,
+        source_xy=res.xy,
     )
     assert not out.ok
     ok = coarse_transform(
-        exposure, ref_xy, wcslin, reference_flux=flux, source_xy=res.xy, max_shift=400
+        exposure,
+        ref_xy,
+        wcslin,
+        MatchLimits(max_shift=400),
+        reference_flux=flux,
+        source_xy=res.xy,
     )
     assert ok.ok, ok.reason
     np.testing.assert_allclose(ok.shift, res.shift, atol=1e-6)
@@ -198,7 +208,6 @@ def test_max_shift_prior(reference, captures):
         ({"reference_xy": np.zeros((4, 3))}, "reference_xy"),
         ({"reference_flux": np.zeros(3)}, "reference_flux"),
         ({"fitgeom": "affine"}, "fitgeom"),
-        ({"center": (0.0,)}, "center"),
         ({"source_xy": np.zeros(4)}, "source_xy"),
     ],
 )

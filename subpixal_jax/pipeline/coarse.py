@@ -12,6 +12,11 @@ With ``capture='auto'`` the stage runs only when the first sub-pixel pass
 shows an image it could not measure (:func:`images_to_capture`), so a set
 whose offsets are already small pays nothing; ``'always'`` runs it first;
 ``'off'`` never.
+
+An image the first pass could not measure and the capture could not match
+either is FAILED with the capture's reason (:func:`capture_failures`), held
+out of the rest of the run with its initial WCS (:func:`with_failures`):
+never a silent wrong answer.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from subpixal_jax.capture import (
     detect_exposure_sources,
     needs_capture,
 )
+from subpixal_jax.matching import MatchLimits
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline.stages import corrected_wcs
 from subpixal_jax.pipeline.state import AlignState, initial_state
-from subpixal_jax.status import ImageStatus
+from subpixal_jax.status import ImageOutcome, ImageStatus
 from subpixal_jax.transform import Affine
 
 log = logging.getLogger(__name__)
@@ -101,19 +107,17 @@ def capture_stage(
     anchor = _anchor(options, indices, n)
     ref_xy, ref_flux = detect_exposure_sources(resample.exposures[anchor], wcslin)
     out: list[CaptureResult | None] = [None] * n
+    limits = MatchLimits(
+        min_matches=options.capture_min_matches,
+        max_shift=options.capture_max_shift,
+        max_rotation=options.capture_max_rotation,
+    )
     for i in indices:
         if i == anchor:
             continue
         exposure = resample.exposures[i]
         found = coarse_transform(
-            exposure,
-            ref_xy,
-            wcslin,
-            reference_flux=ref_flux,
-            fitgeom="rscale",
-            min_matches=options.capture_min_matches,
-            max_shift=options.capture_max_shift,
-            max_rotation=options.capture_max_rotation,
+            exposure, ref_xy, wcslin, limits, reference_flux=ref_flux
         )
         out[i] = found
         log.info(
@@ -189,4 +193,55 @@ def with_captures(
         excluded=frozenset(excluded),
         max_shifts=tuple(shifts),
         captures=tuple(captures),
+    )
+
+
+def capture_reason(capture: CaptureResult) -> str:
+    """Return the FAILED reason of an image whose capture found no usable match."""
+    return (
+        f"capture found no match ({capture.status.name}: {capture.n_matches} "
+        f"matches, significance {capture.significance:.1f}): {capture.reason}"
+    )
+
+
+def capture_failures(
+    captures: Sequence[CaptureResult | None], indices: Sequence[int]
+) -> dict[int, ImageOutcome]:
+    """Return the images among ``indices`` (they needed a capture) it could not match.
+
+    Returns
+    -------
+    dict of int to ImageOutcome
+        FAILED outcomes with :func:`capture_reason`, by image index (images
+        not captured, e.g. the anchor, are not failures).
+    """
+    return {
+        i: ImageOutcome(ImageStatus.FAILED, capture_reason(captures[i]))
+        for i in indices
+        if i < len(captures) and captures[i] is not None and not captures[i].ok
+    }
+
+
+def with_failures(
+    state: AlignState, resample, failed: dict[int, ImageOutcome]
+) -> AlignState:
+    """Return ``state`` with the ``failed`` images held out of the rest of the run.
+
+    Each gets back its initial WCS (a first-pass correction of an image that
+    could not be measured is not trusted) and no total correction, and is
+    left out of the others' references.
+    """
+    if not failed:
+        return state
+    totals = list(state.totals)
+    for i, outcome in failed.items():
+        log.warning("%s: %s", resample.exposures[i].name, outcome)
+        resample.update_wcs(i, dict(state.initial_wcs[i]))
+        totals[i] = None
+    return dataclasses.replace(
+        state,
+        wcs=tuple({c.extver: c.wcs for c in e.chips} for e in resample.exposures),
+        totals=tuple(totals),
+        excluded=state.excluded | frozenset(failed),
+        failed={**state.failed, **failed},
     )

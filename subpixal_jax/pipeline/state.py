@@ -21,6 +21,7 @@ from astropy.wcs import WCS
 
 from subpixal_jax import result as res
 from subpixal_jax.pipeline.stages import CatalogState
+from subpixal_jax.status import ImageOutcome
 from subpixal_jax.transform import Affine
 
 #: Format version of :func:`save_state` files.
@@ -58,6 +59,10 @@ class AlignState:
         is fitted from).
     captures : tuple of CaptureResult or None
         The capture stage's result per image (empty: it did not run).
+    failed : mapping of int to ImageOutcome
+        Images held out of the rest of the run with their FAILED outcome
+        (e.g. an image the capture stage could not match): never measured
+        again, left out of the others' references, their WCS the initial one.
     """
 
     iteration: int
@@ -72,6 +77,7 @@ class AlignState:
     history: tuple[res.IterationResult, ...] = ()
     initial_wcs: tuple[Mapping[int, WCS], ...] = ()
     captures: tuple = ()
+    failed: Mapping[int, ImageOutcome] = dataclasses.field(default_factory=dict)
 
 
 def _resample_wcs(resample) -> tuple[dict[int, WCS], ...]:
