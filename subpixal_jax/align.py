@@ -252,6 +252,20 @@ def _fit_info(result: res.AlignmentResult, name: str) -> dict:
         if math.isfinite(rows[-1]["rmse"]):
             info["rmse"] = float(rows[-1]["rmse"])
             info["mae"] = float(rows[-1]["mae"])
+    return info | _tie_info(result.absolute)
+
+
+def _tie_info(tie) -> dict:
+    """Header keywords of an applied absolute tie (none without one)."""
+    if tie is None or not tie.ok:
+        return {}
+    info = {
+        "tie_nmatch": int(tie.n_matches),
+        "tie_rms": float(tie.rms_mas),
+        "tie_grade": tie.grade.value,
+    }
+    if tie.catalog:
+        info["refcat"] = tie.catalog[:68]
     return info
 
 

@@ -255,6 +255,8 @@ class AlignmentResult:
             tie = self.absolute
             table.meta["absolute"] = {
                 "status": tie.status.name,
+                "grade": tie.grade.value,
+                "catalog": tie.catalog,
                 "reason": tie.reason,
                 "n_matches": int(tie.n_matches),
                 "rms_mas": float(tie.rms_mas),

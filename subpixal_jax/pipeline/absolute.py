@@ -11,7 +11,6 @@ applied to every exposure, so the relative alignment is kept exactly.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 from astropy.io import fits
@@ -62,6 +61,31 @@ def aligned_sources(catalog, resample) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return ra, dec, errors
 
 
+def measure_tie(
+    catalog, resample, wcslin: WCS, reference_catalog: Table, fitgeom: str
+) -> AbsoluteTie:
+    """Fit the tie of the current combination to ``reference_catalog`` (not applied).
+
+    The catalog is propagated to the exposures' mean epoch when their headers
+    give one (:func:`exposures_epoch`).
+    """
+    epoch = exposures_epoch(resample)
+    refcat = (
+        reference_catalog if epoch is None else positions_at(reference_catalog, epoch)
+    )
+    ra, dec, errors = aligned_sources(catalog, resample)
+    tie = tie_to_catalog((ra, dec), refcat, wcslin, errors=errors, fitgeom=fitgeom)
+    log.info(
+        "absolute tie: %s (%s), %d matches, rms %.1f mas, shift (%.3f, %.3f) px",
+        tie.status.name,
+        tie.grade.name,
+        tie.n_matches,
+        tie.rms_mas,
+        *tie.shift,
+    )
+    return tie
+
+
 def tie_set(
     catalog,
     resample,
@@ -74,24 +98,12 @@ def tie_set(
     Returns
     -------
     tie : AbsoluteTie
-        The fit, its statistics and status.
+        The fit, its statistics, status and grade.
     correction : Affine or None
         The correction applied to every exposure (None when the tie failed).
     """
-    epoch = exposures_epoch(resample)
-    refcat = (
-        reference_catalog if epoch is None else positions_at(reference_catalog, epoch)
-    )
-    ra, dec, errors = aligned_sources(catalog, resample)
-    tie = tie_to_catalog(
-        (ra, dec), refcat, wcslin, errors=errors, fitgeom=options.absolute_fitgeom
-    )
-    log.info(
-        "absolute tie: %s, %d matches, rms %.1f mas, shift (%.3f, %.3f) px",
-        tie.status.name,
-        tie.n_matches,
-        tie.rms_mas if math.isfinite(tie.rms_mas) else math.nan,
-        *tie.shift,
+    tie = measure_tie(
+        catalog, resample, wcslin, reference_catalog, options.absolute_fitgeom
     )
     if not tie.ok:
         log.warning("absolute tie not applied: %s", tie.reason)
