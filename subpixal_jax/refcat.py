@@ -138,7 +138,8 @@ def read_reference_catalog(
     -------
     astropy.table.Table
         The standard columns of the module docstring, float64, NaN where
-        missing, in the file's row order; ``meta['path']`` is the file.
+        missing, in the file's row order; ``meta['path']`` is the file (and
+        ``meta['name']`` the file's own ``name``, if it has one).
 
     Raises
     ------
@@ -172,6 +173,8 @@ def read_reference_catalog(
         msg = f"{path}: cannot read a {fmt} table ({exc})"
         raise ValueError(msg) from exc
     out = Table(meta={"path": str(path)})
+    if table.meta.get("name"):
+        out.meta["name"] = str(table.meta["name"])
     n = len(table)
     for name, (aliases, unit) in _COLUMNS.items():
         col = _column(table, aliases)
