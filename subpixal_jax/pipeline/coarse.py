@@ -171,7 +171,8 @@ def with_captures(
     The applied captures are composed into the totals; captured images are
     measured again (no longer excluded); the iteration's largest shift
     becomes at least the largest capture, so the run cannot stop before the
-    captured images have been measured at the sub-pixel level.
+    captured images have been measured at the sub-pixel level; the full
+    resamples (catalog, cosmic rays) start again.
     """
     totals = list(state.totals)
     excluded = set(state.excluded)
@@ -188,6 +189,10 @@ def with_captures(
         shifts[-1] = max(np.nan_to_num(shifts[-1], nan=0.0), *moved)
     return dataclasses.replace(
         state,
+        # The catalog and the cosmic-ray masks of the first pass came from
+        # misaligned images (star cores flagged, stars missing from the
+        # median): redo both as a fresh run would.
+        n_full=0 if moved else state.n_full,
         wcs=tuple({c.extver: c.wcs for c in e.chips} for e in resample.exposures),
         totals=tuple(totals),
         excluded=frozenset(excluded),
@@ -199,8 +204,8 @@ def with_captures(
 def capture_reason(capture: CaptureResult) -> str:
     """Return the FAILED reason of an image whose capture found no usable match."""
     return (
-        f"capture found no match ({capture.status.name}: {capture.n_matches} "
-        f"matches, significance {capture.significance:.1f}): {capture.reason}"
+        f"capture found no match ({capture.status.name}, significance "
+        f"{capture.significance:.1f}): {capture.reason}"
     )
 
 
@@ -229,7 +234,8 @@ def with_failures(
 
     Each gets back its initial WCS (a first-pass correction of an image that
     could not be measured is not trusted) and no total correction, and is
-    left out of the others' references.
+    left out of the others' references; the full resamples (catalog, cosmic
+    rays) start again.
     """
     if not failed:
         return state
@@ -240,6 +246,8 @@ def with_failures(
         totals[i] = None
     return dataclasses.replace(
         state,
+        # Their pixels are in the catalog and the cosmic-ray masks: redo both.
+        n_full=0,
         wcs=tuple({c.extver: c.wcs for c in e.chips} for e in resample.exposures),
         totals=tuple(totals),
         excluded=state.excluded | frozenset(failed),
