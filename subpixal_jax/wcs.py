@@ -1113,7 +1113,10 @@ def update_exposure_wcs(
     fit_info : mapping, optional
         Fit results to record, with keys from :data:`FIT_KEYWORDS` (tweakwcs
         names, e.g. ``{'fitgeom': 'rscale', 'nmatches': 42, 'rmse': 0.01}``),
-        written to every updated extension.
+        written to every updated extension. An applied absolute tie adds
+        ``refcat`` (``SPXRCAT``, the reference catalog's name), ``tie_nmatch``
+        (``SPXTNSRC``, its stars), ``tie_rms`` (``SPXTRMS``, mas) and
+        ``tie_grade`` (``SPXTGRAD``, GOOD/FAIR/POOR).
     force : bool, optional
         Update a file in place even if its mode bits make it read-only (where
         the user may write it, e.g. as root). Default: refuse.

@@ -24,8 +24,8 @@ from subpixal_jax.pipeline.stages import CatalogState
 from subpixal_jax.status import ImageOutcome
 from subpixal_jax.transform import Affine
 
-#: Format version of :func:`save_state` files.
-_CHECKPOINT_VERSION = 1
+#: Format version of :func:`save_state` files (2: the states hold ``failed``).
+_CHECKPOINT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
