@@ -5,7 +5,8 @@ are matched to a reference catalog (e.g. Gaia DR3, propagated to the
 observation epoch) with the capture stage's matching, a clipped ``shift`` or
 ``rscale`` fit weighted by both catalogs' errors is made
 (:func:`subpixal_jax.refcat.tie_to_catalog`), and that one correction is
-applied to every exposure, so the relative alignment is kept exactly.
+applied to every exposure, so the relative alignment is kept: as a turn of
+the sky (exact, :func:`tie_rotation`) and a tiny residual in the fit frame.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from subpixal_jax.refcat import (
     positions_at,
     tie_to_catalog,
 )
+from subpixal_jax.skywcs import SkyWCS
 from subpixal_jax.transform import Affine
+from subpixal_jax.wcs import correct_wcs, rotate_wcs
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,84 @@ def tie_set(
         log.warning("absolute tie not applied: %s", tie.reason)
         return tie, None
     affine = Affine(tie.matrix, tie.shift, tie.center)
+    rotation, residual = tie_rotation(wcslin, affine, resample.output_shape)
     for i, exposure in enumerate(resample.exposures):
-        before = {c.extver: c.wcs for c in exposure.chips}
-        resample.update_wcs(i, corrected_wcs(before, wcslin, affine, tie.fitgeom))
+        resample.update_wcs(
+            i,
+            {
+                c.extver: _tied_wcs(c.wcs, wcslin, affine, rotation, residual)
+                for c in exposure.chips
+            },
+        )
     return tie, affine
+
+
+def _unit(sky: np.ndarray) -> np.ndarray:
+    ra, dec = np.deg2rad(sky).T
+    return np.column_stack(
+        [np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)]
+    )
+
+
+def _sky(v: np.ndarray) -> np.ndarray:
+    return np.column_stack(
+        [
+            np.rad2deg(np.arctan2(v[:, 1], v[:, 0])) % 360.0,
+            np.rad2deg(np.arcsin(np.clip(v[:, 2], -1.0, 1.0))),
+        ]
+    )
+
+
+def tie_rotation(
+    wcslin: WCS, affine: Affine, shape: tuple[int, int]
+) -> tuple[np.ndarray, Affine]:
+    """Split a tie into a rotation of the sky and what it leaves in the fit frame.
+
+    The rotation is the one closest to the tie over the ``shape`` grid of
+    ``wcslin`` (Kabsch; the tie is the correction of
+    :func:`~subpixal_jax.wcs.correct_wcs`, ``xy ≈ T(uv)``). Turning every
+    chip by it (:func:`~subpixal_jax.wcs.rotate_wcs`) keeps their mapping
+    into each other exactly; the residual (the tie's scale, and the second
+    order by which a shift of a tangent plane differs from a turn of the
+    sphere) is tiny, so applying it with ``correct_wcs`` changes that mapping
+    by far less than the 1e-7 px ``correct_wcs`` alone would.
+
+    Returns
+    -------
+    rotation : numpy.ndarray, shape (3, 3)
+        Acts on unit vectors.
+    residual : Affine
+        The rest, as a ``correct_wcs`` correction about the tie's centre.
+    """
+    ny, nx = shape
+    xs, ys = np.meshgrid(np.linspace(0, nx - 1, 9), np.linspace(0, ny - 1, 9))
+    xy = np.column_stack([xs.ravel(), ys.ravel()])
+    c = affine.center
+    uv = (xy - c - affine.shift) @ np.linalg.inv(affine.matrix).T + c
+    src = _unit(wcslin.wcs_pix2world(xy, 0))
+    dst = _unit(wcslin.wcs_pix2world(uv, 0))
+    u, _, vt = np.linalg.svd(src.T @ dst)
+    flip = np.diag([1.0, 1.0, np.sign(np.linalg.det(vt.T @ u.T))])
+    rotation = vt.T @ flip @ u.T
+    # Where the rotation puts the grid; the residual takes it on to uv.
+    turned = wcslin.wcs_world2pix(_sky(src @ rotation.T), 0)
+    design = np.column_stack([turned - c, np.ones(len(turned))])
+    coef, *_ = np.linalg.lstsq(design, uv - c, rcond=None)
+    b_matrix, b_shift = coef[:2].T, coef[2]
+    inverse = np.linalg.inv(b_matrix)
+    return rotation, Affine(inverse, -inverse @ b_shift, c)
+
+
+def _tied_wcs(wcs, wcslin, affine, rotation, residual):
+    """One chip's WCS after the tie: turned and corrected (gWCS: the affine)."""
+    if isinstance(wcs, SkyWCS):
+        return corrected_wcs({0: wcs}, wcslin, affine, "general")[0]
+    turned = rotate_wcs(wcs, rotation)
+    return correct_wcs(
+        turned,
+        wcslin,
+        residual.matrix,
+        residual.shift,
+        center=residual.center,
+        fitgeom="general",
+    )

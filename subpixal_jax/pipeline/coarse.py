@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,6 +53,30 @@ MIN_KEPT_FRACTION = 0.5
 MAX_RMSE_RATIO = 10.0
 
 
+#: ... and an image whose capture then fails is FAILED when its first pass
+#: left fit residuals larger than this (fit-frame px): beyond what the
+#: cutouts can measure, not merely noisy (a first pass of a set with small
+#: errors measured 0.15-0.6 px; an unrelated field 7.3 px).
+MAX_MEASURABLE_RMSE = 1.0
+
+
+def _first_pass(image: res.ImageFit) -> tuple[bool, float, float, float] | None:
+    """``(fitted, kept fraction, fit RMS, RMS / predicted)`` of a first pass.
+
+    None for the fixed reference.
+    """
+    status = image.status.status
+    if status is ImageStatus.REFERENCE:
+        return None
+    sources = image.sources
+    if status is not ImageStatus.SUCCESS or sources is None or not sources.n_sources:
+        return False, 0.0, math.inf, math.inf
+    kept = np.count_nonzero(sources.fitmask) / sources.n_sources
+    rmse = float(image.fit.rmse)
+    noise = res.predicted_rms(sources)
+    return True, kept, rmse, rmse / noise if noise > 0 else 0.0
+
+
 def images_to_capture(step: res.IterationResult) -> list[int]:
     """Images the first sub-pixel pass could not measure well.
 
@@ -61,23 +86,27 @@ def images_to_capture(step: res.IterationResult) -> list[int]:
     """
     todo = []
     for i, image in enumerate(step.images):
-        status = image.status.status
-        if status is ImageStatus.REFERENCE:
+        numbers = _first_pass(image)
+        if numbers is None:
             continue
-        sources = image.sources
-        if (
-            status is not ImageStatus.SUCCESS
-            or sources is None
-            or not sources.n_sources
-        ):
-            todo.append(i)
-            continue
-        kept = np.count_nonzero(sources.fitmask) / sources.n_sources
-        noise = res.predicted_rms(sources)
-        ratio = float(image.fit.rmse) / noise if noise > 0 else 0.0
-        if kept < MIN_KEPT_FRACTION or ratio > MAX_RMSE_RATIO:
+        fitted, kept, _, ratio = numbers
+        if not fitted or kept < MIN_KEPT_FRACTION or ratio > MAX_RMSE_RATIO:
             todo.append(i)
     return todo
+
+
+def unmeasurable(image: res.ImageFit) -> bool:
+    """Whether a first pass measured nothing of the image (not just noisily).
+
+    Its fit failed, kept fewer than half of its sources, or left residuals
+    above :data:`MAX_MEASURABLE_RMSE`: such an image, when the capture
+    cannot match it either, is FAILED.
+    """
+    numbers = _first_pass(image)
+    if numbers is None:
+        return False
+    fitted, kept, rmse, _ = numbers
+    return not fitted or kept < MIN_KEPT_FRACTION or rmse > MAX_MEASURABLE_RMSE
 
 
 def _anchor(options: AlignOptions, exclude: Sequence[int], n: int) -> int:
@@ -212,7 +241,9 @@ def capture_reason(capture: CaptureResult) -> str:
 def capture_failures(
     captures: Sequence[CaptureResult | None], indices: Sequence[int]
 ) -> dict[int, ImageOutcome]:
-    """Return the images among ``indices`` (they needed a capture) it could not match.
+    """Return the images among ``indices`` the capture could not match.
+
+    ``indices``: the images a first pass could not measure (:func:`unmeasurable`).
 
     Returns
     -------

@@ -27,6 +27,7 @@ from subpixal_jax.pipeline.coarse import (
     capture_stage,
     captured_state,
     images_to_capture,
+    unmeasurable,
     with_captures,
     with_failures,
 )
@@ -301,8 +302,10 @@ def _first_steps(state, catalog, resample, wcslin, options, throw):
 
     'always' captures every moving image before the first iteration; 'auto'
     runs the first iteration and captures the images it could not measure.
-    Either way, an image the first iteration could not measure and the
-    capture could not match is FAILED (held out of the rest of the run).
+    Either way, an image the first iteration measured nothing of
+    (:func:`~subpixal_jax.pipeline.coarse.unmeasurable`) and the capture
+    could not match is FAILED (held out of the rest of the run); one that
+    was merely noisy goes on.
     Returns the state to go on from and the first iteration's record.
     """
     if options.capture == "always":
@@ -318,7 +321,9 @@ def _first_steps(state, catalog, resample, wcslin, options, throw):
         )
         captures = capture_stage(resample, wcslin, options, todo)
         state = with_captures(state, resample, captures)
-    failed = capture_failures(state.captures, todo)
+    failed = capture_failures(
+        state.captures, [i for i in todo if unmeasurable(step.images[i])]
+    )
     if failed and throw:
         i, outcome = next(iter(failed.items()))
         msg = f"{resample.exposures[i].name}: {outcome}"
