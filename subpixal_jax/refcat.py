@@ -119,6 +119,20 @@ def _values(col, unit, *, path) -> np.ndarray:
     return np.ma.filled(np.ma.asarray(col, dtype=np.float64), np.nan)
 
 
+def _epochs(epoch: np.ndarray, meta: Mapping, ref_epoch: float | None) -> np.ndarray:
+    """Return the rows' reference epochs: the column, ``ref_epoch``, the meta."""
+    epoch = np.asarray(epoch, dtype=np.float64)
+    if not np.all(np.isnan(epoch)):
+        if ref_epoch is None:
+            return epoch
+        return np.where(np.isnan(epoch), float(ref_epoch), epoch)
+    lower = {str(k).lower(): v for k, v in meta.items()}
+    default = ref_epoch if ref_epoch is not None else lower.get("ref_epoch")
+    if default is None:
+        default = lower.get("epoch")
+    return epoch if default is None else np.full(epoch.shape, float(default))
+
+
 def read_reference_catalog(
     path: str | os.PathLike, *, ref_epoch: float | None = None
 ) -> Table:
@@ -188,16 +202,7 @@ def read_reference_catalog(
             out[name] = np.full(n, np.nan)
             continue
         out[name] = _values(col, unit, path=path)
-    epoch = out["ref_epoch"]
-    if np.all(np.isnan(epoch)):
-        meta = {k.lower(): v for k, v in table.meta.items()}
-        default = ref_epoch if ref_epoch is not None else meta.get("ref_epoch")
-        if default is None:
-            default = meta.get("epoch")
-        if default is not None:
-            out["ref_epoch"] = np.full(n, float(default))
-    elif ref_epoch is not None:
-        out["ref_epoch"] = np.where(np.isnan(epoch), float(ref_epoch), epoch)
+    out["ref_epoch"] = _epochs(out["ref_epoch"], table.meta, ref_epoch)
     moving = np.isfinite(out["pmra"]) | np.isfinite(out["pmdec"])
     if np.any(moving & np.isnan(out["ref_epoch"])):
         msg = (
