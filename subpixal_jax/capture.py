@@ -145,7 +145,9 @@ def detect_exposure_sources(
         Keep the brightest this many over all chips (None: all).
     catalog : PhotutilsCatalog, optional
         Detector to use (its settings and filters); default
-        ``PhotutilsCatalog(threshold_sigma=5)``.
+        ``PhotutilsCatalog(threshold_sigma=5, deblend=False,
+        centroid='moment')``: a match needs neither split blends nor
+        windowed centroids (0.3 px suffice), which were 80% of its time.
 
     Returns
     -------
@@ -156,7 +158,9 @@ def detect_exposure_sources(
         Their fluxes in the exposure's units.
     """
     if catalog is None:
-        catalog = PhotutilsCatalog(threshold_sigma=5.0)
+        catalog = PhotutilsCatalog(
+            threshold_sigma=5.0, deblend=False, centroid="moment"
+        )
     xy, flux = [], []
     for chip in exposure.chips:
         catalog.set_image(chip.data, mask=~chip.valid, error=chip.err)

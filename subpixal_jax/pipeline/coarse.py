@@ -96,17 +96,19 @@ def images_to_capture(step: res.IterationResult) -> list[int]:
 
 
 def unmeasurable(image: res.ImageFit) -> bool:
-    """Whether a first pass measured nothing of the image (not just noisily).
+    """Whether a first pass fitted the image but measured nothing of it.
 
-    Its fit failed, kept fewer than half of its sources, or left residuals
-    above :data:`MAX_MEASURABLE_RMSE`: such an image, when the capture
-    cannot match it either, is FAILED.
+    The fit kept fewer than half of its sources, or left residuals above
+    :data:`MAX_MEASURABLE_RMSE` (not merely noisy): such an image, when the
+    capture cannot match it either, is FAILED with the capture's reason. An
+    image the loop itself could not fit (FAILED, SKIPPED) keeps its own
+    outcome and reason.
     """
     numbers = _first_pass(image)
     if numbers is None:
         return False
     fitted, kept, rmse, _ = numbers
-    return not fitted or kept < MIN_KEPT_FRACTION or rmse > MAX_MEASURABLE_RMSE
+    return fitted and (kept < MIN_KEPT_FRACTION or rmse > MAX_MEASURABLE_RMSE)
 
 
 def _anchor(options: AlignOptions, exclude: Sequence[int], n: int) -> int:

@@ -302,10 +302,11 @@ def _first_steps(state, catalog, resample, wcslin, options, throw):
 
     'always' captures every moving image before the first iteration; 'auto'
     runs the first iteration and captures the images it could not measure.
-    Either way, an image the first iteration measured nothing of
+    Either way, an image the first iteration fitted but measured nothing of
     (:func:`~subpixal_jax.pipeline.coarse.unmeasurable`) and the capture
     could not match is FAILED (held out of the rest of the run); one that
-    was merely noisy goes on.
+    was merely noisy goes on, and one the loop could not fit keeps its own
+    outcome.
     Returns the state to go on from and the first iteration's record.
     """
     if options.capture == "always":
