@@ -7,8 +7,9 @@ drawn small errors (up to 1.6 px, 0.03 deg); the cases replace them with
 shifts of 23, 117 and 250 px (one set), and with a 5 degree rotation and a
 2x-binned header (scale 0.5; another set). ``refine='sources'``: with the
 default options this set reaches ~0.015 px, above the issue's 0.01 px goal,
-even with small errors. Measured (px, exposures 1-3): baseline 0.0050,
-0.0052, 0.0078.
+even with small errors. Measured (px, exposures 1-3): baseline 0.0049,
+0.0052, 0.0078; shifts 0.0054, 0.0050, 0.0078; rotation and binned 0.0050,
+0.0060, 0.0080 (4 iterations each; ~3 min in all).
 """
 
 import numpy as np
