@@ -52,9 +52,10 @@ MIN_KEPT_FRACTION = 0.5
 #: ... or when its fit residuals exceed its sources' errors this many times.
 MAX_RMSE_RATIO = 10.0
 #: An image whose capture then fails is FAILED when its first pass kept
-#: fewer than MIN_KEPT_FRACTION or left fit residuals larger than this (fit-frame px): beyond what the
-#: cutouts can measure, not merely noisy (a first pass of a set with small
-#: errors measured 0.15-0.6 px; an unrelated field 7.3 px).
+#: fewer than MIN_KEPT_FRACTION or left fit residuals larger than this
+#: (fit-frame px): beyond what the cutouts can measure, not merely noisy (a
+#: first pass of a set with small errors measured 0.15-0.6 px; an unrelated
+#: field 7.3 px).
 MAX_MEASURABLE_RMSE = 1.0
 
 
