@@ -17,11 +17,19 @@ iterations, ``nmax=3``):
   (``bench_displacement.original_find_displacement``); same cutouts, same
   run, with the ratio.
 
+* The capture stage (``subpixal_jax.pipeline.coarse.capture_stage``: source
+  detection on every chip, triangle matching against the anchor exposure,
+  the WCS update when needed), per captured exposure, median of 3 runs: on
+  the small-offset set (nothing to apply) and on a set whose exposures are
+  off by 23-250 px (each run on a fresh resample); and ``align_images``
+  warm with ``capture='always'`` vs ``'off'`` on the small-offset set.
+
 Run::
 
-    .venv/bin/python benchmarks/bench_align.py [--quick]
+    .venv/bin/python benchmarks/bench_align.py [--quick] [--capture-only]
 
-``--quick`` uses 128x256 chips and 4 exposures only.
+``--quick`` uses 128x256 chips and 4 exposures only; ``--capture-only``
+runs the capture section alone.
 """
 
 import argparse
@@ -39,11 +47,20 @@ from subpixal_jax.geometry.cutouts import create_cutouts, create_primary_cutouts
 from subpixal_jax.io.wcs import correct_wcs
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline import stages
+from subpixal_jax.pipeline.coarse import capture_stage
 from subpixal_jax.reference.catalog import PhotutilsCatalog
 from subpixal_jax.reference.resample import DrizzleResample
-from subpixal_jax.simulate import simulate_exposures
+from subpixal_jax.simulate import WcsError, simulate_exposures
 
 N_ITERATIONS = 3
+#: Runs of each capture timing (the median is reported).
+CAPTURE_REPEATS = 3
+#: Exposures 1-3 of the large-offset set (exposure 0 has none).
+LARGE = [
+    WcsError((23.0, -7.5)),
+    WcsError((-117.0, 40.0), rotation=2.0),
+    WcsError((250.0, -180.0)),
+]
 
 
 def original_displacements(cutouts):
@@ -140,21 +157,81 @@ def staged_run(paths, *, original):
     return t, n_sources
 
 
-def timed_align(paths):
+def timed_align(paths, **options):
     start = time.perf_counter()
     resample = DrizzleResample(paths)
     result = align.align_images(
-        PhotutilsCatalog(), resample, reference=0, nmax=N_ITERATIONS
+        PhotutilsCatalog(), resample, reference=0, nmax=N_ITERATIONS, **options
     )
     return time.perf_counter() - start, result
+
+
+def capture_seconds(paths) -> tuple[float, list]:
+    """Median seconds of the capture stage per captured exposure, and its results."""
+    options = AlignOptions.create(reference=0)
+    todo = list(range(1, len(paths)))
+    times = []
+    for _ in range(CAPTURE_REPEATS):
+        resample = DrizzleResample(paths)
+        start = time.perf_counter()
+        found = capture_stage(resample, resample.output_wcs, options, todo)
+        times.append((time.perf_counter() - start) / len(todo))
+    return float(np.median(times)), found
+
+
+def capture_rows(chip_shape) -> list[tuple[str, float]]:
+    """The capture section's rows: (label, seconds)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        small = simulate_exposures(tmp + "/small", chip_shape=chip_shape, seed=0)
+        per_exp, _ = capture_seconds(small.paths)
+        rows.append(("capture/exposure, small offsets", per_exp))
+        warm = {}
+        for mode in ("off", "always"):
+            timed_align(small.paths, capture=mode)  # compiles
+            warm[mode] = float(
+                np.median(
+                    [
+                        timed_align(small.paths, capture=mode)[0]
+                        for _ in range(CAPTURE_REPEATS)
+                    ]
+                )
+            )
+        rows.append(("align_images, capture='off'", warm["off"]))
+        rows.append(("align_images, capture='always'", warm["always"]))
+        large = simulate_exposures(
+            tmp + "/large",
+            chip_shape=chip_shape,
+            seed=0,
+            errors=[WcsError((0.0, 0.0)), *LARGE],
+        )
+        per_exp, found = capture_seconds(large.paths)
+        rows.append(("capture/exposure, 23-250 px", per_exp))
+        print(
+            "large-offset captures:",
+            [f"{c.status.name} {c.n_matches}" for c in found if c is not None],
+        )
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small chips, 4 only")
+    parser.add_argument(
+        "--capture-only", action="store_true", help="the capture section alone"
+    )
     args = parser.parse_args()
     chip_shape = (128, 256) if args.quick else (256, 512)
     counts = (4,) if args.quick else (4, 16)
+    capture = capture_rows(chip_shape)
+    print(
+        f"capture stage, 4 exposures of 2 x {chip_shape[0]}x{chip_shape[1]}, "
+        f"median of {CAPTURE_REPEATS}; seconds"
+    )
+    for label, seconds in capture:
+        print(f"  {label:<34}{seconds:>10.2f}")
+    if args.capture_only:
+        return
     rows = []
     for n in counts:
         with tempfile.TemporaryDirectory() as tmp:

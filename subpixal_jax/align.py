@@ -133,7 +133,7 @@ def resolve_options(resample, options: AlignOptions) -> AlignOptions:
     return options
 
 
-def align_images(
+def align_images(  # noqa: PLR0913  # seed signature
     catalog,
     resample,
     wcslin: WCS | None = None,
@@ -223,11 +223,8 @@ def align_images(
             resample,
             wcslin,
             options,
-            on_iteration=on_iteration,
-            throw=throw,
-            progress=progress,
+            control=loop.RunControl(on_iteration, throw, progress, checkpoint),
             state=state,
-            checkpoint=checkpoint,
             reference_catalog=_reference_table(reference_catalog),
         )
     log.info("%s", compiled)
@@ -255,6 +252,20 @@ def _fit_info(result: res.AlignmentResult, name: str) -> dict:
         if math.isfinite(rows[-1]["rmse"]):
             info["rmse"] = float(rows[-1]["rmse"])
             info["mae"] = float(rows[-1]["mae"])
+    return info | _tie_info(result.absolute)
+
+
+def _tie_info(tie) -> dict:
+    """Header keywords of an applied absolute tie (none without one)."""
+    if tie is None or not tie.ok:
+        return {}
+    info = {
+        "tie_nmatch": int(tie.n_matches),
+        "tie_rms": float(tie.rms_mas),
+        "tie_grade": tie.grade.value,
+    }
+    if tie.catalog:
+        info["refcat"] = tie.catalog[:68]
     return info
 
 
@@ -384,7 +395,7 @@ def write_corrections(
     return _commit(updates, dry_run=dry_run, force=policy.force)
 
 
-def align_files(
+def align_files(  # noqa: PLR0913  # seed signature (plus keyword-only options)
     files: Sequence[str | os.PathLike],
     *,
     in_place: bool = False,

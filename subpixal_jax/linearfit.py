@@ -51,7 +51,7 @@ def _combined(wxy: np.ndarray | None, wuv: np.ndarray | None) -> np.ndarray | No
     return out
 
 
-def iter_linear_fit(  # seed signature
+def iter_linear_fit(  # noqa: PLR0913  # seed signature
     xy: ArrayLike,
     uv: ArrayLike,
     wxy: ArrayLike | None = None,

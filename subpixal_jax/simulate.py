@@ -922,7 +922,7 @@ def _cosmic_rays(rng, shape, n_events):
     return flat[ok], (energy[:, None] / n_steps * np.ones_like(t))[ok], ids[ok]
 
 
-def simulate_exposures(  # seed signature
+def simulate_exposures(  # noqa: PLR0913  # seed signature
     outdir,
     *,
     n_exposures=4,

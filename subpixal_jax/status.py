@@ -10,6 +10,8 @@ stored summaries still load (:meth:`ImageOutcome.parse`).
 - :class:`ImageStatus` with :class:`ImageOutcome` (status plus reason): what
   happened to one image in one iteration, and finally.
 - :class:`RunStatus` with :class:`RunOutcome`: how the loop ended.
+- :class:`TieGrade`: how far an absolute tie to a reference catalog can be
+  trusted.
 """
 
 from __future__ import annotations
@@ -163,3 +165,20 @@ class RunOutcome:
     def converged(self) -> bool:
         """True when the run converged."""
         return self.status is RunStatus.CONVERGED
+
+
+class TieGrade(enum.Enum):
+    """How far an absolute tie to a reference catalog can be trusted.
+
+    Graded from the tie's residual RMS and star count
+    (:func:`subpixal_jax.reference.refcat.tie_grade`).
+    """
+
+    #: Many stars, residuals at the level of the positions' errors.
+    GOOD = "GOOD"
+    #: Few stars, or residuals well above the positions' errors.
+    FAIR = "FAIR"
+    #: Residuals of a large fraction of a pixel: check the catalog and epoch.
+    POOR = "POOR"
+    #: No tie was made (too few or ambiguous matches); nothing applied.
+    FAILED = "FAILED"

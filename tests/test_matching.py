@@ -3,7 +3,13 @@ import math
 import numpy as np
 import pytest
 
-from subpixal_jax.reference.matching import MatchResult, MatchStatus, match_points
+from subpixal_jax.reference.matching import (
+    MatchLimits,
+    MatchResult,
+    MatchStatus,
+    SearchOptions,
+    match_points,
+)
 
 EXTENT = 2000.0
 
@@ -140,18 +146,20 @@ def test_too_few_common_sources():
     assert res.status == MatchStatus.TOO_FEW_MATCHES
     assert "min_matches=15" in res.reason
     # The same field passes when fewer matches are asked for.
-    loose = match_points(xy, ref, center=c, min_matches=8)
+    loose = match_points(xy, ref, MatchLimits(min_matches=8), center=c)
     assert loose.ok, loose.reason
     np.testing.assert_allclose(loose.shift, (30.0, 30.0), atol=0.1)
 
 
 def test_priors_exclude_the_true_transform():
     xy, ref, c, _ = _field(shift=(200.0, 0.0), seed=7)
-    res = match_points(xy, ref, center=c, max_shift=100.0)
+    res = match_points(xy, ref, MatchLimits(max_shift=100.0), center=c)
     assert not res.ok
-    rot = match_points(*_field(rotation=5.0, seed=7)[:2], max_rotation=2.0)
+    rot = match_points(*_field(rotation=5.0, seed=7)[:2], MatchLimits(max_rotation=2.0))
     assert not rot.ok
-    scl = match_points(*_field(scale=2.0, seed=7)[:2], scale_range=(0.8, 1.25))
+    scl = match_points(
+        *_field(scale=2.0, seed=7)[:2], MatchLimits(scale_range=(0.8, 1.25))
+    )
     assert not scl.ok
 
 
@@ -181,19 +189,28 @@ def test_nan_rows_ignored_and_indices_kept():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "name"),
+    ("make", "name"),
     [
-        ({"tolerance": 0.0}, "tolerance"),
-        ({"scale_range": (2.0, 1.0)}, "scale_range"),
-        ({"fitgeom": "affine"}, "fitgeom"),
-        ({"min_matches": 2}, "min_matches"),
-        ({"max_points": 2}, "max_points"),
-        ({"center": (1.0,)}, "center"),
-        ({"max_shift": -1.0}, "max_shift"),
-        ({"fallback_neighbors": 1}, "fallback_neighbors"),
+        (lambda: MatchLimits(tolerance=0.0), "tolerance"),
+        (lambda: MatchLimits(scale_range=(2.0, 1.0)), "scale_range"),
+        (lambda: MatchLimits(min_matches=2), "min_matches"),
+        (lambda: MatchLimits(max_shift=-1.0), "max_shift"),
+        (lambda: MatchLimits(min_significance=0), "min_significance"),
+        (lambda: SearchOptions(max_points=2), "max_points"),
+        (lambda: SearchOptions(fallback_neighbors=1), "fallback_neighbors"),
+        (lambda: SearchOptions(n_neighbors=True), "n_neighbors"),
     ],
 )
-def test_bad_options_named(kwargs, name):
+def test_bad_options_named(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"fitgeom": "affine"}, "fitgeom"), ({"center": (1.0,)}, "center")],
+)
+def test_bad_arguments_named(kwargs, name):
     xy, ref, *_ = _field(n=20)
     with pytest.raises(ValueError, match=name):
         match_points(xy, ref, **kwargs)
@@ -226,5 +243,7 @@ def test_fallback_finds_few_common_among_many(seed):
     assert found.ok, found.reason
     assert np.sum(px[found.pairs[:, 0]] == pr[found.pairs[:, 1]]) == 20
     np.testing.assert_allclose(found.matrix, m, atol=1e-4)
-    plain = match_points(xy[px], ref[pr], center=c, fallback_neighbors=None)
+    plain = match_points(
+        xy[px], ref[pr], center=c, search=SearchOptions(fallback_neighbors=None)
+    )
     assert plain.status == MatchStatus.TOO_FEW_MATCHES

@@ -712,3 +712,45 @@ def test_fingerprint_ignores_names_alternates_and_representation():
     assert spw.wcs_fingerprint(hdul) != ref  # another frame is another WCS
     with pytest.raises(ValueError, match="no 'SCI' chip"):
         spw.wcs_fingerprint(fits.HDUList([fits.PrimaryHDU()]))
+
+
+def _axis_rotation(axis, deg):
+    """Rodrigues: the rotation by ``deg`` about the unit vector ``axis``."""
+    k = np.asarray(axis, float) / np.linalg.norm(axis)
+    skew = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    t = np.deg2rad(deg)
+    return np.eye(3) + np.sin(t) * skew + (1 - np.cos(t)) * skew @ skew
+
+
+def _unit(sky):
+    ra, dec = np.deg2rad(sky).T
+    return np.column_stack(
+        [np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)]
+    )
+
+
+@pytest.mark.parametrize(("name", "ext"), CHIPS)
+def test_rotate_wcs_is_exact_and_keeps_chips_mapping(name, ext):
+    # A 0.5 arcsec turn about an axis off the chip (a shift) plus a roll.
+    w = _chip_wcs(name, ext)
+    centre = _unit(w.all_pix2world([[2047.5, 1023.5]], 0))[0]
+    r = _axis_rotation(np.cross(centre, [0.0, 0.0, 1.0]), 0.5 / 3600) @ (
+        _axis_rotation(centre, 0.02)
+    )
+    new = spw.rotate_wcs(w, r)
+    grid = _grid()
+    want = _unit(w.all_pix2world(grid, 0)) @ r.T
+    got = _unit(new.all_pix2world(grid, 0))
+    # 1e-9 px of 0.05 arcsec is 2.4e-16 rad: the rounding of float64.
+    assert np.max(np.linalg.norm(got - want, axis=1)) < 5e-15
+    assert new.sip is not None or w.sip is None
+    assert new.wcs.lonpole == w.wcs.lonpole
+    # Two chips turned alike map into each other as before.
+    other = _chip_wcs(name, 4 if ext == 1 else 1) if name != "dist_lookup" else w
+    moved = spw.rotate_wcs(other, r)
+    before = other.all_world2pix(w.all_pix2world(grid, 0), 0, tolerance=1e-12)
+    after = moved.all_world2pix(new.all_pix2world(grid, 0), 0, tolerance=1e-12)
+    # The rounding of sky coordinates in degrees (correct_wcs: 1e-7 .. 6e-7 px).
+    assert np.abs(after - before).max() < 2e-8
+    with pytest.raises(ValueError, match="rotation"):
+        spw.rotate_wcs(w, 2 * np.eye(3))

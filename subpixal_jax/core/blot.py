@@ -261,7 +261,7 @@ def _blot_affine_jit(data, data_valid, pixmap, affine, fillval, iscale, interp):
     return _blot_core(data, data_valid, moved, fillval, iscale, interp)[0]
 
 
-def blot_affine(  # seed signature
+def blot_affine(  # noqa: PLR0913  # seed signature
     data,
     pixmap,
     matrix,

@@ -632,7 +632,7 @@ def _combine_weights(wxy: ArrayLike | None, wuv: ArrayLike | None, n: int):
     return jnp.where(both, a * b / jnp.where(both, a + b, 1.0), 0.0), True
 
 
-def iter_linear_fit(  # seed signature
+def iter_linear_fit(  # noqa: PLR0913  # seed signature
     xy: ArrayLike,
     uv: ArrayLike,
     wxy: ArrayLike | None = None,
@@ -845,7 +845,7 @@ def _iter_fit_batch(xy, uv, weights, valid, center, clipping, *, fitgeom):
     return jax.vmap(fit, in_axes=in_axes)(xy, uv, weights, valid, center, clipping)
 
 
-def iter_linear_fit_batch(  # seed signature
+def iter_linear_fit_batch(  # noqa: PLR0913  # seed signature
     xy: ArrayLike,
     uv: ArrayLike,
     weights: ArrayLike | None,

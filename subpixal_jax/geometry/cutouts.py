@@ -564,7 +564,7 @@ def _check_exposure(exposure) -> None:
         _check_celestial_wcs(chip.wcs, f"exposure chip {chip.extver} wcs")
 
 
-def create_cutouts(  # seed signature
+def create_cutouts(  # noqa: PLR0913  # seed signature
     primaries: Sequence[PrimaryCutout],
     segmentation,
     ref_data,

@@ -205,7 +205,9 @@ class AlignmentResult:
     captures : list of CaptureResult or None
         The capture stage's result per image (empty when it did not run).
     absolute : AbsoluteTie or None
-        The tie to a reference catalog, when one was given.
+        The tie to a reference catalog, when one was given (``grade``: a
+        :class:`~subpixal_jax.status.TieGrade`; ``to_table`` stores it with
+        the catalog name, matches and RMS under ``meta['absolute']``).
     """
 
     status: RunOutcome
@@ -255,6 +257,8 @@ class AlignmentResult:
             tie = self.absolute
             table.meta["absolute"] = {
                 "status": tie.status.name,
+                "grade": tie.grade.value,
+                "catalog": tie.catalog,
                 "reason": tie.reason,
                 "n_matches": int(tie.n_matches),
                 "rms_mas": float(tie.rms_mas),

@@ -47,6 +47,7 @@ from astropy.coordinates import (
 from astropy.io import fits
 from astropy.wcs import WCS
 from astropy.wcs.utils import celestial_frame_to_wcs, wcs_to_celestial_frame
+from numpy.typing import ArrayLike
 
 from subpixal_jax.geometry.skywcs import SkyWCS
 from subpixal_jax.io.transaction import PendingWrite, write_temp
@@ -63,6 +64,7 @@ __all__ = [
     "correct_wcs",
     "frame_label",
     "prepare_exposure_update",
+    "rotate_wcs",
     "update_exposure_wcs",
     "update_image_wcs",
     "wcs_fingerprint",
@@ -88,6 +90,13 @@ FIT_KEYWORDS: dict[str, tuple[tuple[str, ...], str]] = {
     "proper_rot": (("SPXROT",), "[deg] subpixal_jax fit rotation"),
     "<scale>": (("SPXSCALE",), "subpixal_jax fit mean scale"),
     "skew": (("SPXSKEW",), "[deg] subpixal_jax fit skew"),
+    # The absolute tie (subpixal_jax.reference.refcat.tie_to_catalog), when one was
+    # applied: the catalog's (file) name, the stars and the RMS of the fit,
+    # and its grade (subpixal_jax.status.TieGrade).
+    "refcat": (("SPXRCAT",), "subpixal_jax absolute reference catalog"),
+    "tie_nmatch": (("SPXTNSRC",), "subpixal_jax stars in the absolute tie"),
+    "tie_rms": (("SPXTRMS",), "[mas] subpixal_jax RMS of the absolute tie"),
+    "tie_grade": (("SPXTGRAD",), "subpixal_jax absolute tie grade"),
 }
 
 _DEG = 180.0 / math.pi
@@ -181,6 +190,66 @@ def _check_geometry(matrix: np.ndarray, fitgeom: str) -> None:
     if bad:
         msg = f"matrix {matrix.tolist()} is not a valid fitgeom={fitgeom!r} matrix"
         raise ValueError(msg)
+
+
+def rotate_wcs(wcs: WCS, rotation: ArrayLike) -> WCS:
+    """Return a copy of a TAN(-SIP) WCS whose sky is turned by ``rotation``.
+
+    The new WCS puts every pixel at ``rotation @ v``, ``v`` the unit vector
+    where ``wcs`` puts it, exactly (to rounding): CRVAL moves to the turned
+    reference point and the linear matrix turns by the angle the rotation
+    gives the tangent plane about it; CRPIX, LONPOLE and the distortion are
+    kept. Applied to several WCSs it keeps their mapping into each other
+    exactly, which :func:`correct_wcs` (an affine map of another tangent
+    plane) does only to ~1e-7 px across a chip.
+
+    Parameters
+    ----------
+    wcs : astropy.wcs.WCS
+        Celestial TAN or TAN-SIP WCS.
+    rotation : array_like, shape (3, 3)
+        Proper rotation matrix acting on ICRS unit vectors.
+
+    Returns
+    -------
+    astropy.wcs.WCS
+        The turned copy (the input is not modified).
+
+    Examples
+    --------
+    >>> w = WCS(naxis=2)
+    >>> w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    >>> w.wcs.crval, w.wcs.crpix = [10.0, 20.0], [50.0, 50.0]
+    >>> w.wcs.cd = [[-1e-5, 0.0], [0.0, 1e-5]]
+    >>> t = math.radians(1.0)  # 1 degree about the pole: RA + 1
+    >>> r = [[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1]]
+    >>> new = rotate_wcs(w, r)
+    >>> new.wcs.crval.round(12).tolist(), new.wcs.cd.round(17).tolist()
+    ([11.0, 20.0], [[-1e-05, 0.0], [0.0, 1e-05]])
+    """
+    _check_celestial_tan(wcs, "wcs")
+    r = np.asarray(rotation, dtype=np.float64)
+    if r.shape != (3, 3) or not np.allclose(r @ r.T, np.eye(3), atol=1e-12):
+        msg = f"rotation must be a 3x3 rotation matrix, got {rotation!r}"
+        raise ValueError(msg)
+    old = _plane_basis(wcs)
+    n = r @ old[:, 2]
+    new = wcs.deepcopy()
+    new.wcs.crval = [
+        math.degrees(math.atan2(n[1], n[0])) % 360.0,
+        math.degrees(math.asin(max(-1.0, min(1.0, n[2])))),
+    ]
+    new.wcs.set()
+    # Old intermediate coordinates -> new ones: a 2x2 rotation, exact
+    # because the turned plane and the new one touch the sphere at n.
+    q = (_plane_basis(new)[:, :2].T @ r @ old[:, :2]).astype(np.float64)
+    if _uses_cd(wcs):
+        new.wcs.cd = q @ wcs.wcs.cd
+    else:
+        cdelt = np.asarray(wcs.wcs.cdelt, dtype=np.float64)
+        new.wcs.pc = (q * (1.0 / cdelt)[:, None] * cdelt[None, :]) @ wcs.wcs.get_pc()
+    new.wcs.set()
+    return new
 
 
 def correct_wcs(
@@ -690,30 +759,40 @@ def _uses_cd(wcs: WCS) -> bool:
     return bool(wcs.wcs.has_cd()) and not wcs.wcs.has_pc()
 
 
+def _matrix_cards(wcs: WCS, key: str) -> dict[str, tuple[Any, str]]:
+    """CDi_j, or PCi_j and CDELTi, as the WCS is written (:func:`_uses_cd`)."""
+    w = wcs.wcs
+    pairs = [(i, j) for i in range(2) for j in range(2)]
+    if _uses_cd(wcs):
+        return {
+            f"CD{i + 1}_{j + 1}{key}": (
+                float(w.cd[i, j]),
+                "[deg/pix] linear transformation",
+            )
+            for i, j in pairs
+        }
+    pc = w.get_pc()
+    cards = {
+        f"PC{i + 1}_{j + 1}{key}": (float(pc[i, j]), "linear transform")
+        for i, j in pairs
+    }
+    for i in range(2):
+        cards[f"CDELT{i + 1}{key}"] = (float(w.cdelt[i]), "[deg/pix] increment")
+    return cards
+
+
 def _linear_cards(wcs: WCS, key: str) -> dict[str, tuple[Any, str]]:
     """FITS cards (full float64 precision) of the linear part of ``wcs``."""
     w = wcs.wcs
     cards: dict[str, tuple[Any, str]] = {}
-    for i in range(2):
-        cards[f"CTYPE{i + 1}{key}"] = (str(w.ctype[i]), "coordinate type")
-    for i in range(2):
-        cards[f"CRPIX{i + 1}{key}"] = (float(w.crpix[i]), "reference pixel (1-based)")
-    for i in range(2):
-        cards[f"CRVAL{i + 1}{key}"] = (float(w.crval[i]), "[deg] value at CRPIX")
-    if _uses_cd(wcs):
+    for name, values, comment in (
+        ("CTYPE", [str(v) for v in w.ctype], "coordinate type"),
+        ("CRPIX", [float(v) for v in w.crpix], "reference pixel (1-based)"),
+        ("CRVAL", [float(v) for v in w.crval], "[deg] value at CRPIX"),
+    ):
         for i in range(2):
-            for j in range(2):
-                cards[f"CD{i + 1}_{j + 1}{key}"] = (
-                    float(w.cd[i, j]),
-                    "[deg/pix] linear transformation",
-                )
-    else:
-        pc = w.get_pc()
-        for i in range(2):
-            for j in range(2):
-                cards[f"PC{i + 1}_{j + 1}{key}"] = (float(pc[i, j]), "linear transform")
-        for i in range(2):
-            cards[f"CDELT{i + 1}{key}"] = (float(w.cdelt[i]), "[deg/pix] increment")
+            cards[f"{name}{i + 1}{key}"] = (values[i], comment)
+    cards.update(_matrix_cards(wcs, key))
     for i in range(2):
         if w.cunit[i].to_string():
             cards[f"CUNIT{i + 1}{key}"] = (w.cunit[i].to_string(), "coordinate unit")
@@ -778,6 +857,51 @@ def _alt_names(header: fits.Header) -> dict[str, str]:
     return used
 
 
+def _choice(choices):
+    def check(name, value):
+        if value not in choices:
+            msg = f"fit_info[{name!r}] must be one of {choices}, got {value!r}"
+            raise ValueError(msg)
+        return [str(value)]
+
+    return check
+
+
+def _count(name, value):
+    if not isinstance(value, int | np.integer) or value < 0:
+        msg = f"fit_info[{name!r}] must be a non-negative int, got {value!r}"
+        raise ValueError(msg)
+    return [int(value)]
+
+
+def _text(name, value):
+    text = str(value)
+    if not text or len(text) > 68 or not all(32 <= ord(ch) < 127 for ch in text):
+        msg = (
+            f"fit_info[{name!r}] must be 1-68 printable ASCII characters, got {value!r}"
+        )
+        raise ValueError(msg)
+    return [text]
+
+
+#: Checks of the ``fit_info`` entries that are not numbers.
+_FIT_CHECKS = {
+    "fitgeom": _choice(_FITGEOMS),
+    "nmatches": _count,
+    "tie_nmatch": _count,
+    "refcat": _text,
+    "tie_grade": _text,
+}
+
+
+def _numbers(name, value, n):
+    arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        msg = f"fit_info[{name!r}] must be {n} finite number(s), got {value!r}"
+        raise ValueError(msg)
+    return [float(v) for v in arr]
+
+
 def _fit_cards(fit_info: Mapping[str, Any] | None) -> dict[str, tuple[Any, str]]:
     if fit_info is None:
         return {}
@@ -790,23 +914,8 @@ def _fit_cards(fit_info: Mapping[str, Any] | None) -> dict[str, tuple[Any, str]]
             msg = f"fit_info key {name!r} is not one of {sorted(FIT_KEYWORDS)}"
             raise ValueError(msg)
         keywords, comment = FIT_KEYWORDS[name]
-        if name == "fitgeom":
-            if value not in _FITGEOMS:
-                msg = f"fit_info['fitgeom'] must be one of {_FITGEOMS}, got {value!r}"
-                raise ValueError(msg)
-            values: list[Any] = [str(value)]
-        elif name == "nmatches":
-            if not isinstance(value, int | np.integer) or value < 0:
-                msg = f"fit_info['nmatches'] must be a non-negative int, got {value!r}"
-                raise ValueError(msg)
-            values = [int(value)]
-        else:
-            arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
-            if arr.shape != (len(keywords),) or not np.all(np.isfinite(arr)):
-                msg = f"fit_info[{name!r}] must be {len(keywords)} finite number(s), "
-                msg += f"got {value!r}"
-                raise ValueError(msg)
-            values = [float(v) for v in arr]
+        check = _FIT_CHECKS.get(name)
+        values = check(name, value) if check else _numbers(name, value, len(keywords))
         for kw, v in zip(keywords, values, strict=True):
             cards[kw] = (v, comment)
     return cards
@@ -1066,7 +1175,10 @@ def update_exposure_wcs(
     fit_info : mapping, optional
         Fit results to record, with keys from :data:`FIT_KEYWORDS` (tweakwcs
         names, e.g. ``{'fitgeom': 'rscale', 'nmatches': 42, 'rmse': 0.01}``),
-        written to every updated extension.
+        written to every updated extension. An applied absolute tie adds
+        ``refcat`` (``SPXRCAT``, the reference catalog's name), ``tie_nmatch``
+        (``SPXTNSRC``, its stars), ``tie_rms`` (``SPXTRMS``, mas) and
+        ``tie_grade`` (``SPXTGRAD``, GOOD/FAIR/POOR).
     force : bool, optional
         Update a file in place even if its mode bits make it read-only (where
         the user may write it, e.g. as root). Default: refuse.
@@ -1202,10 +1314,8 @@ def prepare_exposure_update(
     return pending
 
 
-def _update_exposure(
-    image, wcs_by_ext, *, wcsname, output, dry_run, fit_info, force, prepare
-) -> tuple[UpdateReport, PendingWrite | None]:
-    """Do :func:`update_exposure_wcs`, or with ``prepare`` write a temp file."""
+def _checked_update_args(wcsname, wcs_by_ext, output) -> tuple[str, Path | None]:
+    """Check the arguments of an update; return the WCS name and output folder."""
     if not isinstance(wcsname, str) or not wcsname.strip():
         msg = f"wcsname must be a non-empty string, got {wcsname!r}"
         raise ValueError(msg)
@@ -1218,99 +1328,126 @@ def _update_exposure(
         raise ValueError(msg)
     for ext, w in wcs_by_ext.items():
         _check_celestial_tan(w, f"wcs for ext {ext!r}")
-    fit_cards = _fit_cards(fit_info)
-    out_dir = None
-    if output is not None:
-        out_dir = Path(output)
-        if not out_dir.is_dir():
-            msg = f"output must be an existing directory, got {output!r}"
-            raise FileNotFoundError(msg)
+    if output is None:
+        return wcsname, None
+    out_dir = Path(output)
+    if not out_dir.is_dir():
+        msg = f"output must be an existing directory, got {output!r}"
+        raise FileNotFoundError(msg)
+    return wcsname, out_dir
 
-    in_memory = isinstance(image, fits.HDUList)
-    gz = False
-    if in_memory:
-        hdul = image
-        source = Path(image.filename()) if image.filename() else None
-        if out_dir is not None and source is None:
-            msg = "output needs a file name, but the HDUList has none"
+
+def _open_image(image, *, writes_in_place: bool, force: bool):
+    """Open the file to update (checked); return ``(hdul, source, gz)``.
+
+    An HDUList is used as it is (``gz`` False).
+    """
+    if isinstance(image, fits.HDUList):
+        return image, Path(image.filename()) if image.filename() else None, False
+    source = Path(image)
+    if not source.is_file():
+        msg = f"image {os.fspath(image)!r} does not exist"
+        raise FileNotFoundError(msg)
+    with source.open("rb") as probe:
+        magic = probe.read(4)
+    if magic[:3] == b"BZh" or magic == b"PK\x03\x04":
+        msg = f"image {os.fspath(image)!r}: only plain or gzip files are supported"
+        raise ValueError(msg)
+    if writes_in_place:
+        _check_writable(source, force=force)
+    hdul = fits.open(
+        source,
+        mode="readonly",
+        memmap=False,
+        lazy_load_hdus=False,
+        do_not_scale_image_data=True,
+    )
+    return hdul, source, magic[:2] == b"\x1f\x8b"
+
+
+def _new_headers(hdul, wcs_by_ext, wcsname, fit_cards):
+    """Return the updated headers by HDU index, the archived WCSs, the changes."""
+    targets: dict[int, WCS] = {}
+    for ext, w in wcs_by_ext.items():
+        idx = _resolve_ext(hdul, ext)
+        if idx in targets:
+            msg = f"ext {ext!r} names HDU {idx} a second time"
             raise ValueError(msg)
+        targets[idx] = w
+    headers: dict[int, fits.Header] = {}
+    archived = []
+    changes: list[KeywordChange] = []
+    for idx in sorted(targets):
+        header, arch, ch = _updated_header(hdul, idx, targets[idx], wcsname, fit_cards)
+        headers[idx] = header
+        changes.extend(ch)
+        if arch is not None:
+            archived.append(arch)
+    return headers, archived, changes
+
+
+def _write_target(source, out_dir, in_memory: bool, changes) -> Path | None:
+    """Return the file an update writes (None: nothing to write)."""
+    if out_dir is not None:
+        return out_dir / source.name
+    if in_memory or not changes:
+        return None
+    # A symbolic link is followed: the file it points to is updated and the
+    # link stays (replacing the link would leave that file stale).
+    if source.resolve() != source.absolute():
+        log.info("%s is a link to %s; updating that file", source, source.resolve())
+        return source.resolve()
+    return source
+
+
+def _write_update(target, source, hdul, headers, new_hdul, *, gz, prepare):
+    """Write the updated file (atomically), or with ``prepare`` a temp file."""
+    mode = source.stat().st_mode & 0o777 if source.exists() else None
+    if new_hdul is not None:
+        gz_out = False
+
+        def content(f):
+            new_hdul.writeto(f, output_verify="silentfix")
     else:
-        source = Path(image)
-        if not source.is_file():
-            msg = f"image {os.fspath(image)!r} does not exist"
-            raise FileNotFoundError(msg)
-        with source.open("rb") as probe:
-            magic = probe.read(4)
-        if magic[:3] == b"BZh" or magic == b"PK\x03\x04":
-            msg = f"image {os.fspath(image)!r}: only plain or gzip files are supported"
-            raise ValueError(msg)
-        gz = magic[:2] == b"\x1f\x8b"
-        if out_dir is None and not dry_run:
-            _check_writable(source, force=force)
-        hdul = fits.open(
-            source,
-            mode="readonly",
-            memmap=False,
-            lazy_load_hdus=False,
-            do_not_scale_image_data=True,
-        )
-    try:
-        targets: dict[int, WCS] = {}
-        for ext, w in wcs_by_ext.items():
-            idx = _resolve_ext(hdul, ext)
-            if idx in targets:
-                msg = f"ext {ext!r} names HDU {idx} a second time"
-                raise ValueError(msg)
-            targets[idx] = w
-        headers: dict[int, fits.Header] = {}
-        archived = []
-        changes: list[KeywordChange] = []
-        for idx in sorted(targets):
-            header, arch, ch = _updated_header(
-                hdul, idx, targets[idx], wcsname, fit_cards
-            )
-            headers[idx] = header
-            changes.extend(ch)
-            if arch is not None:
-                archived.append(arch)
+        gz_out = gz
 
-        path = None
+        def content(f):
+            _copy_with_headers(source, hdul, headers, f, gz=gz)
+
+    if prepare:
+        return write_temp(
+            target, lambda raw: _maybe_gzip(raw, content, gz=gz_out), mode=mode
+        )
+    _atomic_write(target, content, gz=gz_out, mode=mode)
+    return None
+
+
+def _update_exposure(
+    image, wcs_by_ext, *, wcsname, output, dry_run, fit_info, force, prepare
+) -> tuple[UpdateReport, PendingWrite | None]:
+    """Do :func:`update_exposure_wcs`, or with ``prepare`` write a temp file."""
+    wcsname, out_dir = _checked_update_args(wcsname, wcs_by_ext, output)
+    fit_cards = _fit_cards(fit_info)
+    in_memory = isinstance(image, fits.HDUList)
+    if in_memory and out_dir is not None and not image.filename():
+        msg = "output needs a file name, but the HDUList has none"
+        raise ValueError(msg)
+    hdul, source, gz = _open_image(
+        image, writes_in_place=out_dir is None and not dry_run, force=force
+    )
+    try:
+        headers, archived, changes = _new_headers(hdul, wcs_by_ext, wcsname, fit_cards)
         new_hdul = None
         if in_memory:
             new_hdul = fits.HDUList([hdu.copy() for hdu in hdul])
             for idx, header in headers.items():
                 new_hdul[idx].header = header
-        target = None
-        if out_dir is not None:
-            target = out_dir / source.name
-        elif not in_memory and changes:
-            # a symbolic link is followed: the file it points to is updated
-            # and the link stays (replacing the link would leave that file
-            # stale)
-            target = source
-            if source.resolve() != source.absolute():
-                target = source.resolve()
-                log.info("%s is a link to %s; updating that file", source, target)
-        pending = None
+        target = _write_target(source, out_dir, in_memory, changes)
+        path = pending = None
         if not dry_run and target is not None:
-            mode = source.stat().st_mode & 0o777 if source.exists() else None
-            if in_memory:
-                gz_out = False
-
-                def content(f):
-                    new_hdul.writeto(f, output_verify="silentfix")
-            else:
-                gz_out = gz
-
-                def content(f):
-                    _copy_with_headers(source, hdul, headers, f, gz=gz)
-
-            if prepare:
-                pending = write_temp(
-                    target, lambda raw: _maybe_gzip(raw, content, gz=gz_out), mode=mode
-                )
-            else:
-                _atomic_write(target, content, gz=gz_out, mode=mode)
+            pending = _write_update(
+                target, source, hdul, headers, new_hdul, gz=gz, prepare=prepare
+            )
             path = target
     finally:
         if not in_memory:
@@ -1321,12 +1458,12 @@ def _update_exposure(
         source or "HDUList",
         len(changes),
         "would change" if dry_run else "changed",
-        sorted(targets),
+        sorted(headers),
     )
     report = UpdateReport(
         path=path,
         source=source,
-        exts=tuple(sorted(targets)),
+        exts=tuple(sorted(headers)),
         wcsname=wcsname,
         archived=tuple(archived),
         changes=tuple(changes),

@@ -12,12 +12,18 @@ With ``capture='auto'`` the stage runs only when the first sub-pixel pass
 shows an image it could not measure (:func:`images_to_capture`), so a set
 whose offsets are already small pays nothing; ``'always'`` runs it first;
 ``'off'`` never.
+
+An image the first pass could not measure and the capture could not match
+either is FAILED with the capture's reason (:func:`capture_failures`), held
+out of the rest of the run with its initial WCS (:func:`with_failures`):
+never a silent wrong answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,7 +40,8 @@ from subpixal_jax.pipeline.capture import (
 )
 from subpixal_jax.pipeline.stages import corrected_wcs
 from subpixal_jax.pipeline.state import AlignState, initial_state
-from subpixal_jax.status import ImageStatus
+from subpixal_jax.reference.matching import MatchLimits
+from subpixal_jax.status import ImageOutcome, ImageStatus
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,29 @@ log = logging.getLogger(__name__)
 MIN_KEPT_FRACTION = 0.5
 #: ... or when its fit residuals exceed its sources' errors this many times.
 MAX_RMSE_RATIO = 10.0
+#: An image whose capture then fails is FAILED when its first pass kept
+#: fewer than MIN_KEPT_FRACTION or left fit residuals larger than this
+#: (fit-frame px): beyond what the cutouts can measure, not merely noisy (a
+#: first pass of a set with small errors measured 0.15-0.6 px; an unrelated
+#: field 7.3 px).
+MAX_MEASURABLE_RMSE = 1.0
+
+
+def _first_pass(image: res.ImageFit) -> tuple[bool, float, float, float] | None:
+    """``(fitted, kept fraction, fit RMS, RMS / predicted)`` of a first pass.
+
+    None for the fixed reference.
+    """
+    status = image.status.status
+    if status is ImageStatus.REFERENCE:
+        return None
+    sources = image.sources
+    if status is not ImageStatus.SUCCESS or sources is None or not sources.n_sources:
+        return False, 0.0, math.inf, math.inf
+    kept = np.count_nonzero(sources.fitmask) / sources.n_sources
+    rmse = float(image.fit.rmse)
+    noise = res.predicted_rms(sources)
+    return True, kept, rmse, rmse / noise if noise > 0 else 0.0
 
 
 def images_to_capture(step: res.IterationResult) -> list[int]:
@@ -55,23 +85,29 @@ def images_to_capture(step: res.IterationResult) -> list[int]:
     """
     todo = []
     for i, image in enumerate(step.images):
-        status = image.status.status
-        if status is ImageStatus.REFERENCE:
+        numbers = _first_pass(image)
+        if numbers is None:
             continue
-        sources = image.sources
-        if (
-            status is not ImageStatus.SUCCESS
-            or sources is None
-            or not sources.n_sources
-        ):
-            todo.append(i)
-            continue
-        kept = np.count_nonzero(sources.fitmask) / sources.n_sources
-        noise = res.predicted_rms(sources)
-        ratio = float(image.fit.rmse) / noise if noise > 0 else 0.0
-        if kept < MIN_KEPT_FRACTION or ratio > MAX_RMSE_RATIO:
+        fitted, kept, _, ratio = numbers
+        if not fitted or kept < MIN_KEPT_FRACTION or ratio > MAX_RMSE_RATIO:
             todo.append(i)
     return todo
+
+
+def unmeasurable(image: res.ImageFit) -> bool:
+    """Whether a first pass fitted the image but measured nothing of it.
+
+    The fit kept fewer than half of its sources, or left residuals above
+    :data:`MAX_MEASURABLE_RMSE` (not merely noisy): such an image, when the
+    capture cannot match it either, is FAILED with the capture's reason. An
+    image the loop itself could not fit (FAILED, SKIPPED) keeps its own
+    outcome and reason.
+    """
+    numbers = _first_pass(image)
+    if numbers is None:
+        return False
+    fitted, kept, rmse, _ = numbers
+    return fitted and (kept < MIN_KEPT_FRACTION or rmse > MAX_MEASURABLE_RMSE)
 
 
 def _anchor(options: AlignOptions, exclude: Sequence[int], n: int) -> int:
@@ -101,19 +137,17 @@ def capture_stage(
     anchor = _anchor(options, indices, n)
     ref_xy, ref_flux = detect_exposure_sources(resample.exposures[anchor], wcslin)
     out: list[CaptureResult | None] = [None] * n
+    limits = MatchLimits(
+        min_matches=options.capture_min_matches,
+        max_shift=options.capture_max_shift,
+        max_rotation=options.capture_max_rotation,
+    )
     for i in indices:
         if i == anchor:
             continue
         exposure = resample.exposures[i]
         found = coarse_transform(
-            exposure,
-            ref_xy,
-            wcslin,
-            reference_flux=ref_flux,
-            fitgeom="rscale",
-            min_matches=options.capture_min_matches,
-            max_shift=options.capture_max_shift,
-            max_rotation=options.capture_max_rotation,
+            exposure, ref_xy, wcslin, limits, reference_flux=ref_flux
         )
         out[i] = found
         log.info(
@@ -167,7 +201,8 @@ def with_captures(
     The applied captures are composed into the totals; captured images are
     measured again (no longer excluded); the iteration's largest shift
     becomes at least the largest capture, so the run cannot stop before the
-    captured images have been measured at the sub-pixel level.
+    captured images have been measured at the sub-pixel level; the full
+    resamples (catalog, cosmic rays) start again.
     """
     totals = list(state.totals)
     excluded = set(state.excluded)
@@ -184,9 +219,69 @@ def with_captures(
         shifts[-1] = max(np.nan_to_num(shifts[-1], nan=0.0), *moved)
     return dataclasses.replace(
         state,
+        # The catalog and the cosmic-ray masks of the first pass came from
+        # misaligned images (star cores flagged, stars missing from the
+        # median): redo both as a fresh run would.
+        n_full=0 if moved else state.n_full,
         wcs=tuple({c.extver: c.wcs for c in e.chips} for e in resample.exposures),
         totals=tuple(totals),
         excluded=frozenset(excluded),
         max_shifts=tuple(shifts),
         captures=tuple(captures),
+    )
+
+
+def capture_reason(capture: CaptureResult) -> str:
+    """Return the FAILED reason of an image whose capture found no usable match."""
+    return (
+        f"capture found no match ({capture.status.name}, significance "
+        f"{capture.significance:.1f}): {capture.reason}"
+    )
+
+
+def capture_failures(
+    captures: Sequence[CaptureResult | None], indices: Sequence[int]
+) -> dict[int, ImageOutcome]:
+    """Return the images among ``indices`` the capture could not match.
+
+    ``indices``: the images a first pass could not measure (:func:`unmeasurable`).
+
+    Returns
+    -------
+    dict of int to ImageOutcome
+        FAILED outcomes with :func:`capture_reason`, by image index (images
+        not captured, e.g. the anchor, are not failures).
+    """
+    return {
+        i: ImageOutcome(ImageStatus.FAILED, capture_reason(captures[i]))
+        for i in indices
+        if i < len(captures) and captures[i] is not None and not captures[i].ok
+    }
+
+
+def with_failures(
+    state: AlignState, resample, failed: dict[int, ImageOutcome]
+) -> AlignState:
+    """Return ``state`` with the ``failed`` images held out of the rest of the run.
+
+    Each gets back its initial WCS (a first-pass correction of an image that
+    could not be measured is not trusted) and no total correction, and is
+    left out of the others' references; the full resamples (catalog, cosmic
+    rays) start again.
+    """
+    if not failed:
+        return state
+    totals = list(state.totals)
+    for i, outcome in failed.items():
+        log.warning("%s: %s", resample.exposures[i].name, outcome)
+        resample.update_wcs(i, dict(state.initial_wcs[i]))
+        totals[i] = None
+    return dataclasses.replace(
+        state,
+        # Their pixels are in the catalog and the cosmic-ray masks: redo both.
+        n_full=0,
+        wcs=tuple({c.extver: c.wcs for c in e.chips} for e in resample.exposures),
+        totals=tuple(totals),
+        excluded=state.excluded | frozenset(failed),
+        failed={**state.failed, **failed},
     )

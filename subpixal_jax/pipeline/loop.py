@@ -25,10 +25,13 @@ from subpixal_jax.io import result as res
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline.absolute import tie_set
 from subpixal_jax.pipeline.coarse import (
+    capture_failures,
     capture_stage,
     captured_state,
     images_to_capture,
+    unmeasurable,
     with_captures,
+    with_failures,
 )
 from subpixal_jax.pipeline.stages import CatalogState, measure_and_fit
 from subpixal_jax.pipeline.state import (
@@ -92,8 +95,16 @@ def _apply(resample, i: int, image: res.ImageFit, totals: list, wcslin) -> None:
 
 
 def _measure(state, resample, wcslin, options) -> tuple[list, list]:
-    """Measure, fit and apply every moving image ('batch' or 'otf')."""
-    todo = [i for i in range(len(resample.exposures)) if i != options.reference]
+    """Measure, fit and apply every moving image ('batch' or 'otf').
+
+    The fixed reference and the images held out as failed are not measured;
+    their records carry their outcome.
+    """
+    todo = [
+        i
+        for i in range(len(resample.exposures))
+        if i != options.reference and i not in state.failed
+    ]
     totals = list(state.totals)
     if options.wcsupdate == "batch":
         fitted = measure_and_fit(
@@ -116,9 +127,9 @@ def _measure(state, resample, wcslin, options) -> tuple[list, list]:
             images.append(by_index[i])
             continue
         wcs = {c.extver: c.wcs for c in exposure.chips}
-        reference = ImageOutcome(ImageStatus.REFERENCE)
+        outcome = state.failed.get(i, ImageOutcome(ImageStatus.REFERENCE))
         images.append(
-            res.ImageFit(exposure.name, reference, None, None, math.nan, wcs, wcs)
+            res.ImageFit(exposure.name, outcome, None, None, math.nan, wcs, wcs)
         )
     return images, totals
 
@@ -291,23 +302,67 @@ def _first_steps(state, catalog, resample, wcslin, options, throw):
 
     'always' captures every moving image before the first iteration; 'auto'
     runs the first iteration and captures the images it could not measure.
-    Returns the state to go on from and the first iteration's record (None
-    when no iteration ran).
+    Either way, an image the first iteration fitted but measured nothing of
+    (:func:`~subpixal_jax.pipeline.coarse.unmeasurable`) and the capture
+    could not match is FAILED (held out of the rest of the run); one that
+    was merely noisy goes on, and one the loop could not fit keeps its own
+    outcome.
+    Returns the state to go on from and the first iteration's record.
     """
     if options.capture == "always":
         todo = [i for i in range(len(resample.exposures)) if i != options.reference]
-        return captured_state(
+        state = captured_state(
             resample, state, capture_stage(resample, wcslin, options, todo)
-        ), None
+        )
     state, step = align_step(state, catalog, resample, wcslin, options, throw=throw)
     todo = images_to_capture(step)
-    if todo:
+    if todo and options.capture == "auto":
         log.info(
             "capture stage for %d image(s) the first pass could not measure", len(todo)
         )
         captures = capture_stage(resample, wcslin, options, todo)
         state = with_captures(state, resample, captures)
-    return state, step
+    failed = capture_failures(
+        state.captures, [i for i in todo if unmeasurable(step.images[i])]
+    )
+    if failed and throw:
+        i, outcome = next(iter(failed.items()))
+        msg = f"{resample.exposures[i].name}: {outcome}"
+        raise AlignmentError(msg)
+    return with_failures(state, resample, failed), step
+
+
+@dataclasses.dataclass(frozen=True)
+class RunControl:
+    """How a caller watches and steers a :func:`run` (none of it changes the fit).
+
+    Attributes
+    ----------
+    on_iteration : callable, optional
+        Called with each :class:`~subpixal_jax.io.result.IterationResult`;
+        returning False stops the run.
+    throw : bool
+        Raise :class:`~subpixal_jax.errors.AlignmentError` on a failed image.
+    progress : bool
+        Show a progress bar over iterations.
+    checkpoint : callable, optional
+        Called with the :class:`AlignState` after every iteration.
+    """
+
+    on_iteration: Callable[[res.IterationResult], bool | None] | None = None
+    throw: bool = False
+    progress: bool = False
+    checkpoint: Callable[[AlignState], None] | None = None
+
+
+def _progress_bar(control: RunControl, options: AlignOptions, state: AlignState):
+    if not control.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=options.max_iterations, initial=state.iteration, desc="align", unit="iter"
+    )
 
 
 def run(
@@ -316,48 +371,38 @@ def run(
     wcslin: WCS,
     options: AlignOptions,
     *,
-    on_iteration: Callable[[res.IterationResult], bool | None] | None = None,
-    throw: bool = False,
-    progress: bool = False,
+    control: RunControl | None = None,
     state: AlignState | None = None,
-    checkpoint: Callable[[AlignState], None] | None = None,
     reference_catalog=None,
 ) -> res.AlignmentResult:
     """Iterate :func:`align_step` until :func:`stop_reason` says stop.
 
     A fresh run starts with the capture stage where the options ask for it;
-    ``state`` resumes a run (a loaded checkpoint); ``checkpoint`` is called
-    with the state after every iteration (e.g. to save it). With a
+    ``state`` resumes a run (a loaded checkpoint); ``control`` holds the
+    callback, the progress bar, ``throw`` and the checkpoint hook. With a
     ``reference_catalog`` (a table of
     :func:`~subpixal_jax.reference.refcat.read_reference_catalog`) a converged set is
     tied to it at the end.
     """
+    control = control or RunControl()
+    throw = control.throw
     fresh = state is None
     state = initial_state(resample) if fresh else state
-    names = [e.name for e in resample.exposures]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=options.max_iterations,
-            initial=state.iteration,
-            desc="align",
-            unit="iter",
-        )
+    bar = _progress_bar(control, options, state)
     step = state.history[-1] if state.history else None
-    first = None
-    if fresh and options.capture != "off":
-        state, first = _first_steps(state, catalog, resample, wcslin, options, throw)
     outcome = stop_reason(state.max_shifts, options) if state.max_shifts else None
-    if first is not None:
-        step = first
-        _after_step(state, bar, checkpoint)
-        outcome = _callback(outcome, step, on_iteration)
+    if fresh and options.capture != "off":
+        state, step = _first_steps(state, catalog, resample, wcslin, options, throw)
+        _after_step(state, bar, control.checkpoint)
+        outcome = _callback(
+            stop_reason(state.max_shifts, options), step, control.on_iteration
+        )
     while outcome is None:
         state, step = align_step(state, catalog, resample, wcslin, options, throw=throw)
-        _after_step(state, bar, checkpoint)
-        outcome = _callback(stop_reason(state.max_shifts, options), step, on_iteration)
+        _after_step(state, bar, control.checkpoint)
+        outcome = _callback(
+            stop_reason(state.max_shifts, options), step, control.on_iteration
+        )
     if bar is not None:
         bar.close()
     tie = None
@@ -365,7 +410,14 @@ def run(
         tie, affine = tie_set(catalog, resample, wcslin, reference_catalog, options)
         if affine is not None:
             state = _with_tie(state, affine, resample)
+    return _result(state, step, outcome, resample, wcslin, options, tie)
+
+
+def _result(state, step, outcome, resample, wcslin, options, tie):
+    """Return the :class:`~subpixal_jax.io.result.AlignmentResult` of a finished run."""
+    names = [e.name for e in resample.exposures]
     final = final_outcomes(step, outcome, options) if step is not None else []
+    final = [state.failed.get(i, o) for i, o in enumerate(final)]
     summary = _final_summary(state.summary, state.iteration, names, final)
     return res.AlignmentResult(
         outcome,

@@ -23,9 +23,10 @@ from astropy.wcs import WCS
 from subpixal_jax.geometry.transform import Affine
 from subpixal_jax.io import result as res
 from subpixal_jax.pipeline.stages import CatalogState
+from subpixal_jax.status import ImageOutcome
 
-#: Format version of :func:`save_state` files.
-_CHECKPOINT_VERSION = 1
+#: Format version of :func:`save_state` files (2: the states hold ``failed``).
+_CHECKPOINT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,10 @@ class AlignState:
         is fitted from).
     captures : tuple of CaptureResult or None
         The capture stage's result per image (empty: it did not run).
+    failed : mapping of int to ImageOutcome
+        Images held out of the rest of the run with their FAILED outcome
+        (e.g. an image the capture stage could not match): never measured
+        again, left out of the others' references, their WCS the initial one.
     """
 
     iteration: int
@@ -73,6 +78,7 @@ class AlignState:
     history: tuple[res.IterationResult, ...] = ()
     initial_wcs: tuple[Mapping[int, WCS], ...] = ()
     captures: tuple = ()
+    failed: Mapping[int, ImageOutcome] = dataclasses.field(default_factory=dict)
 
 
 def _resample_wcs(resample) -> tuple[dict[int, WCS], ...]:

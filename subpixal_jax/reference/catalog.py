@@ -338,7 +338,7 @@ class PhotutilsCatalog(_Filtered):
     True
     """
 
-    def __init__(  # seed signature
+    def __init__(  # noqa: PLR0913  # seed signature
         self,
         *,
         threshold_sigma: float = 3.0,

@@ -94,7 +94,13 @@ from subpixal_jax.core.linfit import FITGEOM_MIN_POINTS, FitStatus, LinearFit
 from subpixal_jax.geometry.transform import describe
 from subpixal_jax.linearfit import iter_linear_fit
 
-__all__ = ["MatchResult", "MatchStatus", "match_points"]
+__all__ = [
+    "MatchLimits",
+    "MatchResult",
+    "MatchStatus",
+    "SearchOptions",
+    "match_points",
+]
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +224,7 @@ class MatchResult(TransformSummary):
 
 
 # ---------------------------------------------------------------------------
-# Validation
+# Validation and options
 
 
 def _check_points(name: str, value: ArrayLike) -> np.ndarray:
@@ -240,6 +246,127 @@ def _check_positive(name: str, value, *, allow_none: bool = False):
         msg = f"{name} must be a positive number, got {value!r}"
         raise ValueError(msg)
     return v
+
+
+def _check_int(name: str, value, low: int, *, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        tail = " or None" if allow_none else ""
+        msg = f"{name} must be an integer >= {low}{tail}, got {value!r}"
+        raise ValueError(msg)
+    return value
+
+
+def _check_center(center, default: np.ndarray) -> np.ndarray:
+    if center is None:
+        return default
+    c = np.asarray(center, dtype=np.float64)
+    if c.shape != (2,) or not np.all(np.isfinite(c)):
+        msg = f"center must be two finite numbers, got {center!r}"
+        raise ValueError(msg)
+    return c
+
+
+def _check_fitgeom(fitgeom: str) -> None:
+    if fitgeom not in FITGEOM_MIN_POINTS:
+        msg = f"fitgeom must be one of {tuple(FITGEOM_MIN_POINTS)}, got {fitgeom!r}"
+        raise ValueError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchLimits:
+    """What a match may find (the priors) and must reach (its acceptance).
+
+    Attributes
+    ----------
+    tolerance : float
+        Match radius after the transform, pixels of the frame.
+    max_shift : float or None
+        Largest ``|s|`` (at the centre) considered, pixels; None: any.
+    max_rotation : float or None
+        Largest rotation considered, degrees; None: any.
+    scale_range : (float, float)
+        Smallest and largest scale ``sqrt|det M|`` considered.
+    min_matches : int
+        Fewest matched pairs for an OK result.
+    min_significance : float
+        Smallest ``n_matches / max(n_second, n_random, 1)`` for an OK result.
+
+    Raises
+    ------
+    ValueError
+        For a value out of range (the message names it).
+    """
+
+    tolerance: float = 2.0
+    max_shift: float | None = None
+    max_rotation: float | None = None
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    min_matches: int = 15
+    min_significance: float = 2.0
+
+    def __post_init__(self):
+        _check_positive("tolerance", self.tolerance)
+        _check_positive("max_shift", self.max_shift, allow_none=True)
+        _check_positive("max_rotation", self.max_rotation, allow_none=True)
+        _check_positive("min_significance", self.min_significance)
+        _check_int("min_matches", self.min_matches, 3)
+        smin, smax = (float(v) for v in self.scale_range)
+        if not (0 < smin <= smax and math.isfinite(smax)):
+            msg = (
+                "scale_range must be (min, max) with 0 < min <= max, "
+                f"got {self.scale_range!r}"
+            )
+            raise ValueError(msg)
+        object.__setattr__(self, "scale_range", (smin, smax))
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """How the triangle search runs: its reach and its cost.
+
+    Attributes
+    ----------
+    max_points : int or None
+        Points of each set (the first ones) used to build triangles.
+    n_neighbors : int
+        Neighbours of each point that form its triangles.
+    fallback_neighbors : int or None
+        When the first search finds fewer than ``min_matches`` pairs, search
+        again among the brightest 150 points with this many neighbours
+        (more triangles: finds a few common sources among many unrelated
+        ones); None disables it.
+    invariant_tolerance : float
+        Match radius of the triangle side ratios.
+    max_candidates : int
+        Candidate transforms scored on all points.
+    nclip : int or None
+        Clipping passes of the final fit.
+    sigma : float
+        Clipping threshold of the final fit, in RMS.
+
+    Raises
+    ------
+    ValueError
+        For a value out of range (the message names it).
+    """
+
+    max_points: int | None = 1000
+    n_neighbors: int = 5
+    fallback_neighbors: int | None = 9
+    invariant_tolerance: float = 0.01
+    max_candidates: int = 12
+    nclip: int | None = 3
+    sigma: float = 3.0
+
+    def __post_init__(self):
+        _check_int("max_points", self.max_points, 3, allow_none=True)
+        _check_int("n_neighbors", self.n_neighbors, 2)
+        _check_int("fallback_neighbors", self.fallback_neighbors, 2, allow_none=True)
+        _check_int("max_candidates", self.max_candidates, 1)
+        _check_positive("invariant_tolerance", self.invariant_tolerance)
+        _check_positive("sigma", self.sigma)
 
 
 # ---------------------------------------------------------------------------
@@ -368,89 +495,225 @@ def _refine(x, r, tree, matrix, shift, tolerance, general):
     return matrix, shift, i, j
 
 
-def _search(
-    x,
-    r,
-    limit,
-    n_neighbors,
-    *,
-    tree_r,
-    tolerance,
-    priors,
-    invariant_tolerance,
-    max_candidates,
-    general,
-):
+@dataclasses.dataclass(frozen=True)
+class _Sets:
+    """The two point sets about the centre, and what every search step needs."""
+
+    x: np.ndarray
+    r: np.ndarray
+    tree_r: cKDTree
+    limits: MatchLimits
+    search: SearchOptions
+    general: bool
+
+
+def _hypotheses(sets: _Sets, limit: int, n_neighbors: int):
+    """Triangle pairs with matching shapes whose similarity lies inside the priors.
+
+    Returns ``(zx, zr, a, b, n_triangles)``: the vertex triples (complex,
+    about the centre), each pair's similarity ``zr ≈ a zx + b`` and the
+    triangle counts of both sets.
+    """
+    x, r, lim = sets.x, sets.r, sets.limits
+    tri_x, key_x = _triangles(x[:limit], n_neighbors)
+    tri_r, key_r = _triangles(r[:limit], n_neighbors)
+    n_tri = (len(tri_x), len(tri_r))
+    empty = np.zeros((0, 3), complex)
+    if not (len(tri_x) and len(tri_r)):
+        return empty, empty, np.zeros(0, complex), np.zeros(0, complex), n_tri
+    near = cKDTree(key_x).sparse_distance_matrix(
+        cKDTree(key_r), sets.search.invariant_tolerance, output_type="ndarray"
+    )
+    zx = _complex(x[tri_x[near["i"].astype(np.intp)]])
+    zr = _complex(r[tri_r[near["j"].astype(np.intp)]])
+    a, b = _similarity(zx, zr)
+    # a is about the origin (= c): b is the shift at c.
+    smin, smax = lim.scale_range
+    inside = (np.abs(a) >= smin) & (np.abs(a) <= smax)
+    if lim.max_rotation is not None:
+        inside &= np.abs(np.angle(a)) <= math.radians(lim.max_rotation)
+    if lim.max_shift is not None:
+        inside &= np.abs(b) <= lim.max_shift
+    return zx[inside], zr[inside], a[inside], b[inside], n_tri
+
+
+def _vote_features(sets: _Sets, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hypotheses in (log scale, angle, shift) units of one vote cell.
+
+    The radius of the shift axis allows for a triangle's angle error
+    extrapolated to the field's extent.
+    """
+    extent = float(np.sqrt(np.mean(np.sum(sets.x**2, axis=1))))
+    ang_tol = 0.01
+    shift_tol = max(3.0 * sets.limits.tolerance, ang_tol * extent)
+    return np.column_stack(
+        [
+            np.log(np.abs(a)) / ang_tol,
+            np.angle(a) / ang_tol,
+            b.real / shift_tol,
+            b.imag / shift_tol,
+        ]
+    )
+
+
+def _search(sets: _Sets, limit: int, n_neighbors: int):
     """Triangle hypotheses, Hough vote and candidate transforms scored on all points.
 
     Returns ``(candidates, n_hypotheses, (n_triangles_xy, n_triangles_ref))``
     with candidates ``(n_pairs, matrix, shift, i, j)`` about the origin.
     """
-    smin, smax, max_rotation, max_shift = priors
-    tri_x, key_x = _triangles(x[:limit], n_neighbors)
-    tri_r, key_r = _triangles(r[:limit], n_neighbors)
-    n_tri = (len(tri_x), len(tri_r))
-    if not (len(tri_x) and len(tri_r)):
-        return [], 0, n_tri
-    near = cKDTree(key_x).sparse_distance_matrix(
-        cKDTree(key_r), invariant_tolerance, output_type="ndarray"
-    )
-    hyp = np.column_stack([near["i"], near["j"]]).astype(np.intp)
-    zx = _complex(x[tri_x[hyp[:, 0]]])
-    zr = _complex(r[tri_r[hyp[:, 1]]])
-    a, b = _similarity(zx, zr)
-    # a is about the origin (= c): b is the shift at c.
-    scale = np.abs(a)
-    angle = np.angle(a)
-    inside = (scale >= smin) & (scale <= smax)
-    if max_rotation is not None:
-        inside &= np.abs(angle) <= math.radians(max_rotation)
-    if max_shift is not None:
-        inside &= np.abs(b) <= max_shift
-    zx, zr = zx[inside], zr[inside]
-    b, scale, angle = b[inside], scale[inside], angle[inside]
+    zx, zr, a, b, n_tri = _hypotheses(sets, limit, n_neighbors)
     n_hyp = len(zx)
     if n_hyp == 0:
         return [], 0, n_tri
-
-    # Vote in (log scale, angle, shift): the radius of the shift axis allows
-    # for a triangle's angle error extrapolated to the field's extent.
-    extent = float(np.sqrt(np.mean(np.sum(x**2, axis=1))))
-    ang_tol = 0.01
-    shift_tol = max(3.0 * tolerance, ang_tol * extent)
-    feats = np.column_stack(
-        [
-            np.log(scale) / ang_tol,
-            angle / ang_tol,
-            b.real / shift_tol,
-            b.imag / shift_tol,
-        ]
-    )
+    tolerance = sets.limits.tolerance
+    feats = _vote_features(sets, a, b)
     density = _density(feats)
     tree_f = cKDTree(feats)
     candidates = []
     used = np.zeros(n_hyp, dtype=bool)
     for seed in np.argsort(-density, kind="stable"):
-        if len(candidates) >= max_candidates or density[seed] < 2:
+        if len(candidates) >= sets.search.max_candidates or density[seed] < 2:
             break
         if used[seed]:
             continue
         members = np.asarray(tree_f.query_ball_point(feats[seed], 1.0), dtype=np.intp)
         seed_a, seed_b = _similarity(zx[members].ravel(), zr[members].ravel())
-        matrix = _matrix_of(complex(seed_a))
-        shift = np.array([seed_b.real, seed_b.imag])
-        matrix, shift, i, j = _refine(x, r, tree_r, matrix, shift, tolerance, general)
+        matrix, shift, i, j = _refine(
+            sets.x,
+            sets.r,
+            sets.tree_r,
+            _matrix_of(complex(seed_a)),
+            np.array([seed_b.real, seed_b.imag]),
+            tolerance,
+            sets.general,
+        )
         candidates.append((len(i), matrix, shift, i, j))
         # Hypotheses this candidate explains need no seed of their own (they
         # lie near it in parameter space).
         todo = np.asarray(tree_f.query_ball_point(feats[seed], 4.0), dtype=np.intp)
         todo = todo[~used[todo]]
         a_c = complex(matrix[0, 0], matrix[1, 0])
-        b_c = complex(*shift)
-        err = np.max(np.abs(a_c * zx[todo] + b_c - zr[todo]), axis=1)
+        err = np.max(np.abs(a_c * zx[todo] + complex(*shift) - zr[todo]), axis=1)
         used[todo[err < 4.0 * tolerance]] = True
         used[members] = True
     return candidates, n_hyp, n_tri
+
+
+def _all_candidates(sets: _Sets):
+    """Search, and search again with wider neighbourhoods when too few matched."""
+    opts = sets.search
+    limit = len(sets.x) if opts.max_points is None else opts.max_points
+    candidates, n_hyp, n_tri = _search(sets, limit, opts.n_neighbors)
+    best = max((cand[0] for cand in candidates), default=0)
+    if best < sets.limits.min_matches and opts.fallback_neighbors:
+        # Few common sources drown in neighbourhoods full of unrelated
+        # ones: retry the brightest with larger neighbourhoods.
+        more, n_more, _ = _search(
+            sets, min(limit, _FALLBACK_POINTS), opts.fallback_neighbors
+        )
+        candidates += more
+        n_hyp += n_more
+    candidates.sort(key=lambda cand: -cand[0])
+    return candidates, n_hyp, n_tri
+
+
+def _chance_matches(x: np.ndarray, r: np.ndarray, tolerance: float) -> float:
+    """Return the matches expected by chance for any transform.
+
+    ``xy`` points landing within ``tolerance`` of some ``ref`` point, the
+    ``ref`` density from its bounding box.
+    """
+    lo, hi = r.min(axis=0), r.max(axis=0)
+    area = max(float(np.prod(np.maximum(hi - lo, tolerance))), 1.0)
+    return len(x) * min(len(r) * math.pi * tolerance**2 / area, 1.0)
+
+
+def _runner_up(candidates, x: np.ndarray, tolerance: float) -> int:
+    """Count the matches of the best candidate that differs from the winner.
+
+    Different: RMS difference over the points above ``tolerance``; counted by
+    the pairs it does not share with the winner.
+    """
+    _, matrix, shift, i, j = candidates[0]
+    best_pairs = set(zip(i.tolist(), j.tolist(), strict=True))
+    n_second = 0
+    for _, m_c, s_c, i_c, j_c in candidates[1:]:
+        diff = x @ (m_c - matrix).T + (s_c - shift)
+        if np.sqrt(np.mean(np.sum(diff**2, axis=1))) > tolerance:
+            own = sum(
+                p not in best_pairs
+                for p in zip(i_c.tolist(), j_c.tolist(), strict=True)
+            )
+            n_second = max(n_second, own)
+    return n_second
+
+
+def _final_fit(sets: _Sets, candidate, c: np.ndarray, fitgeom: str):
+    """Clipped fit of the winner's pairs and the pairs under the fitted geometry.
+
+    Returns ``(matrix, shift, i, j, fit)``; ``fit`` is None below
+    ``min_matches`` (the status is decided already) or when it failed.
+    """
+    _, matrix, shift, i, j = candidate
+    if len(i) < max(FITGEOM_MIN_POINTS[fitgeom], sets.limits.min_matches):
+        return matrix, shift, i, j, None
+    fit = iter_linear_fit(
+        sets.r[j] + c,
+        sets.x[i] + c,
+        fitgeom=fitgeom,
+        center=c,
+        nclip=sets.search.nclip,
+        sigma=sets.search.sigma,
+        throw=False,
+    )
+    if int(fit.status) != FitStatus.OK:
+        return matrix, shift, i, j, None
+    matrix = np.asarray(fit.matrix, dtype=np.float64)
+    shift = np.asarray(fit.shift, dtype=np.float64)
+    i, j = _pairs(sets.x @ matrix.T + shift, sets.tree_r, sets.limits.tolerance)
+    return matrix, shift, i, j, fit
+
+
+def _verdict(n_matches: int, significance: float, numbers: str, lim: MatchLimits):
+    """Status and reason of a match from its numbers."""
+    if n_matches < lim.min_matches:
+        return (
+            MatchStatus.TOO_FEW_MATCHES,
+            f"{numbers}: fewer than min_matches={lim.min_matches}",
+        )
+    if significance < lim.min_significance:
+        return MatchStatus.AMBIGUOUS, (
+            f"{numbers}: significance {significance:.2f} < "
+            f"min_significance={lim.min_significance:g}"
+        )
+    return MatchStatus.OK, f"{numbers}: significance {significance:.1f}"
+
+
+def _result(status, reason, center, pairs=None, **fields) -> MatchResult:
+    """Build and log a :class:`MatchResult` (identity transform unless given)."""
+    values = {
+        "matrix": np.eye(2),
+        "shift": np.zeros(2),
+        "rms": math.nan,
+        "n_second": 0,
+        "n_random": 0.0,
+        "significance": 0.0,
+        "n_hypotheses": 0,
+        "fit": None,
+        **fields,
+    }
+    pairs = np.zeros((0, 2), dtype=np.intp) if pairs is None else pairs
+    out = MatchResult(
+        status=status,
+        reason=reason,
+        center=center.copy(),
+        pairs=pairs,
+        n_matches=len(pairs),
+        **values,
+    )
+    log.info("match_points: %s: %s", out.status.name, out.reason)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -460,22 +723,11 @@ def _search(
 def match_points(
     xy: ArrayLike,
     ref: ArrayLike,
+    limits: MatchLimits | None = None,
     *,
-    tolerance: float = 2.0,
-    max_shift: float | None = None,
-    max_rotation: float | None = None,
-    scale_range: tuple[float, float] = (0.5, 2.0),
     fitgeom: str = "rscale",
     center: ArrayLike | None = None,
-    min_matches: int = 15,
-    min_significance: float = 2.0,
-    max_points: int | None = 1000,
-    n_neighbors: int = 5,
-    fallback_neighbors: int | None = 9,
-    invariant_tolerance: float = 0.01,
-    max_candidates: int = 12,
-    nclip: int | None = 3,
-    sigma: float = 3.0,
+    search: SearchOptions | None = None,
 ) -> MatchResult:
     r"""Find the transform that maps ``xy`` onto ``ref`` and the matched pairs.
 
@@ -483,43 +735,21 @@ def match_points(
     ----------
     xy, ref : array_like, shape (N, 2) and (M, 2)
         Point positions ``(x, y)`` in one pixel frame; ``xy`` is mapped onto
-        ``ref``. Order them brightest first: only the first ``max_points``
-        build triangles (all points are used for the final match). Rows with
-        non-finite values are ignored.
-    tolerance : float, optional
-        Match radius after the transform, pixels of the frame.
-    max_shift : float or None, optional
-        Largest ``|s|`` (at ``center``) considered, pixels; None: any.
-    max_rotation : float or None, optional
-        Largest rotation considered, degrees; None: any.
-    scale_range : (float, float), optional
-        Smallest and largest scale ``sqrt|det M|`` considered.
+        ``ref``. Order them brightest first: only the first
+        ``search.max_points`` build triangles (all points are used for the
+        final match). Rows with non-finite values are ignored.
+    limits : MatchLimits, optional
+        Match radius, priors (largest shift and rotation, scale range) and
+        acceptance (``min_matches``, ``min_significance``); default
+        ``MatchLimits()``.
     fitgeom : {'shift', 'rshift', 'rscale', 'general'}, optional
         Geometry of the final clipped fit (the search always uses a
         similarity).
     center : array_like, shape (2,), optional
         ``c``; default the mean of the finite ``xy`` points.
-    min_matches : int, optional
-        Fewest matched pairs for an OK result.
-    min_significance : float, optional
-        Smallest ``n_matches / max(n_second, n_random, 1)`` for an OK result.
-    max_points : int or None, optional
-        Points of each set (the first ones) used to build triangles.
-    n_neighbors : int, optional
-        Neighbours of each point that form its triangles.
-    fallback_neighbors : int or None, optional
-        When the first search finds fewer than ``min_matches`` pairs, search
-        again among the brightest 150 points with this many neighbours
-        (more triangles: finds a few common sources among many unrelated
-        ones); None disables it.
-    invariant_tolerance : float, optional
-        Match radius of the triangle side ratios.
-    max_candidates : int, optional
-        Candidate transforms scored on all points.
-    nclip : int or None, optional
-        Clipping passes of the final fit.
-    sigma : float, optional
-        Clipping threshold of the final fit, in RMS.
+    search : SearchOptions, optional
+        Triangle search and final clipping settings; default
+        ``SearchOptions()``.
 
     Returns
     -------
@@ -550,181 +780,58 @@ def match_points(
     """
     xy = _check_points("xy", xy)
     ref = _check_points("ref", ref)
-    tolerance = _check_positive("tolerance", tolerance)
-    max_shift = _check_positive("max_shift", max_shift, allow_none=True)
-    max_rotation = _check_positive("max_rotation", max_rotation, allow_none=True)
-    smin, smax = (float(v) for v in scale_range)
-    if not (0 < smin <= smax and math.isfinite(smax)):
-        msg = f"scale_range must be (min, max) with 0 < min <= max, got {scale_range!r}"
-        raise ValueError(msg)
-    if fitgeom not in FITGEOM_MIN_POINTS:
-        msg = f"fitgeom must be one of {tuple(FITGEOM_MIN_POINTS)}, got {fitgeom!r}"
-        raise ValueError(msg)
-    for name, val, low in (
-        ("min_matches", min_matches, 3),
-        ("n_neighbors", n_neighbors, 2),
-        ("max_candidates", max_candidates, 1),
-    ):
-        if isinstance(val, bool) or not isinstance(val, int) or val < low:
-            msg = f"{name} must be an integer >= {low}, got {val!r}"
-            raise ValueError(msg)
-    bad_fb = isinstance(fallback_neighbors, bool) or not isinstance(
-        fallback_neighbors, int
-    )
-    if fallback_neighbors is not None and (bad_fb or fallback_neighbors < 2):
-        msg = (
-            "fallback_neighbors must be an integer >= 2 or None, "
-            f"got {fallback_neighbors!r}"
-        )
-        raise ValueError(msg)
-    bad_max = isinstance(max_points, bool) or not isinstance(max_points, int)
-    if max_points is not None and (bad_max or max_points < 3):
-        msg = f"max_points must be an integer >= 3 or None, got {max_points!r}"
-        raise ValueError(msg)
-    min_significance = _check_positive("min_significance", min_significance)
-    invariant_tolerance = _check_positive("invariant_tolerance", invariant_tolerance)
-
+    limits = MatchLimits() if limits is None else limits
+    search = SearchOptions() if search is None else search
+    _check_fitgeom(fitgeom)
     keep_x = np.nonzero(np.all(np.isfinite(xy), axis=1))[0]
     keep_r = np.nonzero(np.all(np.isfinite(ref), axis=1))[0]
-    if center is None:
-        c = xy[keep_x].mean(axis=0) if len(keep_x) else np.zeros(2)
-    else:
-        c = np.asarray(center, dtype=np.float64)
-        if c.shape != (2,) or not np.all(np.isfinite(c)):
-            msg = f"center must be two finite numbers, got {center!r}"
-            raise ValueError(msg)
-    general = fitgeom == "general"
-
-    def result(status, reason, matrix=None, shift=None, i=None, j=None, **kw):
-        pairs = np.zeros((0, 2), dtype=np.intp)
-        if i is not None:
-            pairs = np.column_stack([keep_x[i], keep_r[j]])
-        out = MatchResult(
-            status=status,
-            reason=reason,
-            matrix=np.eye(2) if matrix is None else np.asarray(matrix, float),
-            shift=np.zeros(2) if shift is None else np.asarray(shift, float),
-            center=c.copy(),
-            pairs=pairs,
-            n_matches=len(pairs),
-            **{
-                "rms": math.nan,
-                "n_second": 0,
-                "n_random": 0.0,
-                "significance": 0.0,
-                "n_hypotheses": 0,
-                "fit": None,
-                **kw,
-            },
-        )
-        log.info("match_points: %s: %s", out.status.name, out.reason)
-        return out
-
+    c = _check_center(center, xy[keep_x].mean(axis=0) if len(keep_x) else np.zeros(2))
     if len(keep_x) < 3 or len(keep_r) < 3:
-        return result(
+        return _result(
             MatchStatus.NO_SOURCES,
             f"need at least 3 finite points in each set, got {len(keep_x)} in xy "
             f"and {len(keep_r)} in ref",
+            c,
         )
     # Work about c: x' = x − c, r' = r − c, so r' ≈ A x' + s.
     x = xy[keep_x] - c
     r = ref[keep_r] - c
-    # Chance matches for any transform: xy points landing within tolerance
-    # of some ref point, ref density from its bounding box.
-    lo, hi = r.min(axis=0), r.max(axis=0)
-    area = max(float(np.prod(np.maximum(hi - lo, tolerance))), 1.0)
-    n_random = len(x) * min(len(r) * math.pi * tolerance**2 / area, 1.0)
-    tree_r = cKDTree(r)
-    search = {
-        "tree_r": tree_r,
-        "tolerance": tolerance,
-        "priors": (smin, smax, max_rotation, max_shift),
-        "invariant_tolerance": invariant_tolerance,
-        "max_candidates": max_candidates,
-        "general": general,
-    }
-    limit = len(x) if max_points is None else max_points
-    candidates, n_hyp, n_tri = _search(x, r, limit, n_neighbors, **search)
-    best = max((cand[0] for cand in candidates), default=0)
-    if best < min_matches and fallback_neighbors:
-        # Few common sources drown in neighbourhoods full of unrelated
-        # ones: retry the brightest with larger neighbourhoods.
-        more, n_more, _ = _search(
-            x, r, min(limit, _FALLBACK_POINTS), fallback_neighbors, **search
-        )
-        candidates += more
-        n_hyp += n_more
+    sets = _Sets(x, r, cKDTree(r), limits, search, fitgeom == "general")
+    n_random = _chance_matches(x, r, limits.tolerance)
+    candidates, n_hyp, n_tri = _all_candidates(sets)
     if not candidates:
-        return result(
+        return _result(
             MatchStatus.TOO_FEW_MATCHES,
             f"no two triangles of {n_tri[0]} (xy) and {n_tri[1]} (ref) agree on "
             f"a transform within the priors ({n_hyp} triangle pairs)",
+            c,
             n_random=n_random,
             n_hypotheses=n_hyp,
         )
-    candidates.sort(key=lambda cand: -cand[0])
-    _, matrix, shift, i, j = candidates[0]
-    # The runner-up: a different transform (RMS difference over the points
-    # above tolerance), counted by the pairs it does not share with the best.
-    best_pairs = set(zip(i.tolist(), j.tolist(), strict=True))
-    n_second = 0
-    for _, m_c, s_c, i_c, j_c in candidates[1:]:
-        diff = x @ (m_c - matrix).T + (s_c - shift)
-        if np.sqrt(np.mean(np.sum(diff**2, axis=1))) > tolerance:
-            own = sum(
-                p not in best_pairs
-                for p in zip(i_c.tolist(), j_c.tolist(), strict=True)
-            )
-            n_second = max(n_second, own)
-
-    fit = None
+    n_second = _runner_up(candidates, x, limits.tolerance)
+    matrix, shift, i, j, fit = _final_fit(sets, candidates[0], c, fitgeom)
     rms = math.nan
-    # No clipped fit below min_matches: the status is decided already.
-    if len(i) >= max(FITGEOM_MIN_POINTS[fitgeom], min_matches):
-        fit = iter_linear_fit(
-            r[j] + c,
-            x[i] + c,
-            fitgeom=fitgeom,
-            center=c,
-            nclip=nclip,
-            sigma=sigma,
-            throw=False,
-        )
-        if int(fit.status) == FitStatus.OK:
-            matrix = np.asarray(fit.matrix, dtype=np.float64)
-            shift = np.asarray(fit.shift, dtype=np.float64)
-            # Final pairs under the fitted geometry.
-            i, j = _pairs(x @ matrix.T + shift, tree_r, tolerance)
-        else:
-            fit = None
     if len(i):
         res = x[i] @ matrix.T + shift - r[j]
         rms = float(np.sqrt(np.mean(np.sum(res**2, axis=1))))
-    n_matches = len(i)
-    significance = n_matches / max(n_second, n_random, 1.0)
-    stats = {
-        "rms": rms,
-        "n_second": n_second,
-        "n_random": n_random,
-        "significance": significance,
-        "n_hypotheses": n_hyp,
-        "fit": fit,
-    }
+    significance = len(i) / max(n_second, n_random, 1.0)
     numbers = (
-        f"{n_matches} matches of {len(x)} xy / {len(r)} ref points within "
-        f"{tolerance:g} px; second-best distinct transform {n_second}, "
+        f"{len(i)} matches of {len(x)} xy / {len(r)} ref points within "
+        f"{limits.tolerance:g} px; second-best distinct transform {n_second}, "
         f"{n_random:.1f} expected by chance"
     )
-    if n_matches < min_matches:
-        status = MatchStatus.TOO_FEW_MATCHES
-        reason = f"{numbers}: fewer than min_matches={min_matches}"
-    elif significance < min_significance:
-        status = MatchStatus.AMBIGUOUS
-        reason = (
-            f"{numbers}: significance {significance:.2f} < "
-            f"min_significance={min_significance:g}"
-        )
-    else:
-        status = MatchStatus.OK
-        reason = f"{numbers}: significance {significance:.1f}"
-    return result(status, reason, matrix, shift, i, j, **stats)
+    status, reason = _verdict(len(i), significance, numbers, limits)
+    return _result(
+        status,
+        reason,
+        c,
+        np.column_stack([keep_x[i], keep_r[j]]),
+        matrix=np.asarray(matrix, float),
+        shift=np.asarray(shift, float),
+        rms=rms,
+        n_second=n_second,
+        n_random=n_random,
+        significance=significance,
+        n_hypotheses=n_hyp,
+        fit=fit,
+    )

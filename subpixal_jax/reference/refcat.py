@@ -45,17 +45,21 @@ from numpy.typing import ArrayLike
 from subpixal_jax.core.linfit import FITGEOM_MIN_POINTS, FitStatus, LinearFit
 from subpixal_jax.linearfit import iter_linear_fit
 from subpixal_jax.reference.matching import (
+    MatchLimits,
     MatchResult,
     MatchStatus,
+    SearchOptions,
     TransformSummary,
     match_points,
 )
+from subpixal_jax.status import TieGrade
 
 __all__ = [
     "AbsoluteTie",
     "observation_epoch",
     "positions_at",
     "read_reference_catalog",
+    "tie_grade",
     "tie_to_catalog",
 ]
 
@@ -115,6 +119,20 @@ def _values(col, unit, *, path) -> np.ndarray:
     return np.ma.filled(np.ma.asarray(col, dtype=np.float64), np.nan)
 
 
+def _epochs(epoch: np.ndarray, meta: Mapping, ref_epoch: float | None) -> np.ndarray:
+    """Return the rows' reference epochs: the column, ``ref_epoch``, the meta."""
+    epoch = np.asarray(epoch, dtype=np.float64)
+    if not np.all(np.isnan(epoch)):
+        if ref_epoch is None:
+            return epoch
+        return np.where(np.isnan(epoch), float(ref_epoch), epoch)
+    lower = {str(k).lower(): v for k, v in meta.items()}
+    default = ref_epoch if ref_epoch is not None else lower.get("ref_epoch")
+    if default is None:
+        default = lower.get("epoch")
+    return epoch if default is None else np.full(epoch.shape, float(default))
+
+
 def read_reference_catalog(
     path: str | os.PathLike, *, ref_epoch: float | None = None
 ) -> Table:
@@ -134,7 +152,8 @@ def read_reference_catalog(
     -------
     astropy.table.Table
         The standard columns of the module docstring, float64, NaN where
-        missing, in the file's row order; ``meta['path']`` is the file.
+        missing, in the file's row order; ``meta['path']`` is the file (and
+        ``meta['name']`` the file's own ``name``, if it has one).
 
     Raises
     ------
@@ -168,6 +187,8 @@ def read_reference_catalog(
         msg = f"{path}: cannot read a {fmt} table ({exc})"
         raise ValueError(msg) from exc
     out = Table(meta={"path": str(path)})
+    if table.meta.get("name"):
+        out.meta["name"] = str(table.meta["name"])
     n = len(table)
     for name, (aliases, unit) in _COLUMNS.items():
         col = _column(table, aliases)
@@ -181,16 +202,7 @@ def read_reference_catalog(
             out[name] = np.full(n, np.nan)
             continue
         out[name] = _values(col, unit, path=path)
-    epoch = out["ref_epoch"]
-    if np.all(np.isnan(epoch)):
-        meta = {k.lower(): v for k, v in table.meta.items()}
-        default = ref_epoch if ref_epoch is not None else meta.get("ref_epoch")
-        if default is None:
-            default = meta.get("epoch")
-        if default is not None:
-            out["ref_epoch"] = np.full(n, float(default))
-    elif ref_epoch is not None:
-        out["ref_epoch"] = np.where(np.isnan(epoch), float(ref_epoch), epoch)
+    out["ref_epoch"] = _epochs(out["ref_epoch"], table.meta, ref_epoch)
     moving = np.isfinite(out["pmra"]) | np.isfinite(out["pmdec"])
     if np.any(moving & np.isnan(out["ref_epoch"])):
         msg = (
@@ -393,6 +405,8 @@ class AbsoluteTie(TransformSummary):
         The underlying match.
     fit : LinearFit or None
         The weighted clipped fit.
+    catalog : str
+        Name of the reference catalog (its file's name).
     """
 
     status: MatchStatus
@@ -413,6 +427,44 @@ class AbsoluteTie(TransformSummary):
     pairs: np.ndarray
     match: MatchResult
     fit: LinearFit | None = None
+    catalog: str = ""
+
+    @property
+    def grade(self) -> TieGrade:
+        """How far the tie can be trusted (:func:`tie_grade`)."""
+        return tie_grade(self.ok, self.n_matches, self.rms)
+
+
+#: A GOOD tie: at least this many stars ...
+GOOD_MIN_MATCHES = 25
+#: ... and a residual RMS at most this (``wcslin`` pixels; 10 mas on a
+#: 0.05 arcsec pixel).
+GOOD_MAX_RMS = 0.2
+#: A FAIR tie: residual RMS at most this (pixels); worse is POOR.
+FAIR_MAX_RMS = 0.5
+
+
+def tie_grade(ok: bool, n_matches: int, rms: float) -> TieGrade:
+    """Grade a tie by its residual RMS (``wcslin`` pixels) and star count.
+
+    GOOD with at least :data:`GOOD_MIN_MATCHES` stars and an RMS at most
+    :data:`GOOD_MAX_RMS`; FAIR with an RMS at most :data:`FAIR_MAX_RMS`;
+    POOR otherwise; FAILED when the tie was not made (``ok`` False).
+
+    Examples
+    --------
+    >>> tie_grade(True, 80, 0.05).name, tie_grade(True, 12, 0.05).name
+    ('GOOD', 'FAIR')
+    >>> tie_grade(True, 80, 0.9).name, tie_grade(False, 0, float("nan")).name
+    ('POOR', 'FAILED')
+    """
+    if not ok:
+        return TieGrade.FAILED
+    if n_matches >= GOOD_MIN_MATCHES and rms <= GOOD_MAX_RMS:
+        return TieGrade.GOOD
+    if rms <= FAIR_MAX_RMS:
+        return TieGrade.FAIR
+    return TieGrade.POOR
 
 
 def _sky_arrays(sky) -> tuple[np.ndarray, np.ndarray]:
@@ -466,22 +518,85 @@ def _weights(sigma_mas: np.ndarray | None) -> np.ndarray | None:
     return w
 
 
+#: The tie's default limits: any shift, rotation within 1 degree and scale
+#: within 2% of the aligned set's (it is already on the sky to that level),
+#: at least 10 stars within 2 px.
+TIE_LIMITS = MatchLimits(
+    tolerance=2.0, max_rotation=1.0, scale_range=(0.98, 1.02), min_matches=10
+)
+
+
+def _brightest_first(refcat: Table) -> tuple[Table, np.ndarray, np.ndarray | None]:
+    """Return the catalog brightest first, the order, and its errors (mas)."""
+    order = np.arange(len(refcat))
+    if "mag" in refcat.colnames:
+        mag = np.asarray(refcat["mag"], dtype=np.float64)
+        order = np.argsort(np.where(np.isfinite(mag), mag, np.inf), kind="stable")
+    cat = refcat[order]
+    sig_r = None
+    if "ra_error" in cat.colnames and "dec_error" in cat.colnames:
+        sig_r = np.sqrt(
+            0.5
+            * (
+                np.asarray(cat["ra_error"], dtype=np.float64) ** 2
+                + np.asarray(cat["dec_error"], dtype=np.float64) ** 2
+            )
+        )
+    return cat, order, sig_r
+
+
+def _catalog_name(refcat: Table) -> str:
+    """Return the name a tie records: the table's ``name``, else its file's."""
+    name = (
+        refcat.meta.get("name") or pathlib.Path(str(refcat.meta.get("path", ""))).name
+    )
+    return str(name)
+
+
+def _weighted_tie(pairs, xy, uv, weights, fitgeom, center, search, scale_mas):
+    """Fit the matched pairs, weighted and clipped, and return the statistics.
+
+    Returns ``(fit, stats)``; ``fit`` is None when it failed.
+    """
+    i, j = pairs.T
+    w_a, w_r = (
+        None if w is None else _weights(w[k] / scale_mas)
+        for w, k in zip(weights, (i, j), strict=True)
+    )
+    fit = iter_linear_fit(
+        xy[i],
+        uv[j],
+        w_a,
+        w_r,
+        fitgeom=fitgeom,
+        center=center,
+        nclip=search.nclip,
+        sigma=search.sigma,
+        throw=False,
+    )
+    if int(fit.status) != FitStatus.OK:
+        return None, {}
+    shift_err = np.asarray(fit.shift_err, dtype=np.float64)
+    return fit, {
+        "n_matches": int(fit.npoints),
+        "rms": float(fit.rmse),
+        "rms_mas": float(fit.rmse) * scale_mas,
+        "shift_err": shift_err,
+        "shift_err_mas": shift_err * scale_mas,
+        "rot_err": float(np.mean(fit.rot_err)),
+        "scale_err": float(np.mean(fit.scale_err)),
+    }
+
+
 def tie_to_catalog(
     sky_positions,
     refcat: Table,
     wcslin: WCS,
+    limits: MatchLimits | None = None,
     *,
     errors: ArrayLike | None = None,
     fitgeom: str = "shift",
-    tolerance: float = 2.0,
-    min_matches: int = 10,
-    max_shift: float | None = None,
-    max_rotation: float | None = 1.0,
-    scale_range: tuple[float, float] = (0.98, 1.02),
-    center: ArrayLike | None = None,
-    nclip: int | None = 3,
-    sigma: float = 3.0,
-    **match_options,
+    search: SearchOptions | None = None,
 ) -> AbsoluteTie:
     r"""Fit one linear correction of an aligned set onto a reference catalog.
 
@@ -489,7 +604,7 @@ def tie_to_catalog(
     :func:`~subpixal_jax.reference.matching.match_points` (any shift; rotation and
     scale within the priors), and the matched pairs are fitted with
     :func:`~subpixal_jax.linearfit.iter_linear_fit` weighted by
-    ``1/(σ_aligned² + σ_catalog²)``.
+    ``1/(σ_aligned² + σ_catalog²)``, about ``c = wcslin.wcs.crpix − 1``.
 
     Parameters
     ----------
@@ -502,29 +617,17 @@ def tie_to_catalog(
         ``ra_error``/``dec_error`` (mas) and ``mag`` (used to order it).
     wcslin : astropy.wcs.WCS
         The undistorted TAN frame of the fit (the alignment's ``wcslin``).
+    limits : MatchLimits, optional
+        Match radius (``wcslin`` pixels), priors and acceptance; default
+        :data:`TIE_LIMITS`.
     errors : array_like, shape (N,) or (N, 2), optional
         1-sigma position errors of ``sky_positions`` in mas (per axis;
         ``(σ_x, σ_y)`` pairs are combined).
     fitgeom : {'shift', 'rshift', 'rscale', 'general'}, optional
         Geometry of the tie ('shift' keeps the set's scale and orientation).
-    tolerance : float, optional
-        Match radius, ``wcslin`` pixels.
-    min_matches : int, optional
-        Fewest matched catalog stars for an OK result.
-    max_shift : float or None, optional
-        Largest offset considered, pixels.
-    max_rotation : float or None, optional
-        Largest rotation considered, degrees.
-    scale_range : (float, float), optional
-        Scales considered.
-    center : array_like, shape (2,), optional
-        ``c``; default ``wcslin.wcs.crpix − 1``.
-    nclip : int or None, optional
-        Clipping passes of the fit.
-    sigma : float, optional
-        Clipping threshold in RMS.
-    **match_options
-        Passed to :func:`~subpixal_jax.reference.matching.match_points`.
+    search : SearchOptions, optional
+        Triangle search settings and the clipping (``nclip``, ``sigma``) of
+        the match's and the tie's fits.
 
     Returns
     -------
@@ -542,30 +645,13 @@ def tie_to_catalog(
     if not isinstance(refcat, Table) or not {"ra", "dec"} <= set(refcat.colnames):
         msg = "refcat must be a Table with 'ra' and 'dec' (read_reference_catalog)"
         raise ValueError(msg)
+    limits = TIE_LIMITS if limits is None else limits
+    search = SearchOptions() if search is None else search
     ra, dec = _sky_arrays(sky_positions)
     sig_a = _errors(errors, len(ra), "errors")
     # Brightest first (triangles come from the brightest stars).
-    order = np.arange(len(refcat))
-    if "mag" in refcat.colnames:
-        mag = np.asarray(refcat["mag"], dtype=np.float64)
-        order = np.argsort(np.where(np.isfinite(mag), mag, np.inf), kind="stable")
-    cat = refcat[order]
-    sig_r = None
-    if "ra_error" in cat.colnames and "dec_error" in cat.colnames:
-        sig_r = np.sqrt(
-            0.5
-            * (
-                np.asarray(cat["ra_error"], dtype=np.float64) ** 2
-                + np.asarray(cat["dec_error"], dtype=np.float64) ** 2
-            )
-        )
-    if center is None:
-        c = np.asarray(wcslin.wcs.crpix, dtype=np.float64) - 1.0
-    else:
-        c = np.asarray(center, dtype=np.float64)
-        if c.shape != (2,) or not np.all(np.isfinite(c)):
-            msg = f"center must be two finite numbers, got {center!r}"
-            raise ValueError(msg)
+    cat, order, sig_r = _brightest_first(refcat)
+    c = np.asarray(wcslin.wcs.crpix, dtype=np.float64) - 1.0
     scale_mas = float(np.mean(proj_plane_pixel_scales(wcslin.celestial))) * 3.6e6
     xy = np.column_stack(wcslin.all_world2pix(ra, dec, 0))
     uv = np.column_stack(
@@ -575,21 +661,8 @@ def tie_to_catalog(
             0,
         )
     )
-    match = match_points(
-        xy,
-        uv,
-        tolerance=tolerance,
-        max_shift=max_shift,
-        max_rotation=max_rotation,
-        scale_range=scale_range,
-        fitgeom=fitgeom,
-        center=c,
-        min_matches=min_matches,
-        **match_options,
-    )
-    epoch = float(refcat.meta.get("epoch", math.nan))
+    match = match_points(xy, uv, limits, fitgeom=fitgeom, center=c, search=search)
     status, reason = match.status, match.reason
-    matrix, shift = np.eye(2), np.zeros(2)
     nan2 = np.full(2, np.nan)
     stats = {
         "n_matches": match.n_matches,
@@ -601,58 +674,38 @@ def tie_to_catalog(
         "scale_err": math.nan,
     }
     fit = None
-    pairs = np.zeros((0, 2), dtype=np.intp)
     if match.ok:
-        i, j = match.pairs.T
-        w_a = _weights(None if sig_a is None else sig_a[i] / scale_mas)
-        w_r = _weights(None if sig_r is None else sig_r[j] / scale_mas)
-        fit = iter_linear_fit(
-            xy[i],
-            uv[j],
-            w_a,
-            w_r,
-            fitgeom=fitgeom,
-            center=c,
-            nclip=nclip,
-            sigma=sigma,
-            throw=False,
+        fit, found = _weighted_tie(
+            match.pairs, xy, uv, (sig_a, sig_r), fitgeom, c, search, scale_mas
         )
-        if int(fit.status) != FitStatus.OK:
+        if fit is None:
             status = MatchStatus.TOO_FEW_MATCHES
-            reason = f"{reason}; the weighted fit failed ({FitStatus(int(fit.status))})"
-            fit = None
+            reason = f"{reason}; the weighted fit failed"
         else:
-            matrix = np.asarray(fit.matrix, dtype=np.float64)
-            shift = np.asarray(fit.shift, dtype=np.float64)
-            keep = np.asarray(fit.fitmask, dtype=bool)
-            pairs = np.column_stack([i[keep], order[j[keep]]])
-            shift_err = np.asarray(fit.shift_err, dtype=np.float64)
-            stats = {
-                "n_matches": int(fit.npoints),
-                "rms": float(fit.rmse),
-                "rms_mas": float(fit.rmse) * scale_mas,
-                "shift_err": shift_err,
-                "shift_err_mas": shift_err * scale_mas,
-                "rot_err": float(np.mean(fit.rot_err)),
-                "scale_err": float(np.mean(fit.scale_err)),
-            }
+            stats = found
             reason = (
                 f"{reason}; tie '{fitgeom}' on {stats['n_matches']} stars: shift "
-                f"({shift[0]:.3f}, {shift[1]:.3f}) ± ({shift_err[0]:.3f}, "
-                f"{shift_err[1]:.3f}) px, rms {stats['rms_mas']:.2f} mas"
+                f"({fit.shift[0]:.3f}, {fit.shift[1]:.3f}) ± "
+                f"({stats['shift_err'][0]:.3f}, {stats['shift_err'][1]:.3f}) px, "
+                f"rms {stats['rms_mas']:.2f} mas"
             )
     log.info("tie_to_catalog %s: %s", status.name, reason)
+    pairs = np.zeros((0, 2), dtype=np.intp)
+    if fit is not None:
+        keep = np.asarray(fit.fitmask, dtype=bool)
+        pairs = np.column_stack([match.pairs[keep, 0], order[match.pairs[keep, 1]]])
     return AbsoluteTie(
         status=status,
         reason=reason,
-        matrix=matrix,
-        shift=shift,
+        matrix=np.eye(2) if fit is None else np.asarray(fit.matrix, np.float64),
+        shift=np.zeros(2) if fit is None else np.asarray(fit.shift, np.float64),
         center=c,
         fitgeom=fitgeom,
         pixel_scale=scale_mas,
-        epoch=epoch,
+        epoch=float(refcat.meta.get("epoch", math.nan)),
         pairs=pairs,
         match=match,
         fit=fit,
+        catalog=_catalog_name(refcat),
         **stats,
     )

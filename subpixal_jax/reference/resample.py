@@ -983,7 +983,7 @@ class DrizzleResample:
     (0.1, 2)
     """
 
-    def __init__(  # seed signature
+    def __init__(  # noqa: PLR0913  # seed signature
         self,
         exposures: Sequence[Exposure | str | os.PathLike | fits.HDUList],
         *,
