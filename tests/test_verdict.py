@@ -1,6 +1,8 @@
 """The write verdict: from the evidence of a finished run, per image."""
 
+import dataclasses
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -132,3 +134,22 @@ def test_rotation_alone_can_be_significant():
     assert a.significance == pytest.approx(10.0, rel=1e-6)
     assert a.rot == pytest.approx(10 * 1e-5 * 3600, rel=1e-6)
     assert a.write
+
+
+def test_the_fixed_reference_moved_by_an_absolute_tie_is_written():
+    tie = _shift(2.0, -1.0)
+    result = _result(
+        [_row("ref.fits", n_fit=0), _row("a.fits")],
+        [tie, _shift(0.8, -0.3).then(tie)],
+        [ImageStatus.REFERENCE, ImageStatus.SUCCESS],
+    )
+    untied = image_reports(result)[0]
+    assert untied.verdict is Verdict.REFUSED  # a correction with no tie behind it
+    tied = dataclasses.replace(result, absolute=SimpleNamespace(ok=True))
+    ref, a = image_reports(tied)
+    assert ref.verdict is Verdict.WRITE
+    assert ref.reason == "moved by the absolute tie"
+    assert (ref.dx, ref.dy) == pytest.approx((2.0, -1.0))
+    assert a.verdict is Verdict.WRITE
+    failed = dataclasses.replace(tied, absolute=SimpleNamespace(ok=False))
+    assert image_reports(failed)[0].verdict is Verdict.REFUSED

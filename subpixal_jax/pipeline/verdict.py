@@ -22,7 +22,9 @@ WCS is better. Each aligned image passes four tests, in this order:
 
 ``force`` writes every aligned image whatever the verdict (the reason is
 still reported). Images never corrected (the fixed reference, failed or
-skipped images) are never written.
+skipped images) are never written, with one exception: an absolute tie
+moves the whole set, the fixed reference included, so the reference is
+written with the others (its verdict follows the tie's own success).
 """
 
 from __future__ import annotations
@@ -205,7 +207,11 @@ def image_reports(
                 "scale_ppm": 1e6 * (float(parts["mean_scale"]) - 1.0),
             }
             significance = _significance(correction.shift, fields["rot"], row, rot_err)
-            verdict, reason = _verdict(fields, significance, policy, result.fitgeom)
+            verdict, reason = (
+                (Verdict.WRITE, "moved by the absolute tie")
+                if _tied_reference(result, outcome)
+                else _verdict(fields, significance, policy, result.fitgeom)
+            )
         reports.append(
             ImageReport(
                 **fields,
@@ -216,6 +222,12 @@ def image_reports(
             )
         )
     return reports
+
+
+def _tied_reference(result: AlignmentResult, outcome: ImageOutcome) -> bool:
+    """Tell whether this is the fixed reference, moved with the set by a tie."""
+    tie = result.absolute
+    return outcome.status is ImageStatus.REFERENCE and tie is not None and tie.ok
 
 
 def _verdict(fields, significance, policy, fitgeom) -> tuple[Verdict, str]:
