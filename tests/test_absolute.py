@@ -252,3 +252,15 @@ def test_tie_is_recorded_in_headers_and_summary(sim, tied, tmp_path):
         assert header[catalog_kw] == "gaia_dr3.ecsv"
         assert header[rms_kw] == pytest.approx(result.absolute.rms_mas, rel=1e-9)
         assert header[grade_kw] == "GOOD"
+
+
+def test_cli_prints_the_tie(tied, capsys):
+    from subpixal_jax.apps.cli import _print_result
+    from subpixal_jax.pipeline.verdict import image_reports
+
+    result, _ = tied
+    _print_result(result, image_reports(result))
+    line = capsys.readouterr().out.splitlines()[-1]
+    tie = result.absolute
+    assert line.startswith("absolute tie to gaia_dr3.ecsv: GOOD")
+    assert f"{tie.n_matches} stars, rms {tie.rms_mas:.1f} mas" in line

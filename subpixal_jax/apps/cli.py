@@ -236,6 +236,23 @@ def _print_result(result, reports) -> None:
         for text in (r.outcome.reason, r.reason):
             if text:
                 print(f"    {text}")
+    _print_tie(result.absolute)
+
+
+def _print_tie(tie) -> None:
+    """Print the absolute tie's outcome (nothing when none was asked for)."""
+    if tie is None:
+        return
+    if not tie.ok:
+        print(f"absolute tie: not applied ({tie.reason})")
+        return
+    err = tie.shift_err_mas
+    print(
+        f"absolute tie to {tie.catalog or 'the reference catalog'}: "
+        f"{tie.grade.value}, {tie.n_matches} stars, rms {tie.rms_mas:.1f} mas, "
+        f"shift ({tie.shift[0] * tie.pixel_scale:+.1f}±{err[0]:.1f}, "
+        f"{tie.shift[1] * tie.pixel_scale:+.1f}±{err[1]:.1f}) mas"
+    )
 
 
 def _all_ok(result) -> bool:
