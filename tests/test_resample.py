@@ -202,7 +202,10 @@ def test_update_wcs_redrizzles_one_exposure(exposures):
         w.wcs.crpix = w.wcs.crpix + np.array([0.4, -0.3])
         shifted[c.extver] = w
     r.update_wcs(2, shifted)
-    assert r.n_drizzles == n0 + 2  # only exposure 2's two chips
+    assert r.n_drizzles == n0  # drizzled on the first read
+    r.update_wcs(2, shifted)
+    assert r.wht.shape == r.output_shape
+    assert r.n_drizzles == n0 + 2  # only exposure 2's two chips, once
     assert r.exposures[2].chips[0].wcs.wcs.crpix[0] == shifted[1].wcs.crpix[0]
     shifted[1].wcs.crpix = [0, 0]  # the resampler keeps its own copy
     assert r.exposures[2].chips[0].wcs.wcs.crpix[0] != 0
@@ -248,7 +251,14 @@ def test_cosmic_ray_rejection(scene):
     ]
     plain = DrizzleResample(exps)
     clean = DrizzleResample(exps, cr_reject=True)
-    assert clean.n_drizzles == 16  # separate drizzle + final drizzle
+    flagged_exposures = [
+        i
+        for i, e in enumerate(clean.exposures)
+        if not all(c.valid.all() for c in e.chips)
+    ]
+    assert 1 in flagged_exposures
+    # separate drizzle, then again only the exposures with flags
+    assert clean.n_drizzles == 8 + 2 * len(flagged_exposures)
     valid = clean.exposures[1].chips[0].valid
     for y, x, _ in crs:
         assert not valid[y - 1 : y + 2, x - 1 : x + 2].any()  # grown by 1 px
@@ -263,6 +273,34 @@ def test_cosmic_ray_rejection(scene):
         assert plain.sci[box].max() > 0.1 * v / 100.0 / 4
         cleaned = np.abs(clean.sci[box] - plain.sci[box]).max()
         assert cleaned > 0.05 * v / 100.0 / 4
+
+
+def test_cosmic_ray_pass_reuses_held_contributions(scene):
+    """A contribution drizzled with the same WCS and masks is never redone."""
+    crs = [(10, 15, 5e4), (30, 60, 2e4)]
+    exps = [
+        _exposure(
+            (dx, dy, r), scene=scene, seed=i, noise=5.0, crs=crs if i == 1 else ()
+        )
+        for i, (dx, dy, r) in enumerate(DITHERS)
+    ]
+    clean = DrizzleResample(exps, cr_reject=True)
+    n_flagged = sum(not all(c.valid.all() for c in e.chips) for e in clean.exposures)
+    # the loop's first rejection on a resampler built without it (DQ-only
+    # contributions held): the median is made of them, and only the flagged
+    # exposures are drizzled again (before: all 4 twice, 16 chip drizzles)
+    plain = DrizzleResample(exps)
+    plain.reject_cosmic_rays()
+    np.testing.assert_array_equal(plain.sci, clean.sci)
+    assert plain.n_drizzles == 8 + 2 * n_flagged
+    np.testing.assert_array_equal(plain.wht, clean.wht)
+    # a second rejection: the flagged exposures need their DQ-only drizzle
+    # for the median and their flagged one after; the others keep theirs
+    n0 = clean.n_drizzles
+    clean.reject_cosmic_rays()
+    clean.median_image()
+    assert clean.n_drizzles == n0 + 2 * 2 * n_flagged
+    np.testing.assert_allclose(clean.sci, plain.sci, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_input(scene, exposures):
@@ -421,6 +459,7 @@ def test_update_wcs_with_affine_moves_cached_pixmaps(exposures):
     n0 = r.n_drizzles
     r.update_wcs(1, new, affine=(matrix, shift, center))
     plain.update_wcs(1, new)
+    r.contribution(1)
     assert r.n_drizzles == n0 + 2
     for k, pm in old.items():
         np.testing.assert_array_equal(

@@ -945,7 +945,10 @@ class DrizzleResample:
     sky : list of dict
         Per exposure ``{extver: sky}`` in native units.
     n_drizzles : int
-        Number of single-chip drizzle (``add_image``) calls so far.
+        Number of single-chip drizzle (``add_image``) calls so far. WCS
+        updates are drizzled on the first read after them (`update_wcs`), and
+        an exposure is never drizzled again with the WCS and masks of the
+        contribution it holds.
     config : DrizzleConfig
         The validated settings.
 
@@ -1072,11 +1075,19 @@ class DrizzleResample:
         # DQ-only masks, so that cosmic-ray rejection can be redone from scratch
         # once the WCSs are better aligned.
         self._dq_valid = [[c.valid.copy() for c in e.chips] for e in self.exposures]
-        self._drizzle_all()
+        # The exposures whose held contribution no longer matches their WCS or
+        # masks: drizzled on the first read (`_sync`), so that an update nobody
+        # reads (the last iteration's) and a mask change that restores the
+        # masks a contribution was drizzled with cost no drizzle.
+        self._stale = set(range(n))
+        # Per exposure, whether its held contribution used the DQ-only masks.
+        self._held_dq = [False] * n
+        self._combined: tuple[np.ndarray, np.ndarray] | None = None
+        self._sync()
         if config.cr_reject:
             self._reject_cosmic_rays()
+            self._sync()
         self._stack.check([e.name for e in self.exposures])
-        self._refresh()
 
     # ------------------------------------------------------------- drizzle
     def native_scale(self) -> float:
@@ -1107,12 +1118,18 @@ class DrizzleResample:
         self.n_drizzles += len(e.chips)
         return out
 
-    def _drizzle_all(self) -> None:
-        for i in range(len(self.exposures)):
+    def _sync(self) -> None:
+        """Drizzle the stale exposures into the stack (see ``_stale``)."""
+        for i in sorted(self._stale):
             self._stack.set(i, *self._drizzle_exposure(i))
-
-    def _refresh(self):
-        self._sci, self._wht_total = self._stack.combined()
+            self._held_dq[i] = all(
+                np.array_equal(c.valid, dq)
+                for c, dq in zip(
+                    self.exposures[i].chips, self._dq_valid[i], strict=True
+                )
+            )
+            self._combined = None
+        self._stale.clear()
 
     def median_image(
         self, *, reject_high: bool = False
@@ -1139,12 +1156,13 @@ class DrizzleResample:
         covered : numpy.ndarray
             ``(ny, nx)`` bool, True where at least 3 exposures cover.
         """
+        self._sync()
         return median_combine(
             self._stack.singles, self.output_shape, reject_high=reject_high
         )
 
     def _reject_cosmic_rays(self) -> None:
-        """Flag cosmic rays in the own chips' ``valid`` and re-drizzle all."""
+        """Flag cosmic rays in the own chips' ``valid``; flagged exposures go stale."""
         config = self.config
         grid = cosmic_ray_grid(
             self.exposures, self.output_wcs, config.max_output_pixels
@@ -1173,16 +1191,15 @@ class DrizzleResample:
                 read_noise=config.read_noise,
             )
             for c, bad in zip(e.chips, masks, strict=True):
-                c.valid &= ~bad
-                total += int(bad.sum())
+                n_bad = int(bad.sum())
+                if n_bad:
+                    c.valid &= ~bad
+                    self._stale.add(i)
+                total += n_bad
                 log.debug(
-                    "%s[%d]: %d pixels flagged as cosmic rays",
-                    e.name,
-                    c.extver,
-                    int(bad.sum()),
+                    "%s[%d]: %d pixels flagged as cosmic rays", e.name, c.extver, n_bad
                 )
         log.info("cosmic-ray rejection flagged %d pixels in all", total)
-        self._drizzle_all()
 
     # ---------------------------------------------------------------- API
     def reject_cosmic_rays(self) -> None:
@@ -1197,12 +1214,14 @@ class DrizzleResample:
             msg = "cosmic-ray rejection needs at least 3 exposures, "
             msg += f"got {len(self.exposures)}"
             raise ValueError(msg)
-        for e, masks in zip(self.exposures, self._dq_valid, strict=True):
+        for i, (e, masks) in enumerate(
+            zip(self.exposures, self._dq_valid, strict=True)
+        ):
             for c, mask in zip(e.chips, masks, strict=True):
                 c.valid = mask.copy()
-        self._drizzle_all()
+            if not self._held_dq[i]:
+                self._stale.add(i)
         self._reject_cosmic_rays()
-        self._refresh()
 
     def leave_out(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """Return the combination without the exposures ``indices``.
@@ -1218,7 +1237,15 @@ class DrizzleResample:
             ``(ny, nx)`` float32 image (rate units, 0 where no remaining
             exposure covers) and weight of the remaining exposures.
         """
-        return self._stack.leave_out({self._check_index(i) for i in indices})
+        indices = {self._check_index(i) for i in indices}
+        self._sync()
+        return self._stack.leave_out(indices)
+
+    def _combination(self) -> tuple[np.ndarray, np.ndarray]:
+        self._sync()
+        if self._combined is None:
+            self._combined = self._stack.combined()
+        return self._combined
 
     @property
     def sci(self) -> np.ndarray:
@@ -1226,12 +1253,12 @@ class DrizzleResample:
 
         Read-only view of the resampler's state.
         """
-        return self._sci
+        return self._combination()[0]
 
     @property
     def wht(self) -> np.ndarray:
         """Combined weight ``(ny, nx)`` float32, 0 where uncovered (read-only)."""
-        return self._wht_total
+        return self._combination()[1]
 
     def _check_index(self, i) -> int:
         n = len(self.exposures)
@@ -1254,6 +1281,7 @@ class DrizzleResample:
             ``(ny, nx)`` float32: the exposure alone on the output grid.
         """
         i = self._check_index(i)
+        self._sync()
         img, wht = self._stack.contribution(i)
         return img.copy(), wht.copy()
 
@@ -1310,7 +1338,12 @@ class DrizzleResample:
         *,
         affine: tuple | None = None,
     ) -> None:
-        """Give exposure *i*'s chips new WCSs and re-drizzle exposure *i* only.
+        """Give exposure *i*'s chips new WCSs; exposure *i* alone is re-drizzled.
+
+        The drizzle waits for the first read of the combination (``sci``,
+        ``wht``, `leave_out`, `contribution`, `median_image`, cosmic-ray
+        rejection), so an update that nothing reads afterwards, such as the
+        last iteration's, costs no drizzle (`n_drizzles` counts the ones done).
 
         Parameters
         ----------
@@ -1362,5 +1395,4 @@ class DrizzleResample:
                 if affine is not None:
                     moved[c.extver].flags.writeable = False
                     self._pixmaps[i][c.extver] = moved[c.extver]
-        self._stack.set(i, *self._drizzle_exposure(i))
-        self._refresh()
+        self._stale.add(i)
