@@ -24,15 +24,23 @@ iterations, ``nmax=3``):
   off by 23-250 px (each run on a fresh resample); and ``align_images``
   warm with ``capture='always'`` vs ``'off'`` on the small-offset set.
 
+* ``--warm-only``: ``align_images`` with its default options (as
+  ``subpixal-jax align`` runs it, resample construction included) on the
+  default demo set (4 exposures x 2 chips 512x1024), warm: one compiling
+  run, then the median of 3 runs in the same process, with the number of
+  single-chip drizzles of one run (``DrizzleResample.n_drizzles``).
+
 Run::
 
     .venv/bin/python benchmarks/bench_align.py [--quick] [--capture-only]
+    .venv/bin/python benchmarks/bench_align.py --warm-only
 
 ``--quick`` uses 128x256 chips and 4 exposures only; ``--capture-only``
 runs the capture section alone.
 """
 
 import argparse
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -55,6 +63,8 @@ from subpixal_jax.simulate import WcsError, simulate_exposures
 N_ITERATIONS = 3
 #: Runs of each capture timing (the median is reported).
 CAPTURE_REPEATS = 3
+#: Warm runs of the default-options timing (the median is reported).
+WARM_REPEATS = 3
 #: Exposures 1-3 of the large-offset set (exposure 0 has none).
 LARGE = [
     WcsError((23.0, -7.5)),
@@ -166,6 +176,32 @@ def timed_align(paths, **options):
     return time.perf_counter() - start, result
 
 
+def warm_default_align(paths) -> tuple[list[float], int, object]:
+    """Warm ``align_images`` with default options: seconds of each run, drizzles."""
+    runs, n_drizzles, result = [], None, None
+    for k in range(1 + WARM_REPEATS):  # the first run compiles
+        start = time.perf_counter()
+        resample = DrizzleResample(paths)
+        result = align.align_images(PhotutilsCatalog(), resample)
+        if k:
+            runs.append(time.perf_counter() - start)
+        n_drizzles = resample.n_drizzles
+    return runs, n_drizzles, result
+
+
+def warm_only() -> None:
+    """The ``--warm-only`` section (see the module docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = simulate_exposures(tmp, seed=0)
+        runs, n_drizzles, result = warm_default_align(sim.paths)
+    print(
+        "align_images, default options, 4 x 2 x 512x1024, warm: "
+        f"median {np.median(runs):.2f} s of {', '.join(f'{t:.2f}' for t in runs)}; "
+        f"{n_drizzles} chip drizzles; {result.n_iterations} iterations, "
+        f"{result.status}; load average {os.getloadavg()[0]:.1f}"
+    )
+
+
 def capture_seconds(paths) -> tuple[float, list]:
     """Median seconds of the capture stage per captured exposure, and its results."""
     options = AlignOptions.create(reference=0)
@@ -220,7 +256,15 @@ def main():
     parser.add_argument(
         "--capture-only", action="store_true", help="the capture section alone"
     )
+    parser.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="warm align_images with default options on the demo set alone",
+    )
     args = parser.parse_args()
+    if args.warm_only:
+        warm_only()
+        return
     chip_shape = (128, 256) if args.quick else (256, 512)
     counts = (4,) if args.quick else (4, 16)
     capture = capture_rows(chip_shape)

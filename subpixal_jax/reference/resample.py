@@ -777,9 +777,8 @@ class LeaveOneOutStack:
 
     def combined(self) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(S / W, W)`` as read-only float32 (0 where uncovered)."""
-        good = self._W > 0
         sci = np.zeros(self.shape, dtype=np.float32)
-        sci[good] = self._S[good] / self._W[good]
+        np.divide(self._S, self._W, out=sci, where=self._W > 0)
         wht = self._W.astype(np.float32)
         sci.flags.writeable = False
         wht.flags.writeable = False
@@ -791,11 +790,15 @@ class LeaveOneOutStack:
         s = self._S.copy()
         for i in sorted(set(indices)):
             w -= self._wht[i]
-            s -= self._img[i].astype(np.float64) * self._wht[i]
+            product = self._img[i].astype(np.float64)
+            product *= self._wht[i]
+            s -= product
         good = w > 0
+        # in place and unmasked: boolean indexing would cost 3 full passes more
         sci = np.zeros(self.shape, dtype=np.float32)
-        sci[good] = s[good] / w[good]
-        return sci, np.where(good, w, 0).astype(np.float32)
+        np.divide(s, w, out=sci, where=good)
+        w[~good] = 0
+        return sci, w.astype(np.float32)
 
     def check(self, names: Sequence[str]) -> None:
         """Raise ValueError if an exposure is empty or overlaps no other one."""
