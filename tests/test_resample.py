@@ -472,6 +472,16 @@ def test_update_wcs_with_affine_moves_cached_pixmaps(exposures):
         r.update_wcs(1, new, affine=(matrix, shift))
     with pytest.raises(ValueError, match="2x2"):
         affine_pixmap(old[1], np.eye(3), shift, center)
+    with pytest.raises(ValueError, match="2x2"):  # at the call, not the read
+        r.update_wcs(1, new, affine=(np.eye(3), shift, center))
+    # two corrections before a read: moved by both, in order, when read
+    now = {k: r.pixmap(1, k).copy() for k in old}
+    second = (np.eye(2), np.array([-0.1, 0.2]), center)
+    r.update_wcs(1, new, affine=(matrix, shift, center))
+    r.update_wcs(1, new, affine=second)
+    for k, pm in now.items():
+        both = affine_pixmap(affine_pixmap(pm, matrix, shift, center), *second)
+        np.testing.assert_array_equal(r.pixmap(1, k), both)
 
 
 def test_pure_pieces_rebuild_the_facade(scene):
