@@ -399,3 +399,25 @@ def test_simulated_inputs_that_do_not_overlap(tmp_path):
     )
     with pytest.raises(ValueError, match="overlap"):
         DrizzleResample([a.paths[0], b.paths[0]])
+
+
+# ------------------------------------------------- 4. drizzles of a whole run
+@pytest.mark.slow
+def test_alignment_drizzles_nothing_twice_or_unread(tmp_path):
+    """No drizzle re-creates a held contribution; the last updates wait unread."""
+    from subpixal_jax.align import align_images
+
+    sim = simulate_exposures(tmp_path, n_exposures=N_EXP, chip_shape=CHIP, seed=2)
+    r = DrizzleResample(sim.paths)
+    result = align_images(PhotutilsCatalog(), r, reference=0, fitgeom="general")
+    assert result.status == "CONVERGED"
+    assert result.n_iterations == 3
+    flagged = sum(not all(c.valid.all() for c in e.chips) for e in r.exposures)
+    moving = N_EXP - 1
+    # set-up, the updates of iterations 1-2 (read by the next iteration) and
+    # the exposures the cosmic-ray pass flagged; before: + 4 DQ-only
+    # re-drizzles in that pass + the last iteration's 3 updates (42 in all)
+    assert r.n_drizzles == 2 * (N_EXP + 2 * moving + flagged)
+    n = r.n_drizzles
+    assert r.sci.shape == r.output_shape  # the first read drizzles them
+    assert r.n_drizzles == n + 2 * moving
