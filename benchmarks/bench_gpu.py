@@ -35,6 +35,7 @@ import numpy as np
 
 from subpixal_jax import align
 from subpixal_jax.compilation import count_compilations, enable_compilation_cache
+from subpixal_jax.pipeline import stages
 from subpixal_jax.reference import resample as resample_module
 from subpixal_jax.reference.catalog import PhotutilsCatalog
 from subpixal_jax.reference.resample import DrizzleResample
@@ -46,12 +47,13 @@ STAGES = (
     ("  chip pixel maps", resample_module, "chip_pixmap", 1),
     ("  drizzle exposures (+ maps)", DrizzleResample, "_drizzle_exposure", 1),
     ("catalog detection (photutils)", PhotutilsCatalog, "_detect", 0),
-    ("cutouts + pixmap nodes", align, "create_cutouts", 0),
-    ("measure displacements", align, "measure_displacements", 0),
-    ("  build batches", align, "build_batches", 1),
-    ("linear fits", align, "fit_points", 0),
-    ("WCS corrections", align, "correct_wcs", 0),
-    ("re-drizzle updated images", DrizzleResample, "update_wcs", 0),
+    ("cutouts + pixmap nodes", stages, "create_cutouts", 0),
+    ("measure displacements", stages, "measure_displacements", 0),
+    ("  build batches", stages, "build_batches", 1),
+    ("linear fits", stages, "fit_points", 0),
+    ("WCS corrections", stages, "correct_wcs", 0),
+    # WCS updates are drizzled when the products are next read.
+    ("re-drizzle updated images", DrizzleResample, "_sync", 0),
     ("cosmic-ray re-rejection", DrizzleResample, "reject_cosmic_rays", 0),
 )
 

@@ -1,4 +1,4 @@
-"""Tests of subpixal_jax.apps.sharding: one batch split over devices, same answers."""
+"""Tests of pipeline.sharding: one batch split over devices, same answers."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from subpixal_jax.apps.sharding import SOURCE_AXIS, shard_batch
 from subpixal_jax.core.batch import CutoutBatch
+from subpixal_jax.pipeline.sharding import SOURCE_AXIS, shard_batch
 
 # Builds a batch of Gaussian sources displaced by known sub-pixel shifts,
 # measures it on one device and sharded over all (forced host) devices, and
@@ -23,7 +23,7 @@ _SCRIPT = textwrap.dedent(
     import numpy as np
     from subpixal_jax.core.batch import CutoutBatch
     from subpixal_jax.core.measure import measure_batch
-    from subpixal_jax.apps.sharding import shard_batch
+    from subpixal_jax.pipeline.sharding import shard_batch
 
     def make_batch(n_real, n_pad, size=16, ref_size=24, seed=0):
         rng = np.random.default_rng(seed)

@@ -22,7 +22,6 @@ import numpy as np
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from subpixal_jax.apps.sharding import shard_batch
 from subpixal_jax.core.linfit import (
     FITGEOM_MIN_POINTS,
     FitStatus,
@@ -43,6 +42,7 @@ from subpixal_jax.io import result as res
 from subpixal_jax.io.images import Exposure
 from subpixal_jax.io.wcs import correct_wcs
 from subpixal_jax.options import AlignOptions
+from subpixal_jax.pipeline.sharding import shard_batch
 from subpixal_jax.status import ImageOutcome, ImageStatus, SourceFlag, refine_flags
 
 log = logging.getLogger(__name__)
