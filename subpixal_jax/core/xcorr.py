@@ -174,10 +174,14 @@ def _safe(x):
 
 
 def _normalise(ref, blots, ref_valid, blot_valid, cc_type):
-    """Normalise (original.md §4.1) with validity masks; return (ref, blots, ok)."""
+    """Normalise (original.md §4.1) with validity masks.
+
+    Returns ``(ref, blots, ok, ref_scale)``, ``ref_scale`` the divisor of
+    ``ref`` (1 for CC).
+    """
     if cc_type == "CC":
         ok = jnp.any(ref != 0) & jnp.any(blots != 0)
-        return ref, blots, ok
+        return ref, blots, ok, jnp.ones((), ref.dtype)
     count = jnp.sum(blot_valid)
     pool_mean = jnp.sum(jnp.where(blot_valid, blots, 0)) / _safe(count)
     pool_var = jnp.sum(jnp.where(blot_valid, (blots - pool_mean) ** 2, 0)) / _safe(
@@ -195,7 +199,7 @@ def _normalise(ref, blots, ref_valid, blot_valid, cc_type):
     if cc_type == "ZNCC":
         ref = ref - ref_mean
     ref = jnp.where(ref_valid, ref / _safe(ref_std), 0)
-    return ref, blots, (pool_std > 0) & (ref_std > 0)
+    return ref, blots, (pool_std > 0) & (ref_std > 0), _safe(ref_std)
 
 
 def _lag_extent(big, radius, fit_box):
@@ -329,7 +333,37 @@ def _search_window(lo, hi, big, radius):
     )
 
 
-def _peak_error(ref, blots, ref_valid, blot_valid, pk, lo, hi):
+def _moved(arr, corner):
+    """``arr`` moved by a lag: the window at ``corner`` of ``arr`` zero-padded."""
+    h, w = arr.shape
+    return jax.lax.dynamic_slice(jnp.pad(arr, ((h, h), (w, w))), corner, (h, w))
+
+
+def _residual_variance(moved, template, use, leverage, scale):
+    """Per-pixel variance model fitted to the residuals against the template.
+
+    A per-pixel squared residual makes the error of a single source noisy
+    (a few core pixels dominate); a two-parameter variance model, constant
+    plus a term proportional to the source (sky + read noise + Poisson),
+    fitted to them by least squares gives a stable one. The fit of the
+    position and scale absorbs part of the noise of the pixels that drive
+    it; dividing each squared residual by one minus its leverage (HC2)
+    removes that underestimate (~20% in variance here).
+    """
+    resid2 = jnp.where(use, (moved - scale * template) ** 2, 0)
+    resid2 = resid2 / jnp.clip(1.0 - leverage, 0.5, 1.0)
+    model = jnp.where(use, jnp.abs(scale * template), 0)
+    n_use = _safe(jnp.sum(use))
+    m1, m2 = jnp.sum(model) / n_use, jnp.sum(model * model) / n_use
+    r0, r1 = jnp.sum(resid2) / n_use, jnp.sum(resid2 * model) / n_use
+    spread = m2 - m1 * m1
+    slope = jnp.where(spread > 0, (r1 - m1 * r0) / _safe(spread), 0.0)
+    slope = jnp.maximum(slope, 0.0)
+    const = jnp.maximum(r0 - slope * m1, 0.0)
+    return jnp.where(use, const + slope * model, 0)
+
+
+def _peak_error(ref, blots, ref_valid, blot_valid, pk, lo, hi, noise=None):
     """1-sigma error of the peak lag (image px) from its curvature.
 
     Linearising the peak condition gives ``Cov = A^-1 G A^-1`` with ``A`` the
@@ -360,16 +394,16 @@ def _peak_error(ref, blots, ref_valid, blot_valid, pk, lo, hi):
     which = near[0] % 2 + 2 * (near[1] % 2)
     gx, gy = grad_x[which], grad_y[which]
     corner = (h - lag[1], w - lag[0])
-    moved = jax.lax.dynamic_slice(jnp.pad(ref, ((h, h), (w, w))), corner, (h, w))
-    moved_ok = jax.lax.dynamic_slice(
-        jnp.pad(ref_valid, ((h, h), (w, w))), corner, (h, w)
-    )
+    moved = _moved(ref, corner)
     template = blots[which] + offset[0] * gx + offset[1] * gy
-    use = moved_ok & both
-    scale = jnp.sum(jnp.where(use, template * moved, 0)) / _safe(
-        jnp.sum(jnp.where(use, template * template, 0))
-    )
-    var = jnp.where(use, (moved - scale * template) ** 2, 0)
+    use = _moved(ref_valid, corner) & both
+    if noise is None:
+        scale = jnp.sum(jnp.where(use, template * moved, 0)) / _safe(
+            jnp.sum(jnp.where(use, template * template, 0))
+        )
+        var = jnp.where(use, (moved - scale * template) ** 2, 0)
+    else:
+        var = jnp.where(use, _moved(noise, corner), 0)
     sxx = jnp.sum(gx * gx * var)
     syy = jnp.sum(gy * gy * var)
     sxy = jnp.sum(gx * gy * var)
@@ -403,7 +437,7 @@ def _blot_footprint(shape, h, w):
     )
 
 
-def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi):
+def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi, noise=None):
     """1-sigma error of a peak lag (image px) from the template at the peak.
 
     The peak of ``C(d) = sum_m R(m) B(m + d)`` is a least-squares estimate
@@ -444,11 +478,8 @@ def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi):
     gy = 2.0 * pick(along_y(fx, dwy))
     lag = near // 2 - jnp.array([(w - 1) // 2, (h - 1) // 2])
     corner = (h - lag[1], w - lag[0])
-    moved = jax.lax.dynamic_slice(jnp.pad(ref, ((h, h), (w, w))), corner, (h, w))
-    moved_ok = jax.lax.dynamic_slice(
-        jnp.pad(ref_valid, ((h, h), (w, w))), corner, (h, w)
-    )
-    use = moved_ok & jnp.all(blot_valid, axis=0)
+    moved = _moved(ref, corner)
+    use = _moved(ref_valid, corner) & jnp.all(blot_valid, axis=0)
     template = jnp.where(use, template, 0)
     gx = jnp.where(use, gx, 0)
     gy = jnp.where(use, gy, 0)
@@ -457,26 +488,12 @@ def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi):
     mxx, mxy, myy = jnp.sum(gx * gx), jnp.sum(gx * gy), jnp.sum(gy * gy)
     det = mxx * myy - mxy * mxy
     det = jnp.where(det > 0, det, jnp.nan)
-    # The fit of the position and scale absorbs part of the noise of the
-    # pixels that drive it; dividing each squared residual by one minus its
-    # leverage (HC2) removes that underestimate (~20% in variance here).
-    leverage = (myy * gx * gx - 2 * mxy * gx * gy + mxx * gy * gy) / det
-    leverage = leverage + template * template / t2
-    resid2 = jnp.where(use, (moved - scale * template) ** 2, 0)
-    resid2 = resid2 / jnp.clip(1.0 - leverage, 0.5, 1.0)
-    # A per-pixel squared residual makes the error of a single source noisy
-    # (a few core pixels dominate); a two-parameter variance model, constant
-    # plus a term proportional to the source (sky + read noise + Poisson),
-    # fitted to them by least squares gives a stable one.
-    model = jnp.where(use, jnp.abs(scale * template), 0)
-    n_use = _safe(jnp.sum(use))
-    m1, m2 = jnp.sum(model) / n_use, jnp.sum(model * model) / n_use
-    r0, r1 = jnp.sum(resid2) / n_use, jnp.sum(resid2 * model) / n_use
-    spread = m2 - m1 * m1
-    slope = jnp.where(spread > 0, (r1 - m1 * r0) / _safe(spread), 0.0)
-    slope = jnp.maximum(slope, 0.0)
-    const = jnp.maximum(r0 - slope * m1, 0.0)
-    var = jnp.where(use, const + slope * model, 0)
+    if noise is None:
+        leverage = (myy * gx * gx - 2 * mxy * gx * gy + mxx * gy * gy) / det
+        leverage = leverage + template * template / t2
+        var = _residual_variance(moved, template, use, leverage, scale)
+    else:
+        var = jnp.where(use, _moved(noise, corner), 0)
     sxx = jnp.sum(gx * gx * var)
     syy = jnp.sum(gy * gy * var)
     sxy = jnp.sum(gx * gy * var)
@@ -546,6 +563,7 @@ def _measure_one(
     ref_valid,
     blot_valid,
     shape,
+    variance,
     *,
     cc_type,
     fit_box,
@@ -566,7 +584,11 @@ def _measure_one(
     blots = jnp.where(blot_valid & jnp.isfinite(blots), blots, 0)
     if exact:
         blot_valid = blot_valid & (blots != 0)
-    ref_n, blots_n, norm_ok = _normalise(ref, blots, ref_valid, blot_valid, cc_type)
+    ref_n, blots_n, norm_ok, ref_scale = _normalise(
+        ref, blots, ref_valid, blot_valid, cc_type
+    )
+    # The exposure's noise in the normalised units of the map.
+    noise = None if variance is None else variance / ref_scale**2
     lagrange = peak_fit == "lagrange" and not exact
     width = max(fit_box, LAGRANGE_TAPS) if lagrange else fit_box
     (fy, my), (fx, mx) = extent = (
@@ -651,9 +673,11 @@ def _measure_one(
         ]
         raw = pk._replace(hessian=pk.hessian * at)
     if lagrange:
-        sigma = _template_error(ref_n, blots_n, ref_valid, blot_valid, pk.xy, lo, hi)
+        sigma = _template_error(
+            ref_n, blots_n, ref_valid, blot_valid, pk.xy, lo, hi, noise
+        )
     else:
-        sigma = _peak_error(ref_n, blots_n, ref_valid, blot_valid, raw, lo, hi)
+        sigma = _peak_error(ref_n, blots_n, ref_valid, blot_valid, raw, lo, hi, noise)
 
     empty = ~norm_ok | (ny < 1) | (nx < 1)
     flags = (
@@ -687,6 +711,7 @@ def _find_displacements(
     masks,
     blot_masks,
     shapes,
+    variances,
     *,
     cc_type,
     fit_box,
@@ -712,9 +737,13 @@ def _find_displacements(
     )
 
     def run(args):
+        if variances is None:
+            return jax.vmap(lambda *a: one(*a, None))(*args)[:5]
         return jax.vmap(one)(*args)[:5]
 
     args = (refs, blots, ref_valid, blot_valid, shapes)
+    if variances is not None:
+        args = (*args, variances)
     if n <= CHUNK:
         out = run(args)
     else:
@@ -743,6 +772,7 @@ def find_displacements(
     search_radius: float | None = None,
     peak_fit: str = "lagrange",
     overlap_normalise: bool = False,
+    variances: jax.Array | None = None,
 ) -> Displacements:
     """Displacements of a batch of sources by interlaced cross-correlation.
 
@@ -800,6 +830,14 @@ def find_displacements(
         simulated end-to-end alignment it left a common shift of ~0.003 px
         that stopped convergence. Costs three (NCC) or six (ZNCC) inverse
         transforms per blot instead of one.
+    variances : Array, shape (N, H, W), optional
+        Noise variance of every ``refs`` pixel (exposure units squared).
+        With it ``sigma`` propagates this noise through the peak condition
+        (honest at any S/N); without it the noise is estimated from the
+        residuals of the exposure against the matched blot, which also
+        count every mismatch of the model (a segment-masked reference, a
+        neighbour) as noise and overstate the error of bright sources up to
+        tenfold.
 
     Returns
     -------
@@ -872,6 +910,11 @@ def find_displacements(
     if shapes.shape != (n, 2):
         msg = f"shapes must have shape {(n, 2)}, got {shapes.shape}"
         raise ValueError(msg)
+    if variances is not None:
+        variances = jnp.asarray(variances)
+        if variances.shape != (n, h, w):
+            msg = f"variances must have shape {(n, h, w)}, got {variances.shape}"
+            raise ValueError(msg)
     cc_type = _check_cc_type(cc_type)
     check_fit_box(fit_box)
     check_peak_fit(peak_fit)
@@ -887,6 +930,7 @@ def find_displacements(
         masks.astype(bool),
         blot_masks.astype(bool),
         shapes.astype(jnp.int32),
+        None if variances is None else variances.astype(dtype),
         cc_type=cc_type,
         fit_box=fit_box,
         exact_original=bool(exact_original),
@@ -902,7 +946,7 @@ def _cross_correlate(ref, image, ref_mask, image_mask, *, cc_type):
     h, w = ref.shape[-2:]
 
     def one(r, b, rm, bm):
-        r, b, _ = _normalise(
+        r, b, *_ = _normalise(
             jnp.where(rm, r, 0), jnp.where(bm, b, 0)[None], rm, bm[None], cc_type
         )
         return _correlate_same(r, b, fft_shape((h, w)))[0]
@@ -1031,6 +1075,7 @@ def _find_displacement_full(
         valid & inside,
         jnp.broadcast_to(inside, blots.shape),
         shape,
+        None,
         cc_type=cc_type,
         fit_box=5,
         exact=exact_original,
