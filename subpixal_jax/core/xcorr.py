@@ -309,6 +309,32 @@ def _overlap_normalised(ref, blots, ref_valid, blot_valid, cc_type, lengths, ext
     )
 
 
+def _hole_factor(ref_valid, blots, shape, lengths, extent):
+    """Per-lag factor that restores the blot energy lost to bad exposure pixels.
+
+    A bad pixel of the exposure cutout (zeroed) removes the blot's
+    contribution there from the correlation, most at the lag where the
+    blot's core falls on it, which pushes the peak away from the truth
+    (0.1-0.2 px for a bright star crossed by a bad column). Dividing every
+    lag's sum by ``sqrt(E - L(tau)) / sqrt(E)``, ``E`` the blot energy and
+    ``L(tau)`` the part of it on bad pixels at that lag (the masked
+    normalisation of Padfield, IEEE TIP 21, 2012, for the blot alone),
+    makes the peak of an exact match the true lag again. Cutouts without
+    bad pixels get a factor of exactly 1, so their maps are unchanged.
+    Returns the factor, shape of the maps.
+    """
+    h, w = ref_valid.shape
+    inside = (jnp.arange(h)[:, None] < shape[0]) & (jnp.arange(w)[None, :] < shape[1])
+    holes = inside & ~ref_valid
+    power = blots * blots
+    energy = jnp.sum(power, axis=(-2, -1))[:, None, None]
+    lost = _correlate_same(holes.astype(blots.dtype), power, lengths, extent)
+    # At most a tenfold boost where a blot lies almost wholly on bad pixels.
+    kept = jnp.clip(energy - lost, 0.01 * energy, energy)
+    factor = jnp.sqrt(energy / _safe(kept))
+    return jnp.where(jnp.any(holes) & jnp.all(energy > 0), factor, 1.0)
+
+
 def _interlace(k00, k10, k01, k11):
     *lead, h, w = k00.shape
     even = jnp.stack([k00, k10], axis=-1).reshape((*lead, h, 2 * w))
@@ -596,9 +622,15 @@ def _measure_one(
         _lag_extent(w, radius, width),
     )
     lengths = fft_shape((h, w))
-    if exact or cc_type == "CC" or not overlap:
+    raw_scale = None
+    if exact:
         kmaps = _correlate_same(ref_n, blots_n, lengths, extent)
         scale = None
+    elif cc_type == "CC" or not overlap:
+        kmaps = _correlate_same(ref_n, blots_n, lengths, extent)
+        scale = None
+        raw_scale = _hole_factor(ref_valid, blots_n, shape, lengths, extent)
+        kmaps = kmaps * raw_scale
     else:
         kmaps, scale = _overlap_normalised(
             ref_n, blots_n, ref_valid, blot_valid, cc_type, lengths, extent
@@ -664,6 +696,13 @@ def _measure_one(
         b2 = jnp.mean(jnp.sum(blots_n * blots_n, axis=(-2, -1)))
         quality = pk.height / jnp.sqrt(_safe(r2 * b2))
         raw = pk
+        if raw_scale is not None:
+            at = raw_scale[
+                guess[0] % 2 + 2 * (guess[1] % 2),
+                guess[1] // 2 - fy,
+                guess[0] // 2 - fx,
+            ]
+            raw = pk._replace(hessian=pk.hessian / at)
     else:
         # The map is already a correlation coefficient; the error propagation
         # needs the curvature of the raw sum, ``scale`` times the map's.
