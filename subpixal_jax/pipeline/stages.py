@@ -130,6 +130,36 @@ def _refined(batch, found, interp):
     return dxdy, sigma, np.where(ok, 0, failed | SourceFlag.REFINE_FAILED)
 
 
+def reference_noise_ratios(
+    exptimes: Sequence[float],
+    indices: Sequence[int],
+    exclude: frozenset[int] | set[int],
+) -> list[float]:
+    """Noise variance of each image's reference relative to the image's own.
+
+    The reference of image ``i`` is the exposure-time weighted drizzle of
+    the others (not ``exclude``): its noise variance, in the image's units,
+    is about ``t_i / sum(t_j)`` of the image's (exact for Poisson noise).
+    It adds to the error of every displacement measured against it.
+    """
+    out = []
+    for i in indices:
+        total = sum(t for j, t in enumerate(exptimes) if j != i and j not in exclude)
+        out.append(float(exptimes[i]) / total if total > 0 else 0.0)
+    return out
+
+
+def _with_reference_noise(batch, index, owner, reference_noise):
+    """``batch`` with its pixel variances scaled by ``1 + ratio`` of each source."""
+    factor = np.ones(len(index))
+    real = index >= 0
+    factor[real] += np.asarray(reference_noise, float)[owner[index[real]]]
+    variance = np.asarray(batch.variance)
+    return batch._replace(
+        variance=(variance * factor[:, None, None]).astype(variance.dtype)
+    )
+
+
 def measure_displacements(
     cutouts: Sequence[Sequence[SourceCutouts]],
     *,
@@ -139,6 +169,7 @@ def measure_displacements(
     keep_blots: bool = False,
     refine: bool = False,
     peak_fit: str = "quadratic",
+    reference_noise: Sequence[float] | None = None,
 ) -> list[Measured]:
     """Measure every source of every image in one compiled call per bucket.
 
@@ -156,6 +187,10 @@ def measure_displacements(
         Fisher information. A source whose refinement fails keeps its
         cross-correlation flags plus ``SourceFlag.REFINE_FAILED`` and the
         refinement's own bits.
+    reference_noise : sequence of float, optional
+        Per image, the noise variance of its reference relative to its own
+        (:func:`reference_noise_ratios`); the errors ``sigma`` then count
+        both. Default 0 (the exposure's noise only).
 
     Returns
     -------
@@ -175,6 +210,8 @@ def measure_displacements(
     blots: list[np.ndarray | None] = [None] * n
     with jax.enable_x64(True):
         for batch, index in build_batches(flat, owner) if n else []:
+            if reference_noise is not None:
+                batch = _with_reference_noise(batch, index, owner, reference_noise)
             # One device: a plain transfer; several: split the sources.
             batch = shard_batch(batch)
             found, batch_blots = measure_batch(
@@ -575,6 +612,9 @@ def measure_and_fit(
         keep_blots=options.keep_diagnostics,
         refine=options.refine == "sources",
         peak_fit=options.peak_fit,
+        reference_noise=reference_noise_ratios(
+            [float(e.exptime) for e in resample.exposures], indices, exclude
+        ),
     )
     points = robust_inliers(
         [
