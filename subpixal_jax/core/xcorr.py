@@ -49,6 +49,17 @@ CHUNK = 64
 _SIGMA_OK_FLAGS = int(PeakFlag.EDGE | PeakFlag.LAG_WINDOW)
 
 
+class _Settings(NamedTuple):
+    """Static options of one measurement (hashable: a compile-time key)."""
+
+    cc_type: str
+    fit_box: int
+    exact: bool
+    radius: float | None
+    peak_fit: str
+    overlap: bool
+
+
 class Displacements(NamedTuple):
     """Per-source displacements of a batch.
 
@@ -583,22 +594,9 @@ def _lagrange_refine(pk, kmaps, guess, lo, hi, rows_extent, cols_extent):
     )
 
 
-def _measure_one(
-    ref,
-    blots,
-    ref_valid,
-    blot_valid,
-    shape,
-    variance,
-    *,
-    cc_type,
-    fit_box,
-    exact,
-    radius,
-    peak_fit="lagrange",
-    overlap=False,
-):
+def _measure_one(ref, blots, ref_valid, blot_valid, shape, variance, settings):
     """Displacement of one source; returns (fields..., kmaps)."""
+    cc_type, fit_box, exact, radius, peak_fit, overlap = settings
     h, w = ref.shape
     dtype = ref.dtype
     if not exact:
@@ -733,52 +731,19 @@ def _measure_one(
     return dxdy, flags, sigma, peak, quality, kmaps
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "cc_type",
-        "fit_box",
-        "exact_original",
-        "search_radius",
-        "peak_fit",
-        "overlap_normalise",
-    ),
-)
-def _find_displacements(
-    refs,
-    blots,
-    masks,
-    blot_masks,
-    shapes,
-    variances,
-    *,
-    cc_type,
-    fit_box,
-    exact_original,
-    search_radius,
-    peak_fit,
-    overlap_normalise,
-):
+@functools.partial(jax.jit, static_argnames=("settings",))
+def _find_displacements(refs, blots, masks, blot_masks, shapes, variances, settings):
     n, h, w = refs.shape
     inside = (jnp.arange(h)[None, :, None] < shapes[:, 0, None, None]) & (
         jnp.arange(w)[None, None, :] < shapes[:, 1, None, None]
     )
     ref_valid = masks & inside
     blot_valid = blot_masks & inside[:, None]
-    one = functools.partial(
-        _measure_one,
-        cc_type=cc_type,
-        fit_box=fit_box,
-        exact=exact_original,
-        radius=search_radius,
-        peak_fit=peak_fit,
-        overlap=overlap_normalise,
-    )
 
     def run(args):
         if variances is None:
-            return jax.vmap(lambda *a: one(*a, None))(*args)[:5]
-        return jax.vmap(one)(*args)[:5]
+            return jax.vmap(lambda *a: _measure_one(*a, None, settings))(*args)[:5]
+        return jax.vmap(lambda *a: _measure_one(*a, settings))(*args)[:5]
 
     args = (refs, blots, ref_valid, blot_valid, shapes)
     if variances is not None:
@@ -798,7 +763,7 @@ def _find_displacements(
     return Displacements(*out)
 
 
-def find_displacements(
+def find_displacements(  # noqa: PLR0913  # seed signature
     refs: jax.Array,
     blots: jax.Array,
     masks: jax.Array | None = None,
@@ -970,12 +935,14 @@ def find_displacements(
         blot_masks.astype(bool),
         shapes.astype(jnp.int32),
         None if variances is None else variances.astype(dtype),
-        cc_type=cc_type,
-        fit_box=fit_box,
-        exact_original=bool(exact_original),
-        search_radius=search_radius,
-        peak_fit=peak_fit,
-        overlap_normalise=bool(overlap_normalise),
+        _Settings(
+            cc_type,
+            fit_box,
+            bool(exact_original),
+            search_radius,
+            peak_fit,
+            bool(overlap_normalise),
+        ),
     )
 
 
@@ -1115,18 +1082,13 @@ def _find_displacement_full(
         jnp.broadcast_to(inside, blots.shape),
         shape,
         None,
-        cc_type=cc_type,
-        fit_box=5,
-        exact=exact_original,
-        radius=None,
-        peak_fit=peak_fit,
-        overlap=overlap_normalise,
+        _Settings(cc_type, 5, exact_original, None, peak_fit, overlap_normalise),
     )
     icc = _interlace(kmaps[0], kmaps[1], kmaps[2], kmaps[3])
     return DisplacementMap(dxdy[0], dxdy[1], flags, sigma, peak, quality, icc, kmaps)
 
 
-def find_displacement_full(
+def find_displacement_full(  # noqa: PLR0913  # seed signature
     ref: jax.Array,
     im00: jax.Array,
     im10: jax.Array,
