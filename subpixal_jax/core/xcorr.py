@@ -72,11 +72,13 @@ class Displacements(NamedTuple):
     flags : Array, shape (N,), int32
         :class:`~subpixal_jax.core.peak.PeakFlag` bits; 0 = good.
     sigma : Array, shape (N, 2)
-        Approximate 1-sigma error of ``(dx, dy)`` (image pixels) from the
-        curvature of the fitted peak and per-pixel residuals of the exposure
-        against the matched blot (noise plus model mismatch); NaN when the
-        fit was rejected. On the standard cases it is 1.0–1.3x the measured
-        RMS error.
+        Approximate 1-sigma error of ``(dx, dy)`` (image pixels): the
+        exposure's noise (the ``variances`` given to
+        :func:`find_displacements`, else the per-pixel residuals of the
+        exposure against the matched blot, which count model mismatch as
+        noise) propagated through the peak condition; NaN when the fit was
+        rejected. With variances the pulls on the standard cases are
+        0.99-1.04 (docs/accuracy.md §1.5).
     peak : Array, shape (N,)
         Height of the fitted correlation peak (units of ``cc_type``; with
         ``overlap_normalise`` the per-lag correlation coefficient, at most
