@@ -21,6 +21,7 @@ from subpixal_jax.pipeline import (
     initial_state,
     load_state,
     save_state,
+    stages,
     stop_reason,
 )
 from subpixal_jax.pipeline.loop import final_outcomes
@@ -299,3 +300,38 @@ def test_readme_documents_every_option():
         f.name for f in dataclasses.fields(AlignOptions) if f"`{f.name}`" not in table
     ]
     assert not missing, missing
+
+
+def test_fit_weights_follow_the_measured_sigma():
+    sigma = np.array([[0.004, 0.004], [0.1, 0.1], [np.nan, np.nan]])
+    meas = stages.Measured(np.zeros((3, 2)), sigma, np.zeros(3, int), [])
+    options = AlignOptions()
+    # Image pixels twice the fit frame's: errors double in fit-frame pixels.
+    w = stages.fit_weights([None] * 3, meas, options, pixel_ratio=2.0)
+    floor = stages.POSITION_ERROR_FLOOR
+    np.testing.assert_allclose(w[:2], 1 / (4 * sigma[:2, 0] ** 2 + floor**2))
+    assert w[2] == 0.0
+    unweighted = AlignOptions(use_weights=False)
+    np.testing.assert_array_equal(stages.fit_weights([None] * 3, meas, unweighted), 1)
+
+
+def test_robust_inliers_judge_each_point_by_its_own_error():
+    # 300 points with errors from 0.003 to 0.3 px and a shift of (0.5, -0.2);
+    # one bright point (sigma 0.003 px) 0.05 px off: 17 of its own errors,
+    # but far inside the scatter of the faint ones, which an unnormalised
+    # clip would have kept and let dominate the weighted fit.
+    rng = np.random.default_rng(5)
+    n = 300
+    sigma = np.exp(rng.uniform(np.log(0.003), np.log(0.3), n))
+    uv = rng.uniform(0, 1000, (n, 2))
+    xy = uv + np.array([0.5, -0.2]) + sigma[:, None] * rng.standard_normal((n, 2))
+    xy[0] = uv[0] + np.array([0.5, -0.2]) + 0.05
+    sigma[0] = 0.003
+    weight = 1 / (sigma**2 + stages.POSITION_ERROR_FLOOR**2)
+    points = stages.Points(xy, uv, weight, np.ones(n, bool))
+    center = np.array([500.0, 500.0])
+    (kept,) = stages.robust_inliers([points], center, AlignOptions())
+    assert not kept.good[0]
+    assert np.count_nonzero(kept.good[1:]) >= 0.98 * (n - 1)
+    (fit,) = stages.fit_points([kept], center, AlignOptions())
+    np.testing.assert_allclose(fit.shift, [0.5, -0.2], atol=0.003)

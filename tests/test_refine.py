@@ -224,9 +224,8 @@ def test_loss_gradient_is_finite():
         weight = 1.0 / var
 
         def loss(d, weight):
-            r = refine._projected_residuals(
-                d, image, weight, grid, grid_ok, pixmap, jac, iscale, "poly5"
-            )[0]
+            blot = refine._Blot(grid, grid_ok, pixmap, jac, iscale)
+            r = refine._projected_residuals(d, image, weight, blot, "poly5")[0]
             return jnp.sum(r * r)
 
         grad = jax.jit(jax.grad(loss))

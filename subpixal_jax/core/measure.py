@@ -90,6 +90,7 @@ def measure_batch(
         search_radius=search_radius,
         peak_fit=peak_fit,
         overlap_normalise=overlap_normalise,
+        variances=batch.variance,
     )
     return result, jnp.asarray(blots)
 

@@ -341,7 +341,7 @@ def lagrange_peak(values: jax.Array, start: jax.Array, *, n_iter: int = 5):
     return uv, value, hess, ok
 
 
-def refine_box(
+def refine_box(  # noqa: PLR0913  # seed signature
     values: jax.Array,
     start: jax.Array,
     guess: jax.Array,

@@ -111,41 +111,46 @@ def _blot_values_jvp(kind, primals, tangents):
 _blot_values.defjvp(_blot_values_jvp, symbolic_zeros=True)
 
 
-def _template(shift, ref, ref_valid, pixmap, jacobian, iscale, kind):
+class _Blot(NamedTuple):
+    """What places one source's reference on its exposure cutout."""
+
+    ref: jax.Array
+    ref_valid: jax.Array
+    pixmap: jax.Array
+    jacobian: jax.Array
+    iscale: jax.Array
+
+
+def _template(shift, blot, kind):
     """Interpolate the reference at the pixmap displaced by ``J @ shift``."""
-    offset = jacobian @ shift
-    x = pixmap[..., 0] + offset[0]
-    y = pixmap[..., 1] + offset[1]
-    return _blot_values(ref, ref_valid, x, y, kind) * iscale
+    offset = blot.jacobian @ shift
+    x = blot.pixmap[..., 0] + offset[0]
+    y = blot.pixmap[..., 1] + offset[1]
+    return _blot_values(blot.ref, blot.ref_valid, x, y, kind) * blot.iscale
 
 
-def _projected_residuals(
-    shift, image, weight, ref, ref_valid, pixmap, jacobian, iscale, kind
-):
+def _projected_residuals(shift, image, weight, blot, kind):
     """Weighted residuals with the flux scale and background profiled out.
 
     Returns the residuals twice (the second copy as ``jacfwd`` auxiliary
     output, so one pass gives both the residuals and their Jacobian) and the
     best ``(scale, background, det)``.
     """
-    template = _template(shift, ref, ref_valid, pixmap, jacobian, iscale, kind)
-    template = template.astype(shift.dtype)
+    template = _template(shift, blot, kind).astype(shift.dtype)
     scale, background, det = _solve_linear(template, image, weight)
     r = (jnp.sqrt(weight) * (image - scale * template - background)).reshape(-1)
     return r, (r, scale, background, det)
 
 
-def _refine_one(
-    image, variance, valid, ref, ref_valid, pixmap, jacobian, iscale, d0, kind, n_iter
-):
+def _refine_one(image, variance, valid, blot, d0, kind, n_iter):
     dtype = d0.dtype
     image = image.astype(dtype)
     # Pixels usable at the start stay the only ones used: a mask that changed
     # with d would make the loss discontinuous.
-    offset = jacobian @ d0
-    _, template_ok = sample(
-        ref, pixmap[..., 0] + offset[0], pixmap[..., 1] + offset[1], ref_valid, kind
-    )
+    offset = blot.jacobian @ d0
+    x = blot.pixmap[..., 0] + offset[0]
+    y = blot.pixmap[..., 1] + offset[1]
+    _, template_ok = sample(blot.ref, x, y, blot.ref_valid, kind)
     usable = valid & template_ok & (variance > 0) & jnp.isfinite(image)
     weight = jnp.where(usable, 1.0 / jnp.where(usable, variance, 1.0), 0.0)
     weight = weight.astype(dtype)
@@ -153,9 +158,7 @@ def _refine_one(
     n_used = jnp.sum(usable)
 
     def residuals(d):
-        return _projected_residuals(
-            d, image, weight, ref, ref_valid, pixmap, jacobian, iscale, kind
-        )
+        return _projected_residuals(d, image, weight, blot, kind)
 
     linearise = jax.jacfwd(residuals, has_aux=True)
 
@@ -210,7 +213,7 @@ def _refine_one(
 
 
 @functools.partial(jax.jit, static_argnames=("interp", "n_iter"))
-def refine_displacements(
+def refine_displacements(  # noqa: PLR0913  # seed signature
     images,
     variances,
     valid,
@@ -296,17 +299,8 @@ def refine_displacements(
         raise ValueError(msg)
     one = functools.partial(_refine_one, kind=interp, n_iter=n_iter)
     start = jnp.where(jnp.isfinite(dxdy0), dxdy0, 0.0)
-    return jax.vmap(one)(
-        images,
-        variances,
-        valid,
-        ref,
-        ref_valid,
-        pixmap,
-        jacobian,
-        jnp.asarray(iscale).reshape(n),
-        start,
-    )
+    blot = _Blot(ref, ref_valid, pixmap, jacobian, jnp.asarray(iscale).reshape(n))
+    return jax.vmap(one)(images, variances, valid, blot, start)
 
 
 # --------------------------------------------------------------------------
@@ -395,25 +389,34 @@ def _source_residuals(a, t, center, source, kind):
     return (jnp.sqrt(weight) * (image - scale * template - background)).reshape(-1)
 
 
-def _refine_transform_one(
-    images,
-    variances,
-    valid,
-    ref,
-    ref_valid,
-    pixmap,
-    origin,
-    iscale,
-    source_valid,
-    center,
-    matrix0,
-    shift0,
-    *,
-    fitgeom,
-    kind,
-    n_iter,
-    cauchy_scale,
-):
+class _TransformSources(NamedTuple):
+    """All source cutouts of one image for :func:`refine_transform`."""
+
+    images: jax.Array
+    variances: jax.Array
+    valid: jax.Array
+    ref: jax.Array
+    ref_valid: jax.Array
+    pixmap: jax.Array
+    origin: jax.Array
+    iscale: jax.Array
+    source_valid: jax.Array
+
+
+class _TransformSettings(NamedTuple):
+    """Static options of :func:`refine_transform` (hashable)."""
+
+    fitgeom: str
+    kind: str
+    n_iter: int
+    cauchy_scale: float
+
+
+def _refine_transform_one(data, center, matrix0, shift0, settings):
+    images, variances, valid, ref, ref_valid, pixmap, origin, iscale, source_valid = (
+        data
+    )
+    fitgeom, kind, n_iter, cauchy_scale = settings
     dtype = center.dtype
     images = images.astype(dtype)
     usable = (
@@ -525,7 +528,7 @@ def _refine_transform_one(
 @functools.partial(
     jax.jit, static_argnames=("fitgeom", "interp", "n_iter", "cauchy_scale")
 )
-def refine_transform(
+def refine_transform(  # noqa: PLR0913  # seed signature
     images,
     variances,
     valid,
@@ -598,24 +601,10 @@ def refine_transform(
     if images.ndim != 4:
         msg = f"images must have shape (B, S, H, W), got {images.shape}"
         raise ValueError(msg)
-    one = functools.partial(
-        _refine_transform_one,
-        fitgeom=fitgeom,
-        kind=interp,
-        n_iter=n_iter,
-        cauchy_scale=cauchy_scale,
+    settings = _TransformSettings(fitgeom, interp, n_iter, cauchy_scale)
+    data = _TransformSources(
+        images, variances, valid, ref, ref_valid, pixmap, origin, iscale, source_valid
     )
-    return jax.vmap(one)(
-        images,
-        variances,
-        valid,
-        ref,
-        ref_valid,
-        pixmap,
-        origin,
-        iscale,
-        source_valid,
-        center,
-        matrix0,
-        shift0,
+    return jax.vmap(lambda *args: _refine_transform_one(*args, settings))(
+        data, center, matrix0, shift0
     )

@@ -49,6 +49,17 @@ CHUNK = 64
 _SIGMA_OK_FLAGS = int(PeakFlag.EDGE | PeakFlag.LAG_WINDOW)
 
 
+class _Settings(NamedTuple):
+    """Static options of one measurement (hashable: a compile-time key)."""
+
+    cc_type: str
+    fit_box: int
+    exact: bool
+    radius: float | None
+    peak_fit: str
+    overlap: bool
+
+
 class Displacements(NamedTuple):
     """Per-source displacements of a batch.
 
@@ -61,11 +72,13 @@ class Displacements(NamedTuple):
     flags : Array, shape (N,), int32
         :class:`~subpixal_jax.core.peak.PeakFlag` bits; 0 = good.
     sigma : Array, shape (N, 2)
-        Approximate 1-sigma error of ``(dx, dy)`` (image pixels) from the
-        curvature of the fitted peak and per-pixel residuals of the exposure
-        against the matched blot (noise plus model mismatch); NaN when the
-        fit was rejected. On the standard cases it is 1.0–1.3x the measured
-        RMS error.
+        Approximate 1-sigma error of ``(dx, dy)`` (image pixels): the
+        exposure's noise (the ``variances`` given to
+        :func:`find_displacements`, else the per-pixel residuals of the
+        exposure against the matched blot, which count model mismatch as
+        noise) propagated through the peak condition; NaN when the fit was
+        rejected. With variances the pulls on the standard cases are
+        0.99-1.04 (docs/accuracy.md §1.5).
     peak : Array, shape (N,)
         Height of the fitted correlation peak (units of ``cc_type``; with
         ``overlap_normalise`` the per-lag correlation coefficient, at most
@@ -174,10 +187,14 @@ def _safe(x):
 
 
 def _normalise(ref, blots, ref_valid, blot_valid, cc_type):
-    """Normalise (original.md §4.1) with validity masks; return (ref, blots, ok)."""
+    """Normalise (original.md §4.1) with validity masks.
+
+    Returns ``(ref, blots, ok, ref_scale)``, ``ref_scale`` the divisor of
+    ``ref`` (1 for CC).
+    """
     if cc_type == "CC":
         ok = jnp.any(ref != 0) & jnp.any(blots != 0)
-        return ref, blots, ok
+        return ref, blots, ok, jnp.ones((), ref.dtype)
     count = jnp.sum(blot_valid)
     pool_mean = jnp.sum(jnp.where(blot_valid, blots, 0)) / _safe(count)
     pool_var = jnp.sum(jnp.where(blot_valid, (blots - pool_mean) ** 2, 0)) / _safe(
@@ -195,7 +212,7 @@ def _normalise(ref, blots, ref_valid, blot_valid, cc_type):
     if cc_type == "ZNCC":
         ref = ref - ref_mean
     ref = jnp.where(ref_valid, ref / _safe(ref_std), 0)
-    return ref, blots, (pool_std > 0) & (ref_std > 0)
+    return ref, blots, (pool_std > 0) & (ref_std > 0), _safe(ref_std)
 
 
 def _lag_extent(big, radius, fit_box):
@@ -305,6 +322,32 @@ def _overlap_normalised(ref, blots, ref_valid, blot_valid, cc_type, lengths, ext
     )
 
 
+def _hole_factor(ref_valid, blots, shape, lengths, extent):
+    """Per-lag factor that restores the blot energy lost to bad exposure pixels.
+
+    A bad pixel of the exposure cutout (zeroed) removes the blot's
+    contribution there from the correlation, most at the lag where the
+    blot's core falls on it, which pushes the peak away from the truth
+    (0.1-0.2 px for a bright star crossed by a bad column). Dividing every
+    lag's sum by ``sqrt(E - L(tau)) / sqrt(E)``, ``E`` the blot energy and
+    ``L(tau)`` the part of it on bad pixels at that lag (the masked
+    normalisation of Padfield, IEEE TIP 21, 2012, for the blot alone),
+    makes the peak of an exact match the true lag again. Cutouts without
+    bad pixels get a factor of exactly 1, so their maps are unchanged.
+    Returns the factor, shape of the maps.
+    """
+    h, w = ref_valid.shape
+    inside = (jnp.arange(h)[:, None] < shape[0]) & (jnp.arange(w)[None, :] < shape[1])
+    holes = inside & ~ref_valid
+    power = blots * blots
+    energy = jnp.sum(power, axis=(-2, -1))[:, None, None]
+    lost = _correlate_same(holes.astype(blots.dtype), power, lengths, extent)
+    # At most a tenfold boost where a blot lies almost wholly on bad pixels.
+    kept = jnp.clip(energy - lost, 0.01 * energy, energy)
+    factor = jnp.sqrt(energy / _safe(kept))
+    return jnp.where(jnp.any(holes) & jnp.all(energy > 0), factor, 1.0)
+
+
 def _interlace(k00, k10, k01, k11):
     *lead, h, w = k00.shape
     even = jnp.stack([k00, k10], axis=-1).reshape((*lead, h, 2 * w))
@@ -329,7 +372,37 @@ def _search_window(lo, hi, big, radius):
     )
 
 
-def _peak_error(ref, blots, ref_valid, blot_valid, pk, lo, hi):
+def _moved(arr, corner):
+    """``arr`` moved by a lag: the window at ``corner`` of ``arr`` zero-padded."""
+    h, w = arr.shape
+    return jax.lax.dynamic_slice(jnp.pad(arr, ((h, h), (w, w))), corner, (h, w))
+
+
+def _residual_variance(moved, template, use, leverage, scale):
+    """Per-pixel variance model fitted to the residuals against the template.
+
+    A per-pixel squared residual makes the error of a single source noisy
+    (a few core pixels dominate); a two-parameter variance model, constant
+    plus a term proportional to the source (sky + read noise + Poisson),
+    fitted to them by least squares gives a stable one. The fit of the
+    position and scale absorbs part of the noise of the pixels that drive
+    it; dividing each squared residual by one minus its leverage (HC2)
+    removes that underestimate (~20% in variance here).
+    """
+    resid2 = jnp.where(use, (moved - scale * template) ** 2, 0)
+    resid2 = resid2 / jnp.clip(1.0 - leverage, 0.5, 1.0)
+    model = jnp.where(use, jnp.abs(scale * template), 0)
+    n_use = _safe(jnp.sum(use))
+    m1, m2 = jnp.sum(model) / n_use, jnp.sum(model * model) / n_use
+    r0, r1 = jnp.sum(resid2) / n_use, jnp.sum(resid2 * model) / n_use
+    spread = m2 - m1 * m1
+    slope = jnp.where(spread > 0, (r1 - m1 * r0) / _safe(spread), 0.0)
+    slope = jnp.maximum(slope, 0.0)
+    const = jnp.maximum(r0 - slope * m1, 0.0)
+    return jnp.where(use, const + slope * model, 0)
+
+
+def _peak_error(ref, blots, ref_valid, blot_valid, pk, lo, hi, noise=None):
     """1-sigma error of the peak lag (image px) from its curvature.
 
     Linearising the peak condition gives ``Cov = A^-1 G A^-1`` with ``A`` the
@@ -360,16 +433,16 @@ def _peak_error(ref, blots, ref_valid, blot_valid, pk, lo, hi):
     which = near[0] % 2 + 2 * (near[1] % 2)
     gx, gy = grad_x[which], grad_y[which]
     corner = (h - lag[1], w - lag[0])
-    moved = jax.lax.dynamic_slice(jnp.pad(ref, ((h, h), (w, w))), corner, (h, w))
-    moved_ok = jax.lax.dynamic_slice(
-        jnp.pad(ref_valid, ((h, h), (w, w))), corner, (h, w)
-    )
+    moved = _moved(ref, corner)
     template = blots[which] + offset[0] * gx + offset[1] * gy
-    use = moved_ok & both
-    scale = jnp.sum(jnp.where(use, template * moved, 0)) / _safe(
-        jnp.sum(jnp.where(use, template * template, 0))
-    )
-    var = jnp.where(use, (moved - scale * template) ** 2, 0)
+    use = _moved(ref_valid, corner) & both
+    if noise is None:
+        scale = jnp.sum(jnp.where(use, template * moved, 0)) / _safe(
+            jnp.sum(jnp.where(use, template * template, 0))
+        )
+        var = jnp.where(use, (moved - scale * template) ** 2, 0)
+    else:
+        var = jnp.where(use, _moved(noise, corner), 0)
     sxx = jnp.sum(gx * gx * var)
     syy = jnp.sum(gy * gy * var)
     sxy = jnp.sum(gx * gy * var)
@@ -403,7 +476,7 @@ def _blot_footprint(shape, h, w):
     )
 
 
-def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi):
+def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi, noise=None):
     """1-sigma error of a peak lag (image px) from the template at the peak.
 
     The peak of ``C(d) = sum_m R(m) B(m + d)`` is a least-squares estimate
@@ -444,11 +517,8 @@ def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi):
     gy = 2.0 * pick(along_y(fx, dwy))
     lag = near // 2 - jnp.array([(w - 1) // 2, (h - 1) // 2])
     corner = (h - lag[1], w - lag[0])
-    moved = jax.lax.dynamic_slice(jnp.pad(ref, ((h, h), (w, w))), corner, (h, w))
-    moved_ok = jax.lax.dynamic_slice(
-        jnp.pad(ref_valid, ((h, h), (w, w))), corner, (h, w)
-    )
-    use = moved_ok & jnp.all(blot_valid, axis=0)
+    moved = _moved(ref, corner)
+    use = _moved(ref_valid, corner) & jnp.all(blot_valid, axis=0)
     template = jnp.where(use, template, 0)
     gx = jnp.where(use, gx, 0)
     gy = jnp.where(use, gy, 0)
@@ -457,26 +527,12 @@ def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi):
     mxx, mxy, myy = jnp.sum(gx * gx), jnp.sum(gx * gy), jnp.sum(gy * gy)
     det = mxx * myy - mxy * mxy
     det = jnp.where(det > 0, det, jnp.nan)
-    # The fit of the position and scale absorbs part of the noise of the
-    # pixels that drive it; dividing each squared residual by one minus its
-    # leverage (HC2) removes that underestimate (~20% in variance here).
-    leverage = (myy * gx * gx - 2 * mxy * gx * gy + mxx * gy * gy) / det
-    leverage = leverage + template * template / t2
-    resid2 = jnp.where(use, (moved - scale * template) ** 2, 0)
-    resid2 = resid2 / jnp.clip(1.0 - leverage, 0.5, 1.0)
-    # A per-pixel squared residual makes the error of a single source noisy
-    # (a few core pixels dominate); a two-parameter variance model, constant
-    # plus a term proportional to the source (sky + read noise + Poisson),
-    # fitted to them by least squares gives a stable one.
-    model = jnp.where(use, jnp.abs(scale * template), 0)
-    n_use = _safe(jnp.sum(use))
-    m1, m2 = jnp.sum(model) / n_use, jnp.sum(model * model) / n_use
-    r0, r1 = jnp.sum(resid2) / n_use, jnp.sum(resid2 * model) / n_use
-    spread = m2 - m1 * m1
-    slope = jnp.where(spread > 0, (r1 - m1 * r0) / _safe(spread), 0.0)
-    slope = jnp.maximum(slope, 0.0)
-    const = jnp.maximum(r0 - slope * m1, 0.0)
-    var = jnp.where(use, const + slope * model, 0)
+    if noise is None:
+        leverage = (myy * gx * gx - 2 * mxy * gx * gy + mxx * gy * gy) / det
+        leverage = leverage + template * template / t2
+        var = _residual_variance(moved, template, use, leverage, scale)
+    else:
+        var = jnp.where(use, _moved(noise, corner), 0)
     sxx = jnp.sum(gx * gx * var)
     syy = jnp.sum(gy * gy * var)
     sxy = jnp.sum(gx * gy * var)
@@ -540,21 +596,9 @@ def _lagrange_refine(pk, kmaps, guess, lo, hi, rows_extent, cols_extent):
     )
 
 
-def _measure_one(
-    ref,
-    blots,
-    ref_valid,
-    blot_valid,
-    shape,
-    *,
-    cc_type,
-    fit_box,
-    exact,
-    radius,
-    peak_fit="lagrange",
-    overlap=False,
-):
+def _measure_one(ref, blots, ref_valid, blot_valid, shape, variance, settings):
     """Displacement of one source; returns (fields..., kmaps)."""
+    cc_type, fit_box, exact, radius, peak_fit, overlap = settings
     h, w = ref.shape
     dtype = ref.dtype
     if not exact:
@@ -566,7 +610,11 @@ def _measure_one(
     blots = jnp.where(blot_valid & jnp.isfinite(blots), blots, 0)
     if exact:
         blot_valid = blot_valid & (blots != 0)
-    ref_n, blots_n, norm_ok = _normalise(ref, blots, ref_valid, blot_valid, cc_type)
+    ref_n, blots_n, norm_ok, ref_scale = _normalise(
+        ref, blots, ref_valid, blot_valid, cc_type
+    )
+    # The exposure's noise in the normalised units of the map.
+    noise = None if variance is None else variance / ref_scale**2
     lagrange = peak_fit == "lagrange" and not exact
     width = max(fit_box, LAGRANGE_TAPS) if lagrange else fit_box
     (fy, my), (fx, mx) = extent = (
@@ -574,9 +622,15 @@ def _measure_one(
         _lag_extent(w, radius, width),
     )
     lengths = fft_shape((h, w))
-    if exact or cc_type == "CC" or not overlap:
+    raw_scale = None
+    if exact:
         kmaps = _correlate_same(ref_n, blots_n, lengths, extent)
         scale = None
+    elif cc_type == "CC" or not overlap:
+        kmaps = _correlate_same(ref_n, blots_n, lengths, extent)
+        scale = None
+        raw_scale = _hole_factor(ref_valid, blots_n, shape, lengths, extent)
+        kmaps = kmaps * raw_scale
     else:
         kmaps, scale = _overlap_normalised(
             ref_n, blots_n, ref_valid, blot_valid, cc_type, lengths, extent
@@ -642,6 +696,13 @@ def _measure_one(
         b2 = jnp.mean(jnp.sum(blots_n * blots_n, axis=(-2, -1)))
         quality = pk.height / jnp.sqrt(_safe(r2 * b2))
         raw = pk
+        if raw_scale is not None:
+            at = raw_scale[
+                guess[0] % 2 + 2 * (guess[1] % 2),
+                guess[1] // 2 - fy,
+                guess[0] // 2 - fx,
+            ]
+            raw = pk._replace(hessian=pk.hessian / at)
     else:
         # The map is already a correlation coefficient; the error propagation
         # needs the curvature of the raw sum, ``scale`` times the map's.
@@ -651,9 +712,11 @@ def _measure_one(
         ]
         raw = pk._replace(hessian=pk.hessian * at)
     if lagrange:
-        sigma = _template_error(ref_n, blots_n, ref_valid, blot_valid, pk.xy, lo, hi)
+        sigma = _template_error(
+            ref_n, blots_n, ref_valid, blot_valid, pk.xy, lo, hi, noise
+        )
     else:
-        sigma = _peak_error(ref_n, blots_n, ref_valid, blot_valid, raw, lo, hi)
+        sigma = _peak_error(ref_n, blots_n, ref_valid, blot_valid, raw, lo, hi, noise)
 
     empty = ~norm_ok | (ny < 1) | (nx < 1)
     flags = (
@@ -670,51 +733,23 @@ def _measure_one(
     return dxdy, flags, sigma, peak, quality, kmaps
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "cc_type",
-        "fit_box",
-        "exact_original",
-        "search_radius",
-        "peak_fit",
-        "overlap_normalise",
-    ),
-)
-def _find_displacements(
-    refs,
-    blots,
-    masks,
-    blot_masks,
-    shapes,
-    *,
-    cc_type,
-    fit_box,
-    exact_original,
-    search_radius,
-    peak_fit,
-    overlap_normalise,
-):
+@functools.partial(jax.jit, static_argnames=("settings",))
+def _find_displacements(refs, blots, masks, blot_masks, shapes, variances, settings):
     n, h, w = refs.shape
     inside = (jnp.arange(h)[None, :, None] < shapes[:, 0, None, None]) & (
         jnp.arange(w)[None, None, :] < shapes[:, 1, None, None]
     )
     ref_valid = masks & inside
     blot_valid = blot_masks & inside[:, None]
-    one = functools.partial(
-        _measure_one,
-        cc_type=cc_type,
-        fit_box=fit_box,
-        exact=exact_original,
-        radius=search_radius,
-        peak_fit=peak_fit,
-        overlap=overlap_normalise,
-    )
 
     def run(args):
-        return jax.vmap(one)(*args)[:5]
+        if variances is None:
+            return jax.vmap(lambda *a: _measure_one(*a, None, settings))(*args)[:5]
+        return jax.vmap(lambda *a: _measure_one(*a, settings))(*args)[:5]
 
     args = (refs, blots, ref_valid, blot_valid, shapes)
+    if variances is not None:
+        args = (*args, variances)
     if n <= CHUNK:
         out = run(args)
     else:
@@ -730,7 +765,7 @@ def _find_displacements(
     return Displacements(*out)
 
 
-def find_displacements(
+def find_displacements(  # noqa: PLR0913  # seed signature
     refs: jax.Array,
     blots: jax.Array,
     masks: jax.Array | None = None,
@@ -743,6 +778,7 @@ def find_displacements(
     search_radius: float | None = None,
     peak_fit: str = "lagrange",
     overlap_normalise: bool = False,
+    variances: jax.Array | None = None,
 ) -> Displacements:
     """Displacements of a batch of sources by interlaced cross-correlation.
 
@@ -800,6 +836,14 @@ def find_displacements(
         simulated end-to-end alignment it left a common shift of ~0.003 px
         that stopped convergence. Costs three (NCC) or six (ZNCC) inverse
         transforms per blot instead of one.
+    variances : Array, shape (N, H, W), optional
+        Noise variance of every ``refs`` pixel (exposure units squared).
+        With it ``sigma`` propagates this noise through the peak condition
+        (honest at any S/N); without it the noise is estimated from the
+        residuals of the exposure against the matched blot, which also
+        count every mismatch of the model (a segment-masked reference, a
+        neighbour) as noise and overstate the error of bright sources up to
+        tenfold.
 
     Returns
     -------
@@ -872,6 +916,11 @@ def find_displacements(
     if shapes.shape != (n, 2):
         msg = f"shapes must have shape {(n, 2)}, got {shapes.shape}"
         raise ValueError(msg)
+    if variances is not None:
+        variances = jnp.asarray(variances)
+        if variances.shape != (n, h, w):
+            msg = f"variances must have shape {(n, h, w)}, got {variances.shape}"
+            raise ValueError(msg)
     cc_type = _check_cc_type(cc_type)
     check_fit_box(fit_box)
     check_peak_fit(peak_fit)
@@ -887,12 +936,15 @@ def find_displacements(
         masks.astype(bool),
         blot_masks.astype(bool),
         shapes.astype(jnp.int32),
-        cc_type=cc_type,
-        fit_box=fit_box,
-        exact_original=bool(exact_original),
-        search_radius=search_radius,
-        peak_fit=peak_fit,
-        overlap_normalise=bool(overlap_normalise),
+        None if variances is None else variances.astype(dtype),
+        _Settings(
+            cc_type,
+            fit_box,
+            bool(exact_original),
+            search_radius,
+            peak_fit,
+            bool(overlap_normalise),
+        ),
     )
 
 
@@ -902,7 +954,7 @@ def _cross_correlate(ref, image, ref_mask, image_mask, *, cc_type):
     h, w = ref.shape[-2:]
 
     def one(r, b, rm, bm):
-        r, b, _ = _normalise(
+        r, b, *_ = _normalise(
             jnp.where(rm, r, 0), jnp.where(bm, b, 0)[None], rm, bm[None], cc_type
         )
         return _correlate_same(r, b, fft_shape((h, w)))[0]
@@ -1031,18 +1083,14 @@ def _find_displacement_full(
         valid & inside,
         jnp.broadcast_to(inside, blots.shape),
         shape,
-        cc_type=cc_type,
-        fit_box=5,
-        exact=exact_original,
-        radius=None,
-        peak_fit=peak_fit,
-        overlap=overlap_normalise,
+        None,
+        _Settings(cc_type, 5, exact_original, None, peak_fit, overlap_normalise),
     )
     icc = _interlace(kmaps[0], kmaps[1], kmaps[2], kmaps[3])
     return DisplacementMap(dxdy[0], dxdy[1], flags, sigma, peak, quality, icc, kmaps)
 
 
-def find_displacement_full(
+def find_displacement_full(  # noqa: PLR0913  # seed signature
     ref: jax.Array,
     im00: jax.Array,
     im10: jax.Array,
