@@ -500,3 +500,39 @@ def test_batch_value_errors_name_the_argument(kwargs, name):
     positional = [args.pop(k) for k in ("xy", "uv", "weights", "mask", "center")]
     with pytest.raises(ValueError, match=name):
         iter_linear_fit_batch(*positional, **args)
+
+
+def test_normalized_clipping_judges_each_point_by_its_own_error():
+    # 20 bright points (sigma 0.002 px) and 60 faint ones (0.05 px), Gaussian
+    # noise, weights 1/sigma², one 2 px outlier among the bright ones.
+    rng = np.random.default_rng(3)
+    n_bright, n_faint = 20, 60
+    sigma = np.r_[np.full(n_bright, 0.002), np.full(n_faint, 0.05)]
+    uv = rng.uniform(0, 500, (n_bright + n_faint, 2))
+    xy = uv + np.array([0.3, -0.2]) + rng.normal(size=uv.shape) * sigma[:, None]
+    xy[0] += 2.0
+    args = (xy[None], uv[None], 1.0 / sigma[None] ** 2, np.ones((1, len(uv)), bool))
+    center = np.full((1, 2), 250.0)
+
+    def fit(nclip, normalized):
+        f = iter_linear_fit_batch(
+            *args,
+            center,
+            fitgeom="rscale",
+            nclip=nclip,
+            sigma=3.0,
+            clip_normalized=normalized,
+        )
+        return np.asarray(f.fitmask[0]), np.asarray(f.shift[0])
+
+    for nclip in range(1, 6):
+        kept, shift = fit(nclip, True)
+        assert not kept[0]  # the outlier
+        assert kept[n_bright:].sum() >= n_faint - 2  # 3 sigma of their own errors
+        np.testing.assert_allclose(shift, [0.3, -0.2], atol=0.002)
+    # Plain |r| against the bright points' RMS drops the faint points on one
+    # pass and re-admits everything (the outlier too) on the next.
+    kept, shift = fit(4, False)
+    assert kept[0]
+    assert kept[n_bright:].sum() < n_faint // 2
+    assert np.abs(shift - [0.3, -0.2]).max() > 0.05

@@ -195,9 +195,12 @@ class _Clipping(NamedTuple):
     nsigma: jax.Array  # () float64: threshold in units of the statistic
     stat_index: jax.Array  # () int32: index into SIGMA_STATS
     clip_accum: jax.Array  # () bool: rejected points stay rejected
+    normalized: jax.Array  # () bool: residuals judged in units of their own error
 
 
-def _clipping(weighted, nclip, nsigma, stat_index, clip_accum) -> _Clipping:
+def _clipping(
+    weighted, nclip, nsigma, stat_index, clip_accum, normalized=False
+) -> _Clipping:
     """Pack checked option values as the arrays the jitted fits trace (x64)."""
     return _Clipping(
         weighted=jnp.asarray(bool(weighted)),
@@ -205,6 +208,7 @@ def _clipping(weighted, nclip, nsigma, stat_index, clip_accum) -> _Clipping:
         nsigma=jnp.asarray(nsigma, dtype=jnp.float64),
         stat_index=jnp.asarray(stat_index, dtype=jnp.int32),
         clip_accum=jnp.asarray(bool(clip_accum)),
+        normalized=jnp.asarray(bool(normalized)),
     )
 
 
@@ -534,7 +538,7 @@ def _iter_fit(
     clipping: _Clipping,
 ) -> LinearFit:
     """Run the clipping loop of docs/original.md §6.4 on one image, in fixed shapes."""
-    weighted, nclip, nsigma, stat_index, clip_accum = clipping
+    weighted, nclip, nsigma, stat_index, clip_accum, normalized = clipping
     minobj = FITGEOM_MIN_POINTS[fitgeom]
     wmask = valid & (weights > 0)
     xyc = xy - center[None, :]
@@ -559,7 +563,14 @@ def _iter_fit(
         i, trial, _, _, eff, _ = state
         sol = fit(trial)
         cutoff = nsigma * sol.stats[stat_index]
-        keep = jnp.sqrt(sol.resids[0] ** 2 + sol.resids[1] ** 2) < cutoff
+        # Normalised: |r| sqrt(w / mean w) — with w = 1/sigma² a faint source
+        # is judged by its own error, not by the bright ones' residual RMS
+        # (whose weighted RMS is the RMS of these normalised residuals).
+        mean_w = jnp.sum(jnp.where(trial, weights, 0.0)) / jnp.maximum(
+            jnp.sum(trial), 1
+        )
+        scale = jnp.where(normalized & (mean_w > 0), jnp.sqrt(weights / mean_w), 1.0)
+        keep = scale * jnp.sqrt(sol.resids[0] ** 2 + sol.resids[1] ** 2) < cutoff
         stop = (
             (i >= limit)
             | (sol.status != FitStatus.OK)
@@ -857,6 +868,7 @@ def iter_linear_fit_batch(  # noqa: PLR0913  # seed signature
     sigma: float = 3.0,
     sigma_stat: str = "rmse",
     clip_accum: bool = False,
+    clip_normalized: bool = False,
 ) -> LinearFit:
     """Clipped linear fits of ``B`` images at once (jitted, vmapped).
 
@@ -888,6 +900,12 @@ def iter_linear_fit_batch(  # noqa: PLR0913  # seed signature
         Statistic for the threshold.
     clip_accum : bool, optional
         Whether rejected points stay rejected.
+    clip_normalized : bool, optional
+        Judge each residual in units of its own error, ``|r| sqrt(w / mean
+        w)``, against ``sigma`` times the weighted statistic (for weights
+        ``1/σ²``); the default compares plain ``|r|``, as the original and
+        tweakwcs do, which with such weights rejects faint sources for
+        noise the weights already allow for.
 
     Returns
     -------
@@ -934,6 +952,6 @@ def iter_linear_fit_batch(  # noqa: PLR0913  # seed signature
             weights,
             mask,
             center,
-            _clipping(weighted, nclip, nsigma, stat_index, clip_accum),
+            _clipping(weighted, nclip, nsigma, stat_index, clip_accum, clip_normalized),
             fitgeom=fitgeom,
         )
