@@ -503,3 +503,22 @@ def test_bad_pixels_through_the_core_do_not_pull_the_peak(peak_fit):
     assert error[1:].max() <= BAD_PIXEL_ERROR[peak_fit]
     plain = find_displacements(images[:1], blots[None], peak_fit=peak_fit)
     np.testing.assert_allclose(out.dxdy[0], plain.dxdy[0], atol=1e-5)
+
+
+def test_chunked_batch_equals_its_parts(source_batch):
+    # More sources than one chunk: lax.map over CHUNK-source steps plus the
+    # remainder must give what vmapped calls on the parts give (to float32
+    # rounding: XLA vectorises a batch of 3 and one of 64 differently).
+    refs, blots = source_batch
+    reps = -(-(xcorr.CHUNK + 3) // len(refs))
+    refs, blots = (
+        np.tile(refs, (reps, 1, 1))[: xcorr.CHUNK + 3],
+        np.tile(blots, (reps, 1, 1, 1))[: xcorr.CHUNK + 3],
+    )
+    whole = find_displacements(refs, blots)
+    head = find_displacements(refs[: xcorr.CHUNK], blots[: xcorr.CHUNK])
+    tail = find_displacements(refs[xcorr.CHUNK :], blots[xcorr.CHUNK :])
+    for fw, fh, ft in zip(whole, head, tail, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(fw), np.concatenate([fh, ft]), rtol=0, atol=1e-6
+        )
