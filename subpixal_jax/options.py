@@ -83,6 +83,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "reference": _int_at_least(0, optional=True),
     "search_radius": _int_at_least(1, optional=True),
     "use_weights": _BOOL,
+    "clip_normalized": _BOOL,
     "combine_seg_mask": _BOOL,
     "keep_diagnostics": _BOOL,
     "joint": _BOOL,
@@ -138,6 +139,13 @@ class AlignOptions:
     )
     use_weights: bool = _option(
         True, "weight sources by their position errors in the fit"
+    )
+    # Off by default by measurement: on the default set it keeps 936 of 1077
+    # sources (pull std 0.92) and gives 0.0047 px for 0.0049, but on small
+    # sets the kept faint sources make the shifts jitter above eps_shift and
+    # runs end MAX_ITERATIONS.
+    clip_normalized: bool = _option(
+        False, "clip each residual in units of its own error (not the plain RMS)"
     )
     cc_type: str = _option(
         "NCC", "cross-correlation normalisation", choices=CC_TYPES, type=str.upper

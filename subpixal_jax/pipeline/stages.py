@@ -300,8 +300,7 @@ def fit_points(
             nclip=options.nclip,
             sigma=options.sigma,
             sigma_stat=options.sigma_stat,
-            # The weights are each source's own 1/σ² (fit_weights).
-            clip_normalized=True,
+            clip_normalized=options.clip_normalized,
         )
         fields = {k: np.asarray(v) for k, v in fit._asdict().items()}
     per_point = ("resids", "fitmask")
