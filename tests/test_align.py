@@ -35,9 +35,9 @@ CHIP_SHAPE = (256, 512)
 SEED = 2
 
 #: Residual misregistration (RMS px over both chips) the default alignment
-#: must reach at this chip size: measured 0.015-0.024 px for this seed
-#: (0.042-0.051 px before the weights followed each source's own error),
-#: 0.016-0.022 px with refine='sources'. Small chips hold few sources.
+#: must reach at this chip size: measured 0.042-0.051 px for this seed
+#: (0.027-0.039 px for seed 0), 0.016-0.022 px with refine='sources'. The
+#: issue's goal of 0.01 px is not reached at 256x512 chips.
 MAX_MISREGISTRATION = 0.07
 MAX_SHIFT_ERROR = 0.05  # px, recovered vs injected (measured <= 0.027)
 MAX_ROTATION_ERROR = 0.006  # deg, recovered vs injected (measured <= 0.0035)
@@ -182,10 +182,7 @@ def test_summary_has_one_row_per_image_and_iteration(sim, aligned):
             assert math.isnan(row["dx"])
         else:
             assert row["status"] == res.SUCCESS
-            # 35 kept since the weights follow each source's own error (the
-            # fit's weighted RMS is set by the bright ones; was 50+ with the
-            # catalog weights), while the misregistration fell 2-3x.
-            assert row["n_fit"] >= 30
+            assert row["n_fit"] >= 50
             assert row["n_good"] <= row["n_sources"]
             assert 0.0 < row["rmse"] < 0.3
     last = [r for r in rows if r["iteration"] == result.n_iterations]

@@ -305,7 +305,7 @@ def test_readme_documents_every_option():
 def test_fit_weights_follow_the_measured_sigma():
     sigma = np.array([[0.004, 0.004], [0.1, 0.1], [np.nan, np.nan]])
     meas = stages.Measured(np.zeros((3, 2)), sigma, np.zeros(3, int), [])
-    options = AlignOptions()
+    options = AlignOptions(weighting="measured")
     # Image pixels twice the fit frame's: errors double in fit-frame pixels.
     w = stages.fit_weights([None] * 3, meas, options, pixel_ratio=2.0)
     floor = stages.POSITION_ERROR_FLOOR
@@ -330,8 +330,9 @@ def test_robust_inliers_judge_each_point_by_its_own_error():
     weight = 1 / (sigma**2 + stages.POSITION_ERROR_FLOOR**2)
     points = stages.Points(xy, uv, weight, np.ones(n, bool))
     center = np.array([500.0, 500.0])
-    (kept,) = stages.robust_inliers([points], center, AlignOptions())
+    measured = AlignOptions(weighting="measured")
+    (kept,) = stages.robust_inliers([points], center, measured)
     assert not kept.good[0]
     assert np.count_nonzero(kept.good[1:]) >= 0.98 * (n - 1)
-    (fit,) = stages.fit_points([kept], center, AlignOptions())
+    (fit,) = stages.fit_points([kept], center, measured)
     np.testing.assert_allclose(fit.shift, [0.5, -0.2], atol=0.003)

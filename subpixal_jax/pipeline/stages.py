@@ -59,9 +59,16 @@ log = logging.getLogger(__name__)
 #: 0.005 px 0.011 px.
 POSITION_ERROR_FLOOR = 0.005
 
+#: The floor with ``weighting='catalog'``: without it the brightest source's
+#: weight ``1/pos_std²`` can exceed the median by 10⁴ and one imperfect
+#: measurement then decides the whole fit.
+CATALOG_ERROR_FLOOR = 0.02
+
 #: Clipping limit of :func:`robust_inliers`, in scaled median absolute
-#: normalised residuals.
+#: normalised residuals (``weighting='measured'``).
 ROBUST_CLIP = 3.0
+#: The same for ``weighting='catalog'``, in plain residuals.
+CATALOG_CLIP = 4.0
 
 #: Residuals (fit-frame px) that :func:`robust_inliers` never clips, so that
 #: noiseless or nearly perfect point lists keep their points.
@@ -330,12 +337,30 @@ def fit_weights(
     """
     if not options.use_weights:
         return np.ones(len(cuts))
+    if options.weighting == "catalog":
+        return _catalog_weights(cuts, meas, options)
     sigma = np.asarray(meas.sigma, float) * pixel_ratio
     finite = np.all(np.isfinite(sigma), axis=1)
     variance = np.where(
         finite, np.mean(np.where(finite[:, None], sigma, 0) ** 2, 1), np.inf
     )
     return 1.0 / (variance + POSITION_ERROR_FLOOR**2)
+
+
+def _catalog_weights(
+    cuts: Sequence[SourceCutouts], meas: Measured, options: AlignOptions
+) -> np.ndarray:
+    """Weights from the catalog's position errors (refined: the Fisher errors)."""
+    if options.refine == "sources":
+        variance = np.nanmean(meas.sigma**2, axis=1)
+        variance = np.where(np.isfinite(variance), variance, np.inf)
+    elif any(c.weight is None for c in cuts):
+        return np.ones(len(cuts))
+    else:
+        catalog = np.array([c.weight for c in cuts], dtype=float)
+        positive = catalog > 0
+        variance = np.where(positive, 1.0 / np.where(positive, catalog, 1.0), np.inf)
+    return 1.0 / (variance + CATALOG_ERROR_FLOOR**2)
 
 
 def residuals(fit: LinearFit, points: Points) -> np.ndarray:
@@ -367,9 +392,12 @@ def robust_inliers(
         return list(points)
     trial = dataclasses.replace(options, nclip=0)
     masks = [p.good.copy() for p in points]
+    measured = options.weighting == "measured"
     for n in range(passes):
         trial_points = [
-            p._replace(weight=p.weight if n else np.ones(len(p.xy)), good=mask)
+            p._replace(
+                weight=p.weight if n and measured else np.ones(len(p.xy)), good=mask
+            )
             for p, mask in zip(points, masks, strict=True)
         ]
         fits = fit_points(trial_points, center, trial)
@@ -377,12 +405,25 @@ def robust_inliers(
             if int(fit.status) != FitStatus.OK or not mask.any():
                 continue
             distance = np.hypot(*residuals(fit, p).T)
-            norm = distance * np.sqrt(p.weight)
-            scale = 1.4826 * float(np.median(norm[mask]))
-            keep = p.good & ((norm < k * scale) | (distance < ROBUST_MIN_DISTANCE))
+            keep = p.good & _robust_keep(distance, p.weight, mask, k, measured)
             if np.count_nonzero(keep) >= FITGEOM_MIN_POINTS[options.fitgeom]:
                 mask[:] = keep
     return [p._replace(good=mask) for p, mask in zip(points, masks, strict=True)]
+
+
+def _robust_keep(distance, weight, mask, k: float, measured: bool) -> np.ndarray:
+    """Points within ``k`` scaled median absolute residuals.
+
+    Measured weights: residuals in units of each point's own error, none
+    closer than ROBUST_MIN_DISTANCE clipped; catalog weights: plain
+    residuals, the scale at least 0.05 px / k (the original pre-clip).
+    """
+    if measured:
+        norm = distance * np.sqrt(weight)
+        scale = 1.4826 * float(np.median(norm[mask]))
+        return (norm < k * scale) | (distance < ROBUST_MIN_DISTANCE)
+    scale = max(1.4826 * float(np.median(distance[mask])), 0.05 / CATALOG_CLIP)
+    return distance < CATALOG_CLIP * scale
 
 
 def fit_inputs(
