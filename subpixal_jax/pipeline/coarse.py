@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 MIN_KEPT_FRACTION = 0.5
 #: ... or when its fit residuals exceed its sources' errors this many times.
 MAX_RMSE_RATIO = 10.0
-#: An image whose capture then fails is FAILED when its first pass kept
-#: fewer than MIN_KEPT_FRACTION or left fit residuals larger than this
+#: An image whose capture then fails is FAILED when its first pass left fit
+#: residuals larger than this
 #: (fit-frame px): beyond what the cutouts can measure, not merely noisy (a
 #: first pass of a set with small errors measured 0.15-0.6 px; an unrelated
 #: field 7.3 px).
@@ -97,7 +97,7 @@ def images_to_capture(step: res.IterationResult) -> list[int]:
 def unmeasurable(image: res.ImageFit) -> bool:
     """Whether a first pass fitted the image but measured nothing of it.
 
-    The fit kept fewer than half of its sources, or left residuals above
+    The fit left residuals above
     :data:`MAX_MEASURABLE_RMSE` (not merely noisy): such an image, when the
     capture cannot match it either, is FAILED with the capture's reason. An
     image the loop itself could not fit (FAILED, SKIPPED) keeps its own
@@ -106,8 +106,12 @@ def unmeasurable(image: res.ImageFit) -> bool:
     numbers = _first_pass(image)
     if numbers is None:
         return False
-    fitted, kept, rmse, _ = numbers
-    return fitted and (kept < MIN_KEPT_FRACTION or rmse > MAX_MEASURABLE_RMSE)
+    fitted, _, rmse, _ = numbers
+    # Not the kept fraction: small sets (13-20 sources) keep under half in a
+    # sound first pass, and such an image, whose capture fails for want of
+    # sources, measured well; only residuals beyond the cutouts' reach say
+    # it measured nothing.
+    return fitted and rmse > MAX_MEASURABLE_RMSE
 
 
 def _anchor(options: AlignOptions, exclude: Sequence[int], n: int) -> int:
