@@ -116,10 +116,13 @@ def end_to_end_rows(seeds=(0, 1, 2), **options) -> list[tuple]:
 
 
 def print_end_to_end() -> None:
-    """Print the end-to-end rows of the default options and of measured weights."""
+    """Print the end-to-end rows of the default options and of the former ones."""
     for label, options in (
         ("default options", {}),
-        ("weighting='measured'", {"weighting": "measured"}),
+        (
+            "former default: weighting='catalog', clip_normalized=False",
+            {"weighting": "catalog", "clip_normalized": False},
+        ),
     ):
         rows = end_to_end_rows(**options)
         print()

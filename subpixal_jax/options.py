@@ -148,7 +148,7 @@ class AlignOptions:
     # sources then drive the fit: captures of 100 px offsets fail and runs
     # end MAX_ITERATIONS or DIVERGED.
     weighting: str = _option(
-        "catalog",
+        "measured",
         "fit weights: the catalog's position errors or each measurement's own",
         choices=WEIGHTINGS,
         type=str,
@@ -158,7 +158,7 @@ class AlignOptions:
     # sets the kept faint sources make the shifts jitter above eps_shift and
     # runs end MAX_ITERATIONS.
     clip_normalized: bool = _option(
-        False, "clip each residual in units of its own error (not the plain RMS)"
+        True, "clip each residual in units of its own error (not the plain RMS)"
     )
     cc_type: str = _option(
         "NCC", "cross-correlation normalisation", choices=CC_TYPES, type=str.upper

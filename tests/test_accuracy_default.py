@@ -1,8 +1,8 @@
-"""End-to-end accuracy of measured weights on the default simulated set.
+"""End-to-end accuracy of the default options on the default simulated set.
 
 The set of ``subpixal-jax demo`` (``simulate_exposures`` defaults: four
 two-chip exposures of 512 x 1024 px, errors up to 1.5 px, 0.03 deg and 1e-4)
-is aligned with ``weighting='measured'`` (every other option at its default)
+is aligned with the default options (measured weights, normalised clip)
 and exposure 0 held fixed, for
 three seeds (docs/accuracy.md §2.3). A second check starts one pass from the
 true WCSs, where every true displacement is 0, and judges the per-source
@@ -42,7 +42,7 @@ def aligned(tmp_path_factory):
     runs = {}
     for seed in SEEDS:
         sim = simulate_exposures(tmp_path_factory.mktemp(f"seed{seed}"), seed=seed)
-        result, _ = align_files(sim.paths, reference=0, weighting="measured")
+        result, _ = align_files(sim.paths, reference=0)
         runs[seed] = (sim, result)
     return runs
 
@@ -81,9 +81,7 @@ def test_reported_sigmas_are_honest(tmp_path):
     # it is 0.79 / 0.77: the linear fit's clip at 3x its weighted RMS keeps only
     # the faint sources with small residuals (clip_normalized: 0.92 / 0.91).
     sim = simulate_exposures(tmp_path, seed=3, errors=[WcsError((0.0, 0.0))] * 4)
-    result, _ = align_files(
-        sim.paths, reference=0, max_iterations=1, weighting="measured"
-    )
+    result, _ = align_files(sim.paths, reference=0, max_iterations=1)
     pulls, kept = [], []
     for image in result.history[-1].images[1:]:
         src = image.sources

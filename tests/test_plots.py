@@ -36,6 +36,9 @@ def aligned(tmp_path_factory):
         keep_diagnostics=True,
         history="all",
         cr_reject=True,
+        # The figures' subject is the sub-pixel loop; on these 128x256 chips
+        # one first pass leaves 1.3 px residuals and would run the capture.
+        capture="off",
     )
     return result
 
@@ -264,10 +267,11 @@ def test_residuals_figure_panels_and_points(image):
         # dx and dy, fitted and clipped: every finite residual twice.
         plotted = sum(len(c.get_offsets()) for c in ax.collections)
         assert plotted == 2 * np.count_nonzero(ok)
-    # Log weights only when they span over a decade (these do not).
+    # Log weights when they span over a decade (measured weights here do:
+    # bright and faint sources differ 16x).
     w = s.weight[ok]
-    assert w.max() < 10 * w.min()
-    assert fig.axes[2].get_xscale() == "linear"
+    assert w.max() > 10 * w.min()
+    assert fig.axes[2].get_xscale() == "log"
     hist = fig.axes[3]
     assert len(hist.patches) == 2  # one step histogram per component
     assert len(hist.get_lines()) == 2  # the two unit-normal curves

@@ -137,9 +137,18 @@ class ImageFit:
 
     @property
     def shift_norm(self) -> float:
-        """Length of :attr:`shift` (fit-frame pixels); 0 for the reference."""
+        """Length of the shift this iteration applied (fit-frame px; 0: reference).
+
+        The correction's shift where one was applied, else :attr:`shift`.
+        They differ under the joint solution, which leaves out what every
+        image measures alike (a common bias the relative alignment cannot
+        see): the run converges when the images stop moving, not when that
+        bias vanishes.
+        """
         if self.status.status is ImageStatus.REFERENCE:
             return 0.0
+        if self.correction is not None:
+            return float(np.hypot(*self.correction.shift))
         return float(np.hypot(*self.shift))
 
 

@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 MIN_KEPT_FRACTION = 0.5
 #: ... or when its fit residuals exceed its sources' errors this many times.
 MAX_RMSE_RATIO = 10.0
+#: ... or when its fit residuals exceed this (fit-frame px, RMS). Measured
+#: weights carry each image's excess error, so their ratio stays near 1 and
+#: cannot say this; first passes of sets with small errors (up to 1.5 px)
+#: left 0.03-0.06 px (measured weights, 256x512 chips), 0.35 px on 128x256
+#: chips with 16 sources; offsets beyond the cutouts 0.76-6 px.
+MAX_FIRST_PASS_RMSE = 0.3
 #: An image whose capture then fails is FAILED when its first pass left fit
 #: residuals larger than this
 #: (fit-frame px): beyond what the cutouts can measure, not merely noisy (a
@@ -80,16 +86,22 @@ def images_to_capture(step: res.IterationResult) -> list[int]:
     """Images the first sub-pixel pass could not measure well.
 
     An image needs the capture stage when its fit failed, or kept fewer than
-    half of its sources, or left residuals far above the sources' errors:
-    the signature of an offset larger than the cutouts.
+    half of its sources, or left residuals far above the sources' errors or
+    above :data:`MAX_FIRST_PASS_RMSE`: the signature of an offset larger
+    than the cutouts.
     """
     todo = []
     for i, image in enumerate(step.images):
         numbers = _first_pass(image)
         if numbers is None:
             continue
-        fitted, kept, _, ratio = numbers
-        if not fitted or kept < MIN_KEPT_FRACTION or ratio > MAX_RMSE_RATIO:
+        fitted, kept, rmse, ratio = numbers
+        if (
+            not fitted
+            or kept < MIN_KEPT_FRACTION
+            or ratio > MAX_RMSE_RATIO
+            or rmse > MAX_FIRST_PASS_RMSE
+        ):
             todo.append(i)
     return todo
 
@@ -184,9 +196,10 @@ def captured_state(
     """
     totals = []
     for capture in captures:
-        applied = capture is not None and capture.ok and needs_capture(capture)
         totals.append(
-            Affine(capture.matrix, capture.shift, capture.center) if applied else None
+            Affine(capture.matrix, capture.shift, capture.center)
+            if applied(capture)
+            else None
         )
     fresh = initial_state(resample)
     return dataclasses.replace(
@@ -195,6 +208,29 @@ def captured_state(
         initial_wcs=state.initial_wcs or fresh.initial_wcs,
         captures=tuple(captures),
     )
+
+
+def restore_images(
+    state: AlignState, source: AlignState, resample, indices: Sequence[int]
+) -> AlignState:
+    """Return ``state`` with the images ``indices`` where ``source`` has them.
+
+    Their WCSs and total corrections are taken from ``source``, and
+    ``resample`` gets those WCSs back. The capture measures an image from
+    the WCS it had before the first pass (that pass's correction of an image
+    it could not measure may be noise), and an image whose capture then
+    applies nothing gets the pass's correction back.
+    """
+    wcs, totals = list(state.wcs), list(state.totals)
+    for i in indices:
+        resample.update_wcs(i, dict(source.wcs[i]))
+        wcs[i], totals[i] = source.wcs[i], source.totals[i]
+    return dataclasses.replace(state, wcs=tuple(wcs), totals=tuple(totals))
+
+
+def applied(capture: CaptureResult | None) -> bool:
+    """Whether a capture found a transform and it moves sources by over a pixel."""
+    return capture is not None and capture.ok and needs_capture(capture)
 
 
 def with_captures(
@@ -212,7 +248,7 @@ def with_captures(
     excluded = set(state.excluded)
     moved = []
     for i, capture in enumerate(captures):
-        if capture is None or not (capture.ok and needs_capture(capture)):
+        if not applied(capture):
             continue
         affine = Affine(capture.matrix, capture.shift, capture.center)
         totals[i] = (totals[i] or Affine.identity(affine.center)).then(affine)

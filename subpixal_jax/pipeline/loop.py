@@ -25,10 +25,12 @@ from subpixal_jax.io import result as res
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline.absolute import tie_set
 from subpixal_jax.pipeline.coarse import (
+    applied,
     capture_failures,
     capture_stage,
     captured_state,
     images_to_capture,
+    restore_images,
     unmeasurable,
     with_captures,
     with_failures,
@@ -314,13 +316,17 @@ def _first_steps(state, catalog, resample, wcslin, options, throw):
         state = captured_state(
             resample, state, capture_stage(resample, wcslin, options, todo)
         )
+    previous = state
     state, step = align_step(state, catalog, resample, wcslin, options, throw=throw)
     todo = images_to_capture(step)
     if todo and options.capture == "auto":
         log.info(
             "capture stage for %d image(s) the first pass could not measure", len(todo)
         )
+        passed, state = state, restore_images(state, previous, resample, todo)
         captures = capture_stage(resample, wcslin, options, todo)
+        unmoved = [i for i in todo if not applied(captures[i])]
+        state = restore_images(state, passed, resample, unmoved)
         state = with_captures(state, resample, captures)
     failed = capture_failures(
         state.captures, [i for i in todo if unmeasurable(step.images[i])]

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
+from scipy import optimize
 
 from subpixal_jax.core.linfit import (
     FITGEOM_MIN_POINTS,
@@ -382,33 +383,74 @@ def robust_inliers(
     displacements inflate until nothing is clipped (cosmic rays or blends
     detected in the drizzled image give such points), and which does not
     see a bright source a few of its own errors off. A few passes clip at
-    ``k`` times the scaled median absolute residual first, the residuals in
-    units of each point's own error (``weight**-0.5``) so that bright and
-    faint sources are judged alike (none closer than
-    ``ROBUST_MIN_DISTANCE``); the first pass fits unweighted, the others
-    weighted. The clipped fit then runs on the survivors.
+    ``k`` times the scaled median absolute residual first; the first pass
+    fits unweighted, the others weighted. The clipped fit then runs on the
+    survivors.
+
+    With measured weights the residuals are judged in units of each point's
+    own error, so that bright and faint sources are judged alike (none
+    closer than ``ROBUST_MIN_DISTANCE``), and each pass adds the image's
+    excess error (:func:`excess_error`) to every point's: early iterations,
+    whose reference is drizzled from misaligned images, then weigh the
+    points nearly alike instead of trusting the bright ones' noise alone.
+    The returned points carry those weights.
     """
     if not points:
         return list(points)
     trial = dataclasses.replace(options, nclip=0)
     masks = [p.good.copy() for p in points]
     measured = options.weighting == "measured"
+    weights = [np.ones(len(p.xy)) for p in points]
+    n_params = 2 * FITGEOM_MIN_POINTS[options.fitgeom]
     for n in range(passes):
         trial_points = [
-            p._replace(
-                weight=p.weight if n and measured else np.ones(len(p.xy)), good=mask
-            )
-            for p, mask in zip(points, masks, strict=True)
+            p._replace(weight=w, good=mask)
+            for p, w, mask in zip(points, weights, masks, strict=True)
         ]
         fits = fit_points(trial_points, center, trial)
-        for p, mask, fit in zip(points, masks, fits, strict=True):
+        for i, (p, mask, fit) in enumerate(zip(points, masks, fits, strict=True)):
             if int(fit.status) != FitStatus.OK or not mask.any():
                 continue
             distance = np.hypot(*residuals(fit, p).T)
-            keep = p.good & _robust_keep(distance, p.weight, mask, k, measured)
+            judged = weights[i] if n else p.weight
+            keep = p.good & _robust_keep(distance, judged, mask, k, measured)
             if np.count_nonzero(keep) >= FITGEOM_MIN_POINTS[options.fitgeom]:
                 mask[:] = keep
-    return [p._replace(good=mask) for p, mask in zip(points, masks, strict=True)]
+            if measured:
+                extra = excess_error(distance, p.weight, mask, n_params)
+                weights[i] = p.weight / (1.0 + extra**2 * p.weight)
+    return [
+        p._replace(weight=w if measured else p.weight, good=mask)
+        for p, w, mask in zip(points, weights, masks, strict=True)
+    ]
+
+
+def excess_error(
+    distance: np.ndarray, weight: np.ndarray, mask: np.ndarray, n_params: int
+) -> float:
+    """Return the error (fit-frame px, per axis) residuals show beyond the weights'.
+
+    The smallest ``s`` for which the kept, weighted points' chi-square
+    ``sum(distance² / (1/weight + s²))`` is its expectation, twice the number
+    of points less the fit's ``n_params``; 0 when the errors already explain
+    the residuals. A sum, not a median: the bright sources, few but heavy,
+    carry errors beyond their noise (0.01-0.015 px on the simulator where the
+    noise says 0.005) that a median over the faint majority would not see.
+    """
+    use = mask & (weight > 0)
+    dof = 2 * np.count_nonzero(use) - n_params
+    if dof <= 0:
+        return 0.0
+    d2, variance = distance[use] ** 2, 1.0 / weight[use]
+
+    def excess(s: float) -> float:
+        return float(np.sum(d2 / (variance + s * s))) - dof
+
+    if excess(0.0) <= 0.0:
+        return 0.0
+    # At this s the sum is below its expectation: a bracket.
+    upper = float(np.sqrt(np.sum(d2) / dof)) * 1.01
+    return float(optimize.brentq(excess, 0.0, upper, xtol=1e-6))
 
 
 def _robust_keep(distance, weight, mask, k: float, measured: bool) -> np.ndarray:
