@@ -402,7 +402,7 @@ def robust_inliers(
     measured = options.weighting == "measured"
     weights = [np.ones(len(p.xy)) for p in points]
     n_params = 2 * FITGEOM_MIN_POINTS[options.fitgeom]
-    for n in range(passes):
+    for _ in range(passes):
         trial_points = [
             p._replace(weight=w, good=mask)
             for p, w, mask in zip(points, weights, masks, strict=True)
@@ -412,8 +412,9 @@ def robust_inliers(
             if int(fit.status) != FitStatus.OK or not mask.any():
                 continue
             distance = np.hypot(*residuals(fit, p).T)
-            judged = weights[i] if n else p.weight
-            keep = p.good & _robust_keep(distance, judged, mask, k, measured)
+            # The first pass judges plain residuals: before the excess error is
+            # known, the bright sources' systematic errors look like outliers.
+            keep = p.good & _robust_keep(distance, weights[i], mask, k, measured)
             if np.count_nonzero(keep) >= FITGEOM_MIN_POINTS[options.fitgeom]:
                 mask[:] = keep
             if measured:
@@ -425,31 +426,46 @@ def robust_inliers(
     ]
 
 
+#: Normalised squared residuals above this count as this in
+#: :func:`excess_error` (a pull of 3), so that a few wild points do not set
+#: every point's error.
+_EXCESS_CAP = 9.0
+#: Expectation of ``min(chi2, cap)`` for a chi-square with 2 degrees of
+#: freedom: ``2 (1 - exp(-cap / 2))``.
+_EXCESS_EXPECTATION = 2.0 * (1.0 - np.exp(-_EXCESS_CAP / 2.0))
+
+
 def excess_error(
     distance: np.ndarray, weight: np.ndarray, mask: np.ndarray, n_params: int
 ) -> float:
     """Return the error (fit-frame px, per axis) residuals show beyond the weights'.
 
-    The smallest ``s`` for which the kept, weighted points' chi-square
-    ``sum(distance² / (1/weight + s²))`` is its expectation, twice the number
-    of points less the fit's ``n_params``; 0 when the errors already explain
-    the residuals. A sum, not a median: the bright sources, few but heavy,
-    carry errors beyond their noise (0.01-0.015 px on the simulator where the
-    noise says 0.005) that a median over the faint majority would not see.
+    The smallest ``s`` for which the kept, weighted points' chi-square, each
+    term ``distance² / (1/weight + s²)`` capped at :data:`_EXCESS_CAP`, is
+    its expectation (per point that of a 2-degree-of-freedom variable so
+    capped, less the fit's ``n_params`` degrees of freedom); 0 when the
+    errors already explain the residuals. A sum, not a median: the bright
+    sources, few but heavy, carry errors beyond their noise (0.01-0.015 px
+    on the simulator where the noise says 0.005) that a median over the
+    faint majority would not see; the cap keeps a few wild points (a
+    refinement gone astray) from setting it.
     """
     use = mask & (weight > 0)
-    dof = 2 * np.count_nonzero(use) - n_params
-    if dof <= 0:
+    n = np.count_nonzero(use)
+    if 2 * n <= n_params:
         return 0.0
+    expected = _EXCESS_EXPECTATION * (n - n_params / 2.0)
     d2, variance = distance[use] ** 2, 1.0 / weight[use]
 
     def excess(s: float) -> float:
-        return float(np.sum(d2 / (variance + s * s))) - dof
+        return (
+            float(np.sum(np.minimum(d2 / (variance + s * s), _EXCESS_CAP))) - expected
+        )
 
     if excess(0.0) <= 0.0:
         return 0.0
-    # At this s the sum is below its expectation: a bracket.
-    upper = float(np.sqrt(np.sum(d2) / dof)) * 1.01
+    # Here every term is below its expectation's share: a bracket.
+    upper = 1.01 * float(np.sqrt(d2.max() * n / expected))
     return float(optimize.brentq(excess, 0.0, upper, xtol=1e-6))
 
 
