@@ -364,7 +364,10 @@ def test_refine_transform_recovers_the_transform(transform_run):
     print(f"shift_err {out.shift_err[0]}, max matrix error {matrix_err:.2e}")
     assert np.all(np.abs(pulls) < 3)
     assert matrix_err < 1e-4
-    # The reported error describes the scatter over noise realisations.
+    # The reported error describes the scatter over noise realisations. The
+    # RMS of these six (1.45) holds poly5's shrinkage of the shift by ~0.35%
+    # (0.001 px, 0.6 sigma) common to all six sigma 1-1.5 px fields; the
+    # scatter alone is checked over 49 in test_refine_transform_pulls_*.
     assert 0.4 < np.sqrt(np.mean(pulls**2)) < 1.7
     assert np.all(out.source_weight[clean] > 0.3)
 
