@@ -329,9 +329,14 @@ class RefinedTransform(NamedTuple):
         ``t`` then, per geometry, rotation (rad), log-scale, or the four
         entries of ``A``.
     covariance : Array, shape (B, P, P)
-        Inverse (robustly weighted) Fisher matrix of ``params``.
+        Covariance of ``params``: the sandwich of the robustly weighted
+        fit, scaled by ``chi2_red`` where it exceeds 1.
     shift_err : Array, shape (B, 2)
         1-sigma error of the shift (fit-frame pixels).
+    chi2_red : Array, shape (B,)
+        Reduced chi-square of the sources' scatter about the transform,
+        ~1 when the pixel variances describe all the noise (larger with a
+        noisy reference, correlated noise or model errors).
     source_weight : Array, shape (B, S)
         Final Cauchy weight of every source (near 1 for consistent sources,
         small for outliers, 0 for padding).
@@ -344,6 +349,7 @@ class RefinedTransform(NamedTuple):
     params: jax.Array
     covariance: jax.Array
     shift_err: jax.Array
+    chi2_red: jax.Array
     source_weight: jax.Array
     flags: jax.Array
 
@@ -410,6 +416,69 @@ class _TransformSettings(NamedTuple):
     kind: str
     n_iter: int
     cauchy_scale: float
+
+
+def _robust_covariance(u, jac, res, cauchy_scale):
+    """Covariance of the robust transform fit, honest about the sources' scatter.
+
+    ``F_k = J_kᵀ J_k`` is the Fisher matrix of source ``k`` and
+    ``s_k = J_kᵀ r_k`` its score. The noise model's covariance is the
+    sandwich of the fit with its weights ``u`` held fixed, ``N⁻¹ A N⁻¹``
+    with ``N = Σ u_k F_k`` and ``A = Σ u_k² F_k`` (``N⁻¹`` alone overstates
+    it by about ``1 / mean(u)``). It holds only where the pixel variances
+    describe all the noise; a noisy reference, correlated noise or model
+    errors make the sources scatter more about the transform. The scatter
+    gives the M-estimator's own sandwich ``H⁻¹ B H⁻¹`` with
+    ``B = Σ u_k² s_k s_kᵀ`` and the Hessian of the Cauchy loss
+    ``H = N - 2 B / c²`` (the weights fall as a source's excess grows),
+    corrected for the share of the scatter the fit absorbs (for fixed weights
+    ``tr(A⁻¹ B)`` expects ``P - Σ u_k² tr(A⁻¹ F_k N⁻¹ (2 u_k - A N⁻¹) F_k)``
+    instead of ``P``). The mean ratio of the two over the parameters,
+    ``tr(cov_model⁻¹ cov_scatter) / P``, is the reduced chi-square of the
+    scatter; the noise model's covariance is scaled by it where it exceeds 1
+    (never below it, which a lucky realisation of few sources would give).
+
+    Parameters
+    ----------
+    u : Array, shape (S,)
+        Source weights (0 for padding).
+    jac : Array, shape (S, n, P)
+        Jacobian of every source's weighted residuals.
+    res : Array, shape (S, n)
+        Weighted residuals at the solution.
+    cauchy_scale : float
+        ``c`` of the Cauchy loss.
+
+    Returns
+    -------
+    covariance : Array, shape (P, P)
+        Covariance of the parameters.
+    inv_normal : Array, shape (P, P)
+        ``N⁻¹`` (the Gauss-Newton step is ``N⁻¹`` times the gradient).
+    chi2_red : Array, shape ()
+        Reduced chi-square of the scatter (1 where the fit has no spare
+        degrees of freedom).
+    """
+    n_params = jac.shape[-1]
+    fisher = jnp.einsum("kip,kiq->kpq", jac, jac)
+    score = jnp.einsum("kip,ki->kp", jac, res)
+    u2 = u * u
+    normal = jnp.einsum("k,kpq->pq", u, fisher)
+    inv_normal = jnp.linalg.inv(normal)
+    meat = jnp.einsum("k,kpq->pq", u2, fisher)
+    inv_meat = jnp.linalg.inv(meat)
+    model = inv_normal @ meat @ inv_normal
+    inner = 2 * u[:, None, None] * inv_normal[None] - model[None]
+    spent = jnp.einsum(
+        "pq,kqr,krs,ksp->", inv_meat, u2[:, None, None] * fisher, inner, fisher
+    )
+    free = n_params - spent
+    scatter = jnp.einsum("k,kp,kq->pq", u2, score, score)
+    inv_hessian = jnp.linalg.inv(normal - 2.0 / cauchy_scale**2 * scatter)
+    measured = inv_hessian @ scatter @ inv_hessian * (n_params / free)
+    chi2_red = jnp.trace(normal @ inv_meat @ normal @ measured) / n_params
+    chi2_red = jnp.where((free > 0.5) & jnp.isfinite(chi2_red), chi2_red, 1.0)
+    return model * jnp.maximum(chi2_red, 1.0), inv_normal, chi2_red
 
 
 def _refine_transform_one(data, center, matrix0, shift0, settings):
@@ -502,9 +571,9 @@ def _refine_transform_one(data, center, matrix0, shift0, settings):
     state = (params0, jnp.asarray(1e-3, dtype), robust_terms(res0)[1], jac0, res0)
     params, _, _, jac_all, res = jax.lax.fori_loop(0, n_iter, iteration, state)
     u = robust_terms(res)[0]
+    covariance, inv_normal, chi2_red = _robust_covariance(u, jac_all, res, cauchy_scale)
     jac, r = weighted(u, jac_all, res)
-    covariance = jnp.linalg.inv(jac.T @ jac)
-    final_step = covariance @ (jac.T @ r)
+    final_step = inv_normal @ (jac.T @ r)
 
     matrix = jnp.linalg.inv(_inverse_matrix(params, fitgeom))
     shift = -matrix @ params[:2]
@@ -521,7 +590,14 @@ def _refine_transform_one(data, center, matrix0, shift0, settings):
     finite = jnp.all(jnp.isfinite(params)) & jnp.all(jnp.isfinite(covariance))
     flags |= jnp.where(finite, 0, FLAG_NON_FINITE)
     return RefinedTransform(
-        matrix, shift, params, covariance, shift_err, u, flags.astype(jnp.int32)
+        matrix=matrix,
+        shift=shift,
+        params=params,
+        covariance=covariance,
+        shift_err=shift_err,
+        chi2_red=chi2_red,
+        source_weight=u,
+        flags=flags.astype(jnp.int32),
     )
 
 
