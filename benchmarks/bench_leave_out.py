@@ -1,0 +1,105 @@
+"""Time of ``stages.image_cutouts`` per image: the leave-one-out reference and the cutouts.
+
+On a simulated set (default: the demo set, 4 exposures x 2 chips 512x1024),
+after building the resample and the catalog as ``align_images`` does, times
+for every image *i* (median of ``--repeats`` runs):
+
+* ``image_cutouts``: ``subpixal_jax.pipeline.stages.image_cutouts`` as the
+  loop calls it (leave-one-out values read only inside the cutout boxes);
+* ``full frame``: the former path, ``resample.leave_out([i])`` (two
+  full-frame float32 arrays) then ``create_cutouts`` on those arrays;
+* ``leave_out``: the full-frame ``leave_out`` alone.
+
+It checks that both paths give equal cutouts (every field). Run::
+
+    .venv/bin/python benchmarks/bench_leave_out.py
+    .venv/bin/python benchmarks/bench_leave_out.py --chip 2048 4096 --n 2
+"""
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+from subpixal_jax.geometry.cutouts import create_cutouts
+from subpixal_jax.options import AlignOptions
+from subpixal_jax.pipeline import stages
+from subpixal_jax.pipeline.loop import refresh_catalog
+from subpixal_jax.reference.catalog import PhotutilsCatalog
+from subpixal_jax.reference.resample import DrizzleResample
+from subpixal_jax.simulate import simulate_exposures
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), out
+
+
+def _full_frame(i, resample, catalog_state, options):
+    sci, wht = resample.leave_out([i])
+    return create_cutouts(
+        catalog_state.primaries,
+        catalog_state.segmentation,
+        sci,
+        wht > 0,
+        resample.output_wcs,
+        resample.exposures[i],
+        sky=resample.sky[i],
+        combine_seg_mask=options.combine_seg_mask,
+    )
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(
+        all(
+            np.array_equal(getattr(x, f), getattr(y, f))
+            for f in x.__dataclass_fields__
+        )
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chip", type=int, nargs=2, default=(512, 1024))
+    parser.add_argument("--n", type=int, default=4, help="exposures")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = simulate_exposures(tmp, n_exposures=args.n, chip_shape=tuple(args.chip))
+        start = time.perf_counter()
+        resample = DrizzleResample(sim.paths)
+        options = AlignOptions.create()
+        catalog_state = refresh_catalog(PhotutilsCatalog(), resample, options)
+        setup = time.perf_counter() - start
+    ny, nx = resample.output_shape
+    print(
+        f"{args.n} x 2 chips {args.chip[0]}x{args.chip[1]}, grid {ny}x{nx}, "
+        f"{len(catalog_state.primaries)} primaries (setup {setup:.1f} s)"
+    )
+    print("  i  cutouts  image_cutouts s  full frame s  leave_out s  equal")
+    for i in range(args.n):
+        t_new, new = _median_time(
+            lambda i=i: stages.image_cutouts(
+                i, resample, catalog_state, options, frozenset()
+            ),
+            args.repeats,
+        )
+        t_old, old = _median_time(
+            lambda i=i: _full_frame(i, resample, catalog_state, options),
+            args.repeats,
+        )
+        t_loo, _ = _median_time(lambda i=i: resample.leave_out([i]), args.repeats)
+        print(
+            f"{i:3d} {len(new):8d} {t_new:16.3f} {t_old:13.3f} {t_loo:12.3f}"
+            f"  {_same(new, old)}"
+        )
+
+
+if __name__ == "__main__":
+    main()
