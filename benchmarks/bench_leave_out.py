@@ -1,4 +1,4 @@
-"""Time of ``stages.image_cutouts`` per image: the leave-one-out reference and the cutouts.
+"""Time of ``stages.image_cutouts`` per image: leave-one-out reference and cutouts.
 
 On a simulated set (default: the demo set, 4 exposures x 2 chips 512x1024),
 after building the resample and the catalog as ``align_images`` does, times
@@ -57,8 +57,7 @@ def _full_frame(i, resample, catalog_state, options):
 def _same(a, b):
     return len(a) == len(b) and all(
         all(
-            np.array_equal(getattr(x, f), getattr(y, f))
-            for f in x.__dataclass_fields__
+            np.array_equal(getattr(x, f), getattr(y, f)) for f in x.__dataclass_fields__
         )
         for x, y in zip(a, b, strict=True)
     )
