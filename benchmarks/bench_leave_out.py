@@ -8,7 +8,11 @@ for every image *i* (median of ``--repeats`` runs):
   loop calls it (leave-one-out values read only inside the cutout boxes);
 * ``full frame``: the former path, ``resample.leave_out([i])`` (two
   full-frame float32 arrays) then ``create_cutouts`` on those arrays;
-* ``leave_out``: the full-frame ``leave_out`` alone.
+* ``leave_out``: the full-frame ``leave_out`` alone (what the boxes save);
+* ``box reads``: ``leave_out_reader([i]).read`` of every cutout's reference
+  box (what they cost instead);
+* ``peak MB``: the peak of memory allocated (``tracemalloc``, which numpy
+  reports to) during one ``image_cutouts`` call, boxes / full frame.
 
 It checks that both paths give equal cutouts (every field). Run::
 
@@ -19,6 +23,7 @@ It checks that both paths give equal cutouts (every field). Run::
 import argparse
 import tempfile
 import time
+import tracemalloc
 
 import numpy as np
 
@@ -54,6 +59,27 @@ def _full_frame(i, resample, catalog_state, options):
     )
 
 
+def _peak_mb(fn):
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def _box_reads(reader, cutouts):
+    ny, nx = reader.shape
+    for c in cutouts:
+        (x1, y1), (x2, y2) = c.ref_blc, c.ref_trc
+        reader.read(
+            (
+                slice(max(y1, 0), min(y2, ny - 1) + 1),
+                slice(max(x1, 0), min(x2, nx - 1) + 1),
+            )
+        )
+
+
 def _same(a, b):
     return len(a) == len(b) and all(
         all(
@@ -81,21 +107,30 @@ def main():
         f"{args.n} x 2 chips {args.chip[0]}x{args.chip[1]}, grid {ny}x{nx}, "
         f"{len(catalog_state.primaries)} primaries (setup {setup:.1f} s)"
     )
-    print("  i  cutouts  image_cutouts s  full frame s  leave_out s  equal")
+    print(
+        "  i  cutouts  image_cutouts s  full frame s  leave_out s  box reads s"
+        "  peak MB boxes/full  equal"
+    )
     for i in range(args.n):
-        t_new, new = _median_time(
-            lambda i=i: stages.image_cutouts(
+
+        def boxes(i=i):
+            return stages.image_cutouts(
                 i, resample, catalog_state, options, frozenset()
-            ),
-            args.repeats,
-        )
-        t_old, old = _median_time(
-            lambda i=i: _full_frame(i, resample, catalog_state, options),
-            args.repeats,
-        )
+            )
+
+        def full(i=i):
+            return _full_frame(i, resample, catalog_state, options)
+
+        t_new, new = _median_time(boxes, args.repeats)
+        t_old, old = _median_time(full, args.repeats)
         t_loo, _ = _median_time(lambda i=i: resample.leave_out([i]), args.repeats)
+        reader = resample.leave_out_reader([i])
+        t_read, _ = _median_time(
+            lambda reader=reader, new=new: _box_reads(reader, new), args.repeats
+        )
         print(
             f"{i:3d} {len(new):8d} {t_new:16.3f} {t_old:13.3f} {t_loo:12.3f}"
+            f" {t_read:12.3f} {_peak_mb(boxes):10.0f} /{_peak_mb(full):6.0f}"
             f"  {_same(new, old)}"
         )
 

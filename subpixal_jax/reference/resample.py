@@ -851,20 +851,19 @@ def leave_out_values(
         float32 image of ``region`` (0 where the remaining weight is not
         positive) and the remaining weight (0 there too).
     """
-    w = np.array(totals[1][region], dtype=np.float64)
-    s = np.array(totals[0][region], dtype=np.float64)
+    s, w = totals[0][region], totals[1][region]
     for img, wht in left_out:
         part = wht[region]
-        w -= part
-        product = img[region].astype(np.float64)
-        product *= part
-        s -= product
+        w = w - part
+        s = s - np.multiply(img[region], part, dtype=np.float64)
     good = w > 0
-    # in place and unmasked: boolean indexing would cost 3 full passes more
-    sci = np.zeros(w.shape, dtype=np.float32)
-    np.divide(s, w, out=sci, where=good)
-    w[~good] = 0
-    return sci, w.astype(np.float32)
+    # Unmasked (boolean indexing would cost 3 passes more), and the quotient
+    # cast once: a float32 `out` with `where`, or np.where for the weight,
+    # make a 30x32 box's read ~40 % slower (25 vs 18 us, measured).
+    sci = np.divide(s, w, out=np.zeros(w.shape), where=good).astype(np.float32)
+    wht = w.astype(np.float32)  # a new array: `w` may be a view of the totals
+    wht[~good] = 0
+    return sci, wht
 
 
 @dataclass(frozen=True, eq=False)
