@@ -4,15 +4,17 @@ On a simulated set (default: the demo set, 4 exposures x 2 chips 512x1024),
 after building the resample and the catalog as ``align_images`` does, times
 for every image *i* (median of ``--repeats`` runs):
 
-* ``image_cutouts``: ``subpixal_jax.pipeline.stages.image_cutouts`` as the
-  loop calls it (leave-one-out values read only inside the cutout boxes);
+* ``auto``: ``subpixal_jax.pipeline.stages.image_cutouts`` as the loop
+  calls it (leave-one-out values read inside the cutout boxes, or the whole
+  frame once when the boxes would cost more: ``FULL_READ_RATIO``);
+* ``boxes``: the same, always box by box (``FULL_READ_RATIO = inf``);
 * ``full frame``: the former path, ``resample.leave_out([i])`` (two
   full-frame float32 arrays) then ``create_cutouts`` on those arrays;
 * ``leave_out``: the full-frame ``leave_out`` alone (what the boxes save);
 * ``box reads``: ``leave_out_reader([i]).read`` of every cutout's reference
   box (what they cost instead);
 * ``peak MB``: the peak of memory allocated (``tracemalloc``, which numpy
-  reports to) during one ``image_cutouts`` call, boxes / full frame.
+  reports to) during one call: auto / boxes / full frame.
 
 It checks that both paths give equal cutouts (every field). Run::
 
@@ -27,6 +29,7 @@ import tracemalloc
 
 import numpy as np
 
+from subpixal_jax.geometry import cutouts
 from subpixal_jax.geometry.cutouts import create_cutouts
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline import stages
@@ -108,30 +111,40 @@ def main():
         f"{len(catalog_state.primaries)} primaries (setup {setup:.1f} s)"
     )
     print(
-        "  i  cutouts  image_cutouts s  full frame s  leave_out s  box reads s"
-        "  peak MB boxes/full  equal"
+        "  i  cutouts  auto s  boxes s  full frame s  leave_out s  box reads s"
+        "  peak MB auto/boxes/full  equal"
     )
     for i in range(args.n):
 
-        def boxes(i=i):
+        def auto(i=i):
             return stages.image_cutouts(
                 i, resample, catalog_state, options, frozenset()
             )
 
+        def boxes(i=i):
+            ratio = cutouts.FULL_READ_RATIO
+            cutouts.FULL_READ_RATIO = float("inf")
+            try:
+                return auto(i)
+            finally:
+                cutouts.FULL_READ_RATIO = ratio
+
         def full(i=i):
             return _full_frame(i, resample, catalog_state, options)
 
-        t_new, new = _median_time(boxes, args.repeats)
+        t_auto, new = _median_time(auto, args.repeats)
+        t_boxes, by_box = _median_time(boxes, args.repeats)
         t_old, old = _median_time(full, args.repeats)
         t_loo, _ = _median_time(lambda i=i: resample.leave_out([i]), args.repeats)
         reader = resample.leave_out_reader([i])
         t_read, _ = _median_time(
             lambda reader=reader, new=new: _box_reads(reader, new), args.repeats
         )
+        peaks = "/".join(f"{_peak_mb(f):.0f}" for f in (auto, boxes, full))
         print(
-            f"{i:3d} {len(new):8d} {t_new:16.3f} {t_old:13.3f} {t_loo:12.3f}"
-            f" {t_read:12.3f} {_peak_mb(boxes):10.0f} /{_peak_mb(full):6.0f}"
-            f"  {_same(new, old)}"
+            f"{i:3d} {len(new):8d} {t_auto:7.3f} {t_boxes:8.3f} {t_old:13.3f}"
+            f" {t_loo:12.3f} {t_read:12.3f} {peaks:>24s}"
+            f"  {_same(new, old) and _same(by_box, old)}"
         )
 
 

@@ -18,6 +18,7 @@ from subpixal_jax.core.batch import (
     source_bucket,
     source_chunk,
 )
+from subpixal_jax.geometry import cutouts as cutouts_module
 from subpixal_jax.geometry.cutouts import (
     PIXMAP_OUTSIDE,
     _pixmap_nodes,
@@ -787,26 +788,42 @@ def drizzled(tmp_path_factory):
     return resample, refresh_catalog(PhotutilsCatalog(), resample, options), options
 
 
-@pytest.mark.parametrize("exclude", [frozenset(), frozenset({0})])
-def test_reader_cutouts_equal_full_frame_cutouts(drizzled, exclude):
-    """image_cutouts (reference computed in the boxes) = the full-frame path."""
+class _CountingReader:
+    """A `ReferenceReader` proxy that records the regions read."""
+
+    def __init__(self, reader):
+        self.reader, self.regions = reader, []
+
+    @property
+    def shape(self):
+        return self.reader.shape
+
+    def read(self, region):
+        self.regions.append(region)
+        return self.reader.read(region)
+
+
+@pytest.mark.parametrize("ratio", [None, 0.0, math.inf])
+def test_reader_cutouts_equal_full_frame_cutouts(drizzled, ratio, monkeypatch):
+    """Cutouts from the reader (boxes or one whole frame) = from full arrays."""
     resample, state, options = drizzled
     n_partial = 0
-    for i in (1, 2):
+    for i, exclude in ((1, frozenset()), (2, frozenset({0}))):
         sci, wht = resample.leave_out([i, *exclude])
-        full = create_cutouts(
-            state.primaries,
-            state.segmentation,
-            sci,
-            wht > 0,
-            resample.output_wcs,
-            resample.exposures[i],
-            sky=resample.sky[i],
-            combine_seg_mask=options.combine_seg_mask,
-        )
-        boxed = image_cutouts(i, resample, state, options, exclude)
-        assert len(boxed) == len(full) > 50
-        for a, b in zip(boxed, full, strict=True):
+        args = (resample.output_wcs, resample.exposures[i])
+        kwargs = {"sky": resample.sky[i], "combine_seg_mask": options.combine_seg_mask}
+        prim, seg = state.primaries, state.segmentation
+        full = create_cutouts(prim, seg, sci, wht > 0, *args, **kwargs)
+        if ratio is None:  # the loop's call, the default choice
+            read = image_cutouts(i, resample, state, options, exclude)
+        else:
+            monkeypatch.setattr(cutouts_module, "FULL_READ_RATIO", ratio)
+            reader = _CountingReader(resample.leave_out_reader([i, *exclude]))
+            read = create_cutouts(prim, seg, reader, None, *args, **kwargs)
+            n_reads = len(reader.regions)
+            assert n_reads == 1 if ratio == 0 else n_reads >= len(read)
+        assert len(read) == len(full) > 50
+        for a, b in zip(read, full, strict=True):
             for name in a.__dataclass_fields__:
                 np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         # reference boxes that reach into pixels no remaining exposure covers
@@ -815,7 +832,7 @@ def test_reader_cutouts_equal_full_frame_cutouts(drizzled, exclude):
                 wht[c.ref_blc[1] : c.ref_trc[1] + 1, c.ref_blc[0] : c.ref_trc[0] + 1]
                 == 0
             ).any()
-            for c in boxed
+            for c in read
         )
     assert n_partial > 0
 

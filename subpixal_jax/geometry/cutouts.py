@@ -56,6 +56,7 @@ from subpixal_jax.geometry.homography import apply_homography, focal_homography
 from subpixal_jax.geometry.skywcs import SkyWCS
 
 __all__ = [
+    "FULL_READ_RATIO",
     "PIXMAP_OUTSIDE",
     "PrimaryCutout",
     "ReferenceReader",
@@ -77,6 +78,11 @@ PIXMAP_OUTSIDE = -100.0
 #: Convergence tolerance (pixels) of the iterative inverse distortion. The
 #: original used 1e-5; the extra digits cost one or two iterations.
 WORLD2PIX_TOLERANCE = 1e-8
+
+#: `create_cutouts` reads a `ReferenceReader`'s whole frame once, instead of
+#: box by box, when reading the boxes would cost more than this many frames
+#: (see ``_box_read_cost``).
+FULL_READ_RATIO = 1.0
 
 # Number of coarse nodes per axis at which the smooth part of the pixmap is
 # evaluated exactly (the ends and the middle of the half-pixel grid).
@@ -636,9 +642,11 @@ def create_cutouts(  # noqa: PLR0913  # seed signature
         ``(ny, nx)`` segmentation of the reference (0 = background).
     ref_data : array_like or ReferenceReader
         ``(ny, nx)`` reference (drizzled) image in rate units, or a
-        `ReferenceReader` giving its ``(sci, wht)`` region by region (then
-        only the reference boxes are ever computed, and the reference is
-        valid where ``wht > 0``).
+        `ReferenceReader` giving its ``(sci, wht)`` region by region; the
+        reference is then valid where ``wht > 0``, and only the reference
+        boxes are computed, unless they overlap so much that reading the
+        whole frame once is cheaper (a crowded field). The cutouts are the
+        same either way.
     ref_valid : array_like of bool or None
         ``(ny, nx)`` True where the reference is covered (``wht > 0``); None
         (and only None) when ``ref_data`` is a `ReferenceReader`.
@@ -713,19 +721,28 @@ def create_cutouts(  # noqa: PLR0913  # seed signature
     src_pos = np.array([p.src_pos for p in primaries], dtype=np.float64)
     world = ref_wcs.wcs_pix2world(np.concatenate([corners, src_pos]), 0)
 
+    boxes = [
+        _chip_boxes(chip, world, len(primaries), pad, ref_wcs)
+        for chip in exposure.chips
+    ]
+    if isinstance(ref_data, ReferenceReader) and (
+        _box_read_cost(boxes, seg.shape) > FULL_READ_RATIO * seg.size
+    ):
+        values = _whole_frame(ref_data)
     reference = _Reference(values, seg, ref_wcs, combine_seg_mask)
     out: list[SourceCutouts] = []
-    for chip in exposure.chips:
+    for chip, chip_boxes in zip(exposure.chips, boxes, strict=True):
+        if chip_boxes is None:
+            continue
         chip_sky = None if sky is None else sky.get(chip.extver)
         out.extend(
             _chip_cutouts(
                 primaries,
-                world,
+                chip_boxes,
                 chip,
                 exposure,
                 reference,
                 sky=0.0 if chip_sky is None else float(chip_sky),
-                pad=pad,
                 exact_pixmaps=exact_pixmaps,
             )
         )
@@ -755,6 +772,12 @@ def _reference_values(ref_data, ref_valid, shape):
         msg += f"got {ref_valid.dtype} {ref_valid.shape}"
         raise ValueError(msg)
     return functools.partial(_array_region, ref_data, ref_valid)
+
+
+def _whole_frame(reader: ReferenceReader):
+    """Read a reader's whole frame once; return its region function over arrays."""
+    sci, wht = reader.read((slice(None), slice(None)))
+    return functools.partial(_array_region, sci, wht > 0)
 
 
 def _array_region(data: np.ndarray, valid: np.ndarray, region):
@@ -1005,25 +1028,55 @@ def _finish(kept, predicted_abs, chip, exposure, ref_wcs, exact_pixmaps: bool):
     ]
 
 
-def _chip_cutouts(
-    primaries,
-    world,
-    chip,
-    exposure,
-    reference: _Reference,
-    *,
-    sky: float,
-    pad: int,
-    exact_pixmaps: bool,
-) -> list[SourceCutouts]:
-    n_src = len(primaries)
+def _chip_boxes(chip, world, n_src: int, pad: int, ref_wcs) -> tuple | None:
+    """Stages 1 and 2 of a chip: image and reference boxes (None: no source)."""
     keep, blc, trc, predicted_abs, n_inside = _image_boxes(
         chip, world, n_src, pad, CUTOUT_BUCKETS[-1]
     )
     if keep.size == 0:
         log.info("chip %d: no source fits inside the chip", chip.extver)
-        return []
-    rlo, rhi = _reference_boxes(chip.wcs, reference.wcs, blc, trc)
+        return None
+    rlo, rhi = _reference_boxes(chip.wcs, ref_wcs, blc, trc)
+    return keep, blc, trc, predicted_abs, n_inside, rlo, rhi
+
+
+def _box_read_cost(boxes: Sequence[tuple | None], shape) -> float:
+    """Cost of reading every reference box from a reader, in full-frame pixels.
+
+    A box read costs about 10 us plus 6 ns per pixel, computing the whole
+    frame once about 13.5 ns per pixel (measured on 1453x1434 leave-one-out
+    stacks); so a box counts as 750 pixels plus half its area. In a crowded
+    field the boxes overlap and cover the frame more than once, and one
+    full-frame read is the cheaper.
+    """
+    ny, nx = shape
+    cost = 0.0
+    for chip_boxes in boxes:
+        if chip_boxes is None:
+            continue
+        lo, hi = chip_boxes[5], chip_boxes[6]
+        finite = np.all(np.isfinite(lo) & np.isfinite(hi), axis=1)
+        lo, hi = lo[finite], hi[finite]
+        w = np.minimum(hi[:, 0], nx - 1) - np.maximum(lo[:, 0], 0) + 1
+        h = np.minimum(hi[:, 1], ny - 1) - np.maximum(lo[:, 1], 0) + 1
+        area = np.where((w > 0) & (h > 0), w * h, 0.0)
+        cost += 750.0 * len(area) + 0.5 * float(area.sum())
+    return cost
+
+
+def _chip_cutouts(
+    primaries,
+    boxes: tuple,
+    chip,
+    exposure,
+    reference: _Reference,
+    *,
+    sky: float,
+    exact_pixmaps: bool,
+) -> list[SourceCutouts]:
+    """Stage 3 of a chip: the survivors' cutouts, pixmaps and unit factors."""
+    n_src = len(primaries)
+    keep, blc, trc, predicted_abs, n_inside, rlo, rhi = boxes
     noise = _ChipNoise.of(chip, exposure, sky)
     kept = []
     skipped = collections.Counter()

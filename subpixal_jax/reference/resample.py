@@ -91,6 +91,8 @@ log = logging.getLogger(__name__)
 _KERNELS = ("square", "point", "turbo", "gaussian", "lanczos2", "lanczos3")
 _WEIGHTS = ("exptime", "ivm")
 _EDGE_SAMPLES = 33
+# Rows per block of a large leave-one-out read (LeaveOutReader.read).
+_ROW_BLOCK = 256
 
 
 @runtime_checkable
@@ -898,6 +900,9 @@ class LeaveOutReader:
     def read(self, region: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
         """Return the float32 ``(sci, wht)`` of ``region`` (see `leave_out_values`).
 
+        A region of more than 256 rows is computed in blocks of rows, so its
+        float64 temporaries stay the size of a block.
+
         Parameters
         ----------
         region : tuple of slice
@@ -917,11 +922,21 @@ class LeaveOutReader:
         if self.stack.version != self.version:
             msg = "the leave-one-out stack changed since this reader was made"
             raise RuntimeError(msg)
-        return leave_out_values(
-            self.stack.totals,
-            [self.stack.contribution(i) for i in self.indices],
-            region,
-        )
+        totals = self.stack.totals
+        left_out = [self.stack.contribution(i) for i in self.indices]
+        rows, cols = region
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1 or stop - start <= _ROW_BLOCK:
+            return leave_out_values(totals, left_out, region)
+        # in row blocks: float64 temporaries of a block, not of the region
+        width = len(range(*cols.indices(self.shape[1])))
+        sci = np.empty((stop - start, width), dtype=np.float32)
+        wht = np.empty_like(sci)
+        for r0 in range(start, stop, _ROW_BLOCK):
+            r1 = min(r0 + _ROW_BLOCK, stop)
+            block = leave_out_values(totals, left_out, (slice(r0, r1), cols))
+            sci[r0 - start : r1 - start], wht[r0 - start : r1 - start] = block
+        return sci, wht
 
     def full(self) -> tuple[np.ndarray, np.ndarray]:
         """Return the whole ``(ny, nx)`` float32 ``(sci, wht)``."""
