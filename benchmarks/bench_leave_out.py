@@ -20,6 +20,8 @@ It checks that both paths give equal cutouts (every field). Run::
 
     .venv/bin/python benchmarks/bench_leave_out.py
     .venv/bin/python benchmarks/bench_leave_out.py --chip 2048 4096 --n 2
+    .venv/bin/python benchmarks/bench_leave_out.py --chip 1024 2048 --n 2 \
+        --stars 300 --galaxies 100
 """
 
 import argparse
@@ -97,9 +99,24 @@ def main():
     parser.add_argument("--chip", type=int, nargs=2, default=(512, 1024))
     parser.add_argument("--n", type=int, default=4, help="exposures")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stars", type=int, help="n_stars (default: the simulator's)")
+    parser.add_argument("--galaxies", type=int, help="n_galaxies")
+    parser.add_argument(
+        "--every",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="keep every k-th catalog source (a sparser field); one table per k",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        sim = simulate_exposures(tmp, n_exposures=args.n, chip_shape=tuple(args.chip))
+        sim = simulate_exposures(
+            tmp,
+            n_exposures=args.n,
+            chip_shape=tuple(args.chip),
+            n_stars=args.stars,
+            n_galaxies=args.galaxies,
+        )
         start = time.perf_counter()
         resample = DrizzleResample(sim.paths)
         options = AlignOptions.create()
@@ -110,6 +127,15 @@ def main():
         f"{args.n} x 2 chips {args.chip[0]}x{args.chip[1]}, grid {ny}x{nx}, "
         f"{len(catalog_state.primaries)} primaries (setup {setup:.1f} s)"
     )
+    for every in args.every:
+        sparse = stages.CatalogState(
+            catalog_state.primaries[::every], catalog_state.segmentation
+        )
+        print(f"every {every}-th source: {len(sparse.primaries)} primaries")
+        _table(args, resample, sparse, options)
+
+
+def _table(args, resample, catalog_state, options):
     print(
         "  i  cutouts  auto s  boxes s  full frame s  leave_out s  box reads s"
         "  peak MB auto/boxes/full  equal"

@@ -1043,11 +1043,13 @@ def _chip_boxes(chip, world, n_src: int, pad: int, ref_wcs) -> tuple | None:
 def _box_read_cost(boxes: Sequence[tuple | None], shape) -> float:
     """Cost of reading every reference box from a reader, in full-frame pixels.
 
-    A box read costs about 10 us plus 6 ns per pixel, computing the whole
-    frame once about 13.5 ns per pixel (measured on 1453x1434 leave-one-out
-    stacks); so a box counts as 750 pixels plus half its area. In a crowded
-    field the boxes overlap and cover the frame more than once, and one
-    full-frame read is the cheaper.
+    Measured (``benchmarks/bench_leave_out.py``): a box read of a
+    leave-one-out reference costs as much as computing 4000-4600 pixels of
+    the whole frame (boxes of 1000-3000 pixels, scattered over the frame so
+    that every read misses the cache), so a box counts as 2500 pixels plus
+    its area. In the simulator's crowded fields (a source per 1000-2000
+    reference pixels) one full-frame read is the cheaper; with a few hundred
+    to a few thousand sources on an ACS/WFC grid the boxes are.
     """
     ny, nx = shape
     cost = 0.0
@@ -1060,7 +1062,7 @@ def _box_read_cost(boxes: Sequence[tuple | None], shape) -> float:
         w = np.minimum(hi[:, 0], nx - 1) - np.maximum(lo[:, 0], 0) + 1
         h = np.minimum(hi[:, 1], ny - 1) - np.maximum(lo[:, 1], 0) + 1
         area = np.where((w > 0) & (h > 0), w * h, 0.0)
-        cost += 750.0 * len(area) + 0.5 * float(area.sum())
+        cost += 2500.0 * len(area) + float(area.sum())
     return cost
 
 
