@@ -18,6 +18,7 @@ from subpixal_jax.core.batch import (
     source_bucket,
     source_chunk,
 )
+from subpixal_jax.geometry import cutouts as cutouts_module
 from subpixal_jax.geometry.cutouts import (
     PIXMAP_OUTSIDE,
     _pixmap_nodes,
@@ -27,6 +28,11 @@ from subpixal_jax.geometry.cutouts import (
     reference_points,
 )
 from subpixal_jax.io.images import Chip, Exposure, read_exposure
+from subpixal_jax.options import AlignOptions
+from subpixal_jax.pipeline.loop import refresh_catalog
+from subpixal_jax.pipeline.stages import image_cutouts
+from subpixal_jax.reference.catalog import PhotutilsCatalog
+from subpixal_jax.reference.resample import DrizzleResample
 from subpixal_jax.simulate import WcsError, simulate_exposures
 
 REF_SHAPE = (260, 300)  # (ny, nx) of the synthetic reference
@@ -766,3 +772,96 @@ def test_chunked_batches_measure_the_same_displacements(cutouts, simulated):
     before, after = measure(0), measure(None)
     assert np.isfinite(before).sum() > 10
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-6, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------
+# the leave-one-out reference read box by box
+
+
+@pytest.fixture(scope="module")
+def drizzled(tmp_path_factory):
+    sim = simulate_exposures(
+        tmp_path_factory.mktemp("loo"), n_exposures=3, chip_shape=(256, 512), seed=3
+    )
+    resample = DrizzleResample(sim.paths)
+    options = AlignOptions.create()
+    return resample, refresh_catalog(PhotutilsCatalog(), resample, options), options
+
+
+class _CountingReader:
+    """A `ReferenceReader` proxy that records the regions read."""
+
+    def __init__(self, reader):
+        self.reader, self.regions = reader, []
+
+    @property
+    def shape(self):
+        return self.reader.shape
+
+    def read(self, region):
+        self.regions.append(region)
+        return self.reader.read(region)
+
+
+@pytest.mark.parametrize("ratio", [None, 0.0, math.inf])
+def test_reader_cutouts_equal_full_frame_cutouts(drizzled, ratio, monkeypatch):
+    """Cutouts from the reader (boxes or one whole frame) = from full arrays."""
+    resample, state, options = drizzled
+    n_partial = 0
+    for i, exclude in ((1, frozenset()), (2, frozenset({0}))):
+        sci, wht = resample.leave_out([i, *exclude])
+        args = (resample.output_wcs, resample.exposures[i])
+        kwargs = {"sky": resample.sky[i], "combine_seg_mask": options.combine_seg_mask}
+        prim, seg = state.primaries, state.segmentation
+        full = create_cutouts(prim, seg, sci, wht > 0, *args, **kwargs)
+        if ratio is None:  # the loop's call, the default choice
+            read = image_cutouts(i, resample, state, options, exclude)
+        else:
+            monkeypatch.setattr(cutouts_module, "FULL_READ_RATIO", ratio)
+            reader = _CountingReader(resample.leave_out_reader([i, *exclude]))
+            read = create_cutouts(prim, seg, reader, None, *args, **kwargs)
+            n_reads = len(reader.regions)
+            assert n_reads == 1 if ratio == 0 else n_reads >= len(read)
+        assert len(read) == len(full) > 50
+        for a, b in zip(read, full, strict=True):
+            for name in a.__dataclass_fields__:
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        # reference boxes that reach into pixels no remaining exposure covers
+        n_partial += sum(
+            (
+                wht[c.ref_blc[1] : c.ref_trc[1] + 1, c.ref_blc[0] : c.ref_trc[0] + 1]
+                == 0
+            ).any()
+            for c in read
+        )
+    assert n_partial > 0
+
+
+class _ArrayReader:
+    """A `ReferenceReader` over full arrays (what a resampler's reader gives)."""
+
+    def __init__(self, sci, wht):
+        self.sci, self.wht = sci, wht
+
+    @property
+    def shape(self):
+        return self.sci.shape
+
+    def read(self, region):
+        return self.sci[region], self.wht[region]
+
+
+def test_reader_reference_and_its_bad_input(scene, primaries, cutouts):
+    wht = np.where(scene["ref_valid"], np.float32(2.5), np.float32(0))
+    reader = _ArrayReader(scene["ref_data"], wht)
+    args = (scene["ref_wcs"], scene["exposure"])
+    boxed = create_cutouts(primaries, scene["seg"], reader, None, *args, sky=SKY)
+    assert len(boxed) == len(cutouts) > 0
+    for a, b in zip(boxed, cutouts, strict=True):
+        np.testing.assert_array_equal(a.ref, b.ref)
+        np.testing.assert_array_equal(a.ref_valid, b.ref_valid)
+    with pytest.raises(ValueError, match="ref_valid must be None"):
+        create_cutouts(primaries, scene["seg"], reader, scene["ref_valid"], *args)
+    small = _ArrayReader(scene["ref_data"][:-1], wht[:-1])
+    with pytest.raises(ValueError, match="ref_data"):
+        create_cutouts(primaries, scene["seg"], small, None, *args)

@@ -13,6 +13,7 @@ from scipy.special import erf
 import subpixal_jax
 from subpixal_jax.geometry.homography import focal_homography
 from subpixal_jax.io.images import read_exposure
+from subpixal_jax.reference import resample as resample_module
 from subpixal_jax.reference.resample import (
     DrizzleConfig,
     DrizzleResample,
@@ -191,6 +192,53 @@ def test_leave_one_out_equals_redrizzle(resample, exposures):
         own = resample.contribution(i)[1] > 0
         only_i = own & (wht == 0)
         assert np.all(sci[only_i] == 0)
+
+
+def test_leave_out_reader_regions_equal_the_full_frame(exposures, monkeypatch):
+    r = DrizzleResample(exposures, sky=None)  # own copy: updated below
+    monkeypatch.setattr(resample_module, "_ROW_BLOCK", 7)  # full frames in blocks
+    full_sci, full_wht = r.leave_out([2, 0, 2])
+    n0 = r.n_drizzles
+    reader = r.leave_out_reader([2, 0, 2])
+    assert reader.indices == (0, 2)
+    assert reader.shape == r.output_shape
+    # oracle: (S - s_0 - s_2) / (W - w_0 - w_2) from the contributions
+    parts = [r.contribution(j) for j in range(len(exposures))]
+    s_all = sum(img.astype(np.float64) * wht for img, wht in parts)
+    w_all = sum(wht.astype(np.float64) for _, wht in parts)
+    s = s_all - parts[0][0].astype(np.float64) * parts[0][1]
+    s -= parts[2][0].astype(np.float64) * parts[2][1]
+    w = w_all - parts[0][1] - parts[2][1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        oracle = np.where(w > 0, s / w, 0).astype(np.float32)
+    np.testing.assert_array_equal(full_sci, oracle)  # same operations, same order
+    np.testing.assert_array_equal(full_wht, np.where(w > 0, w, 0).astype(np.float32))
+    ny, nx = r.output_shape
+    regions = [
+        (slice(None), slice(None)),
+        (slice(10, 37), slice(5, 60)),
+        (slice(0, 4), slice(nx - 3, nx)),  # a corner, partly uncovered
+        (slice(ny // 2, ny // 2 + 1), slice(nx // 3, nx // 3 + 1)),
+    ]
+    for region in regions:
+        sci, wht = reader.read(region)
+        assert sci.dtype == wht.dtype == np.float32
+        np.testing.assert_array_equal(sci, full_sci[region])  # bit for bit
+        np.testing.assert_array_equal(wht, full_wht[region])
+    assert (full_wht == 0).any()
+    assert (full_wht > 0).any()
+    assert r.n_drizzles == n0
+    shifted = {c.extver: c.wcs.deepcopy() for c in r.exposures[1].chips}
+    for w1 in shifted.values():
+        w1.wcs.crpix = w1.wcs.crpix + np.array([0.4, -0.3])
+    r.update_wcs(1, shifted)
+    np.testing.assert_array_equal(reader.read(regions[1])[0], full_sci[regions[1]])
+    assert r.wht.shape == r.output_shape  # the combination changes on this read
+    with pytest.raises(RuntimeError, match="changed"):
+        reader.read(regions[1])
+    sci, _ = r.leave_out_reader([0, 2]).read(regions[1])
+    np.testing.assert_array_equal(sci, r.leave_out([0, 2])[0][regions[1]])
+    assert not np.array_equal(sci, full_sci[regions[1]])
 
 
 def test_update_wcs_redrizzles_one_exposure(exposures):

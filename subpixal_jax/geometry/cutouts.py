@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from astropy.stats import mad_std
@@ -54,8 +56,10 @@ from subpixal_jax.geometry.homography import apply_homography, focal_homography
 from subpixal_jax.geometry.skywcs import SkyWCS
 
 __all__ = [
+    "FULL_READ_RATIO",
     "PIXMAP_OUTSIDE",
     "PrimaryCutout",
+    "ReferenceReader",
     "SourceCutouts",
     "build_batches",
     "create_cutouts",
@@ -74,6 +78,11 @@ PIXMAP_OUTSIDE = -100.0
 #: Convergence tolerance (pixels) of the iterative inverse distortion. The
 #: original used 1e-5; the extra digits cost one or two iterations.
 WORLD2PIX_TOLERANCE = 1e-8
+
+#: `create_cutouts` reads a `ReferenceReader`'s whole frame once, instead of
+#: box by box, when reading the boxes would cost more than this many frames
+#: (see ``_box_read_cost``).
+FULL_READ_RATIO = 1.0
 
 # Number of coarse nodes per axis at which the smooth part of the pixmap is
 # evaluated exactly (the ends and the middle of the half-pixel grid).
@@ -157,27 +166,24 @@ def _padded_box(points: np.ndarray, pad: float) -> tuple[np.ndarray, np.ndarray]
     return lo, hi
 
 
-def _extract(
-    array: np.ndarray, blc: tuple[int, int], trc: tuple[int, int], fill
-) -> tuple[np.ndarray, np.ndarray]:
-    """Copy the inclusive box of ``array``, ``fill`` outside; also the overlap.
+def _overlap(shape, blc: tuple[int, int], trc: tuple[int, int]):
+    """Slices of an inclusive box's overlap with a ``shape`` array, or None.
 
-    ``astropy.nddata.utils.overlap_slices`` gives the same slices, but its
-    argument checks make the per-source reference cutout (three arrays)
+    Returns ``(src, dst)``: the overlap as an index into the array and into a
+    box-shaped array. ``astropy.nddata.utils.overlap_slices`` gives the same
+    slices, but its argument checks make the per-source reference cutout
     about 20 % slower (59-75 vs 50-61 us per source, measured), and
     ``extract_array`` twice as slow; the box arithmetic is kept here.
     """
     (x1, y1), (x2, y2) = blc, trc
-    ny, nx = array.shape
-    out = np.full((y2 - y1 + 1, x2 - x1 + 1), fill, dtype=array.dtype)
-    inside = np.zeros(out.shape, dtype=bool)
+    ny, nx = shape
     xa, xb = max(x1, 0), min(x2, nx - 1)
     ya, yb = max(y1, 0), min(y2, ny - 1)
-    if xa <= xb and ya <= yb:
-        dst = (slice(ya - y1, yb - y1 + 1), slice(xa - x1, xb - x1 + 1))
-        out[dst] = array[ya : yb + 1, xa : xb + 1]
-        inside[dst] = True
-    return out, inside
+    if xa > xb or ya > yb:
+        return None
+    src = (slice(ya, yb + 1), slice(xa, xb + 1))
+    dst = (slice(ya - y1, yb - y1 + 1), slice(xa - x1, xb - x1 + 1))
+    return src, dst
 
 
 def _node_grid(height: int, width: int) -> np.ndarray:
@@ -188,6 +194,33 @@ def _node_grid(height: int, width: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------
 # records
+
+
+@runtime_checkable
+class ReferenceReader(Protocol):
+    """A reference image computed region by region, as `create_cutouts` reads it.
+
+    E.g. `subpixal_jax.reference.resample.DrizzleResample.leave_out_reader`:
+    a leave-one-out reference evaluated only inside the cutout boxes.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(ny, nx)`` of the reference grid.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(ny, nx)`` of the reference grid."""
+        ...
+
+    def read(self, region: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+        """Return the float32 ``(sci, wht)`` of a region inside the grid.
+
+        ``region`` is a basic index ``(rows, cols)`` of two slices with
+        non-negative bounds; ``sci`` is in rate units.
+        """
+        ...
 
 
 @dataclass(frozen=True)
@@ -607,10 +640,16 @@ def create_cutouts(  # noqa: PLR0913  # seed signature
         From `create_primary_cutouts`.
     segmentation : array_like of int
         ``(ny, nx)`` segmentation of the reference (0 = background).
-    ref_data : array_like
-        ``(ny, nx)`` reference (drizzled) image in rate units.
-    ref_valid : array_like of bool
-        ``(ny, nx)`` True where the reference is covered (``wht > 0``).
+    ref_data : array_like or ReferenceReader
+        ``(ny, nx)`` reference (drizzled) image in rate units, or a
+        `ReferenceReader` giving its ``(sci, wht)`` region by region; the
+        reference is then valid where ``wht > 0``, and only the reference
+        boxes are computed, unless they overlap so much that reading the
+        whole frame once is cheaper (a crowded field). The cutouts are the
+        same either way.
+    ref_valid : array_like of bool or None
+        ``(ny, nx)`` True where the reference is covered (``wht > 0``); None
+        (and only None) when ``ref_data`` is a `ReferenceReader`.
     ref_wcs : astropy.wcs.WCS
         The reference's undistorted WCS.
     exposure : subpixal_jax.io.images.Exposure
@@ -664,16 +703,7 @@ def create_cutouts(  # noqa: PLR0913  # seed signature
     """
     pad = _check_pad(pad)
     seg = _check_segmentation(segmentation)
-    ref_data = np.asarray(ref_data)
-    if ref_data.shape != seg.shape:
-        msg = f"ref_data must have the segmentation's shape {seg.shape}, "
-        msg += f"got {ref_data.shape}"
-        raise ValueError(msg)
-    ref_valid = np.asarray(ref_valid)
-    if ref_valid.shape != seg.shape or ref_valid.dtype != bool:
-        msg = f"ref_valid must be a bool array of shape {seg.shape}, "
-        msg += f"got {ref_valid.dtype} {ref_valid.shape}"
-        raise ValueError(msg)
+    values = _reference_values(ref_data, ref_valid, seg.shape)
     _check_undistorted(ref_wcs, "ref_wcs")
     _check_exposure(exposure)
     if sky is not None and not isinstance(sky, Mapping):
@@ -691,43 +721,104 @@ def create_cutouts(  # noqa: PLR0913  # seed signature
     src_pos = np.array([p.src_pos for p in primaries], dtype=np.float64)
     world = ref_wcs.wcs_pix2world(np.concatenate([corners, src_pos]), 0)
 
-    reference = _Reference(ref_data, ref_valid, seg, ref_wcs, combine_seg_mask)
+    boxes = [
+        _chip_boxes(chip, world, len(primaries), pad, ref_wcs)
+        for chip in exposure.chips
+    ]
+    if isinstance(ref_data, ReferenceReader) and (
+        _box_read_cost(boxes, seg.shape) > FULL_READ_RATIO * seg.size
+    ):
+        values = _whole_frame(ref_data)
+    reference = _Reference(values, seg, ref_wcs, combine_seg_mask)
     out: list[SourceCutouts] = []
-    for chip in exposure.chips:
+    for chip, chip_boxes in zip(exposure.chips, boxes, strict=True):
+        if chip_boxes is None:
+            continue
         chip_sky = None if sky is None else sky.get(chip.extver)
         out.extend(
             _chip_cutouts(
                 primaries,
-                world,
+                chip_boxes,
                 chip,
                 exposure,
                 reference,
                 sky=0.0 if chip_sky is None else float(chip_sky),
-                pad=pad,
                 exact_pixmaps=exact_pixmaps,
             )
         )
     return out
 
 
+def _reference_values(ref_data, ref_valid, shape):
+    """Check the reference arguments of `create_cutouts`; return its region reader."""
+    if isinstance(ref_data, ReferenceReader):
+        if ref_valid is not None:
+            msg = "ref_valid must be None when ref_data is a ReferenceReader "
+            msg += f"(its validity is wht > 0), got {type(ref_valid).__name__}"
+            raise ValueError(msg)
+        if tuple(ref_data.shape) != shape:
+            msg = f"ref_data must have the segmentation's shape {shape}, "
+            msg += f"got {tuple(ref_data.shape)}"
+            raise ValueError(msg)
+        return functools.partial(_reader_region, ref_data)
+    ref_data = np.asarray(ref_data)
+    if ref_data.shape != shape:
+        msg = f"ref_data must have the segmentation's shape {shape}, "
+        msg += f"got {ref_data.shape}"
+        raise ValueError(msg)
+    ref_valid = np.asarray(ref_valid)
+    if ref_valid.shape != shape or ref_valid.dtype != bool:
+        msg = f"ref_valid must be a bool array of shape {shape}, "
+        msg += f"got {ref_valid.dtype} {ref_valid.shape}"
+        raise ValueError(msg)
+    return functools.partial(_array_region, ref_data, ref_valid)
+
+
+def _whole_frame(reader: ReferenceReader):
+    """Read a reader's whole frame once; return its region function over arrays."""
+    sci, wht = reader.read((slice(None), slice(None)))
+    return functools.partial(_array_region, sci, wht > 0)
+
+
+def _array_region(data: np.ndarray, valid: np.ndarray, region):
+    """Return the reference values and validity of a region, from full arrays."""
+    return data[region], valid[region]
+
+
+def _reader_region(reader: ReferenceReader, region):
+    """Return the reference values and validity (``wht > 0``) of a region."""
+    sci, wht = reader.read(region)
+    return sci, wht > 0
+
+
 @dataclass(frozen=True, eq=False)
 class _Reference:
-    """The reference grid every chip is cut against."""
+    """The reference grid every chip is cut against.
 
-    data: np.ndarray
-    valid: np.ndarray
+    ``values(region)`` returns the reference data and validity of a region
+    (`_array_region` or `_reader_region`), so that only the boxes cut are
+    ever computed.
+    """
+
+    values: Callable[[tuple[slice, slice]], tuple[np.ndarray, np.ndarray]]
     seg: np.ndarray
     wcs: WCS
     combine_seg_mask: bool
 
     def cutout(self, blc, trc, src_id: int):
         """Return the reference cutout and its validity (None: no valid pixel)."""
-        ref, inside = _extract(self.data, blc, trc, 0)
-        good = _extract(self.valid, blc, trc, False)[0] & inside
-        ref = ref.astype(np.float32)
-        good &= np.isfinite(ref)
+        overlap = _overlap(self.seg.shape, blc, trc)
+        if overlap is None:
+            return None
+        src, dst = overlap
+        (x1, y1), (x2, y2) = blc, trc
+        ref = np.zeros((y2 - y1 + 1, x2 - x1 + 1), dtype=np.float32)
+        data, valid = self.values(src)
+        ref[dst] = data
+        good = np.zeros(ref.shape, dtype=bool)
+        good[dst] = valid & np.isfinite(ref[dst])
         if self.combine_seg_mask:
-            good &= _extract(self.seg, blc, trc, 0)[0] == src_id
+            good[dst] &= self.seg[src] == src_id
         if not good.any():
             return None
         ref[~good] = 0.0
@@ -937,25 +1028,57 @@ def _finish(kept, predicted_abs, chip, exposure, ref_wcs, exact_pixmaps: bool):
     ]
 
 
-def _chip_cutouts(
-    primaries,
-    world,
-    chip,
-    exposure,
-    reference: _Reference,
-    *,
-    sky: float,
-    pad: int,
-    exact_pixmaps: bool,
-) -> list[SourceCutouts]:
-    n_src = len(primaries)
+def _chip_boxes(chip, world, n_src: int, pad: int, ref_wcs) -> tuple | None:
+    """Stages 1 and 2 of a chip: image and reference boxes (None: no source)."""
     keep, blc, trc, predicted_abs, n_inside = _image_boxes(
         chip, world, n_src, pad, CUTOUT_BUCKETS[-1]
     )
     if keep.size == 0:
         log.info("chip %d: no source fits inside the chip", chip.extver)
-        return []
-    rlo, rhi = _reference_boxes(chip.wcs, reference.wcs, blc, trc)
+        return None
+    rlo, rhi = _reference_boxes(chip.wcs, ref_wcs, blc, trc)
+    return keep, blc, trc, predicted_abs, n_inside, rlo, rhi
+
+
+def _box_read_cost(boxes: Sequence[tuple | None], shape) -> float:
+    """Cost of reading every reference box from a reader, in full-frame pixels.
+
+    Measured (``benchmarks/bench_leave_out.py``): a box read of a
+    leave-one-out reference costs as much as computing 4000-4600 pixels of
+    the whole frame (boxes of 1000-3000 pixels, scattered over the frame so
+    that every read misses the cache), so a box counts as 2500 pixels plus
+    its area. In the simulator's crowded fields (a source per 1000-2000
+    reference pixels) one full-frame read is the cheaper; with a few hundred
+    to a few thousand sources on an ACS/WFC grid the boxes are.
+    """
+    ny, nx = shape
+    cost = 0.0
+    for chip_boxes in boxes:
+        if chip_boxes is None:
+            continue
+        lo, hi = chip_boxes[5], chip_boxes[6]
+        finite = np.all(np.isfinite(lo) & np.isfinite(hi), axis=1)
+        lo, hi = lo[finite], hi[finite]
+        w = np.minimum(hi[:, 0], nx - 1) - np.maximum(lo[:, 0], 0) + 1
+        h = np.minimum(hi[:, 1], ny - 1) - np.maximum(lo[:, 1], 0) + 1
+        area = np.where((w > 0) & (h > 0), w * h, 0.0)
+        cost += 2500.0 * len(area) + float(area.sum())
+    return cost
+
+
+def _chip_cutouts(
+    primaries,
+    boxes: tuple,
+    chip,
+    exposure,
+    reference: _Reference,
+    *,
+    sky: float,
+    exact_pixmaps: bool,
+) -> list[SourceCutouts]:
+    """Stage 3 of a chip: the survivors' cutouts, pixmaps and unit factors."""
+    n_src = len(primaries)
+    keep, blc, trc, predicted_abs, n_inside, rlo, rhi = boxes
     noise = _ChipNoise.of(chip, exposure, sky)
     kept = []
     skipped = collections.Counter()

@@ -113,14 +113,17 @@ def image_cutouts(
     options: AlignOptions,
     exclude: frozenset[int] | set[int],
 ) -> list[SourceCutouts]:
-    """Cutouts of image ``i`` against a reference without it (and ``exclude``)."""
+    """Cutouts of image ``i`` against a reference without it (and ``exclude``).
+
+    The leave-one-out reference is computed only inside the reference boxes
+    the cutouts read (`Resample.leave_out_reader`), not on the full frame.
+    """
     exposure: Exposure = resample.exposures[i]
-    ref_sci, ref_wht = resample.leave_out([i, *exclude])
     return create_cutouts(
         catalog_state.primaries,
         catalog_state.segmentation,
-        ref_sci,
-        ref_wht > 0,
+        resample.leave_out_reader([i, *exclude]),
+        None,
         resample.output_wcs,
         exposure,
         sky=resample.sky[i],

@@ -31,7 +31,8 @@ can move a cached map directly
 The pieces are separate functions, callable on their own: the output grid
 (:func:`build_output_grid`, :func:`user_output_grid`), the sky
 (:func:`exposure_skies`), the drizzle of one exposure
-(:func:`drizzle_exposure`), the leave-one-out sums (:class:`LeaveOneOutStack`),
+(:func:`drizzle_exposure`), the leave-one-out sums (:class:`LeaveOneOutStack`,
+read region by region through a :class:`LeaveOutReader`),
 the median of the single drizzles (:func:`median_combine`) and cosmic-ray
 masks, returned rather than written into the exposure
 (:func:`cosmic_ray_masks`). :class:`DrizzleResample` is the stateful facade
@@ -68,6 +69,7 @@ __all__ = [
     "DrizzleConfig",
     "DrizzleResample",
     "LeaveOneOutStack",
+    "LeaveOutReader",
     "Resample",
     "affine_pixmap",
     "build_output_grid",
@@ -78,6 +80,7 @@ __all__ = [
     "cosmic_ray_masks",
     "drizzle_exposure",
     "exposure_skies",
+    "leave_out_values",
     "median_combine",
     "native_pixel_scale",
     "user_output_grid",
@@ -88,6 +91,8 @@ log = logging.getLogger(__name__)
 _KERNELS = ("square", "point", "turbo", "gaussian", "lanczos2", "lanczos3")
 _WEIGHTS = ("exptime", "ivm")
 _EDGE_SAMPLES = 33
+# Rows per block of a large leave-one-out read (LeaveOutReader.read).
+_ROW_BLOCK = 256
 
 
 @runtime_checkable
@@ -125,8 +130,12 @@ class Resample(Protocol):
         """Combined weight, 0 where uncovered."""
         ...
 
-    def leave_out(self, indices) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(sci, wht)`` of all exposures except ``indices``."""
+    def leave_out_reader(self, indices) -> LeaveOutReader:
+        """Return the combination of all exposures except ``indices``.
+
+        An object with ``shape`` and ``read(region) -> (sci, wht)`` (see
+        `LeaveOutReader`), read only inside the cutout boxes.
+        """
         ...
 
     def median_image(self) -> tuple[np.ndarray, np.ndarray]:
@@ -756,6 +765,8 @@ class LeaveOneOutStack:
         self._wht: list[np.ndarray | None] = [None] * n
         self._S = np.zeros(self.shape, dtype=np.float64)
         self._W = np.zeros(self.shape, dtype=np.float64)
+        #: Number of `set` calls: readers made before the last one are stale.
+        self.version = 0
 
     def set(self, i: int, img: np.ndarray, wht: np.ndarray) -> None:
         """Replace exposure *i*'s drizzled ``(sci, wht)`` in the sums."""
@@ -765,10 +776,16 @@ class LeaveOneOutStack:
         self._S += img.astype(np.float64) * wht
         self._W += wht
         self._img[i], self._wht[i] = img, wht
+        self.version += 1
 
     def contribution(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Return exposure *i*'s own ``(sci, wht)`` (the stack's arrays)."""
         return self._img[i], self._wht[i]
+
+    @property
+    def totals(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(S, W)``, the float64 sums (the stack's arrays)."""
+        return self._S, self._W
 
     @property
     def singles(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -786,19 +803,14 @@ class LeaveOneOutStack:
 
     def leave_out(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """Return the float32 ``(sci, wht)`` without the exposures ``indices``."""
-        w = self._W.copy()
-        s = self._S.copy()
-        for i in sorted(set(indices)):
-            w -= self._wht[i]
-            product = self._img[i].astype(np.float64)
-            product *= self._wht[i]
-            s -= product
-        good = w > 0
-        # in place and unmasked: boolean indexing would cost 3 full passes more
-        sci = np.zeros(self.shape, dtype=np.float32)
-        np.divide(s, w, out=sci, where=good)
-        w[~good] = 0
-        return sci, w.astype(np.float32)
+        return self.reader(indices).full()
+
+    def reader(self, indices) -> LeaveOutReader:
+        """Return the combination without ``indices``, computed where read.
+
+        Valid until the next `set` (then its reads raise RuntimeError).
+        """
+        return LeaveOutReader(self, tuple(sorted(set(indices))), self.version)
 
     def check(self, names: Sequence[str]) -> None:
         """Raise ValueError if an exposure is empty or overlaps no other one."""
@@ -811,6 +823,124 @@ class LeaveOneOutStack:
             if n > 1 and not np.any(own & (self._W - self._wht[i] > 0)):
                 msg = f"exposure {name} does not overlap any other exposure"
                 raise ValueError(msg)
+
+
+def leave_out_values(
+    totals: tuple[np.ndarray, np.ndarray],
+    left_out: Sequence[tuple[np.ndarray, np.ndarray]],
+    region: tuple[slice, slice] = (slice(None), slice(None)),
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Return :math:`((S - \sum_i w_i d_i) / (W - \sum_i w_i),\ W - \sum_i w_i)`.
+
+    Evaluated on ``region`` only: every operation is elementwise, so the
+    values of a region equal that region of the full-frame result bit for
+    bit.
+
+    Parameters
+    ----------
+    totals : tuple of numpy.ndarray
+        ``(S, W)``: float64 sums of ``w_j d_j`` and ``w_j`` over all
+        exposures.
+    left_out : sequence of (numpy.ndarray, numpy.ndarray)
+        ``(d_i, w_i)`` float32 drizzle and weight of each exposure to take
+        out, subtracted in this order.
+    region : tuple of slice, optional
+        Basic 2-D index of the values to compute (default: everything).
+
+    Returns
+    -------
+    sci, wht : numpy.ndarray
+        float32 image of ``region`` (0 where the remaining weight is not
+        positive) and the remaining weight (0 there too).
+    """
+    s, w = totals[0][region], totals[1][region]
+    for img, wht in left_out:
+        part = wht[region]
+        w = w - part
+        s = s - np.multiply(img[region], part, dtype=np.float64)
+    good = w > 0
+    # Unmasked (boolean indexing would cost 3 passes more), and the quotient
+    # cast once: a float32 `out` with `where`, or np.where for the weight,
+    # make a 30x32 box's read ~40 % slower (25 vs 18 us, measured).
+    sci = np.divide(s, w, out=np.zeros(w.shape), where=good).astype(np.float32)
+    wht = w.astype(np.float32)  # a new array: `w` may be a view of the totals
+    wht[~good] = 0
+    return sci, wht
+
+
+@dataclass(frozen=True, eq=False)
+class LeaveOutReader:
+    """The combination without some exposures, computed only where read.
+
+    Made by `LeaveOneOutStack.reader` (or `DrizzleResample.leave_out_reader`);
+    a region read costs time and memory in proportion to its size, so
+    cutting small boxes out of a leave-one-out reference needs no
+    full-frame array. It reads the stack's arrays when asked, so it holds
+    only while the stack is unchanged (its ``version``).
+
+    Attributes
+    ----------
+    stack : LeaveOneOutStack
+        The sums and contributions read.
+    indices : tuple of int
+        The exposures left out, sorted, without duplicates.
+    version : int
+        ``stack.version`` when the reader was made.
+    """
+
+    stack: LeaveOneOutStack
+    indices: tuple[int, ...]
+    version: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(ny, nx)`` of the grid."""
+        return self.stack.shape
+
+    def read(self, region: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+        """Return the float32 ``(sci, wht)`` of ``region`` (see `leave_out_values`).
+
+        A region of more than 256 rows is computed in blocks of rows, so its
+        float64 temporaries stay the size of a block.
+
+        Parameters
+        ----------
+        region : tuple of slice
+            Basic 2-D index into the grid, e.g. ``(slice(y0, y1), slice(x0, x1))``.
+
+        Returns
+        -------
+        sci, wht : numpy.ndarray
+            The region's image (rate units, 0 where no remaining exposure
+            covers) and the remaining exposures' weight.
+
+        Raises
+        ------
+        RuntimeError
+            If the stack changed since the reader was made.
+        """
+        if self.stack.version != self.version:
+            msg = "the leave-one-out stack changed since this reader was made"
+            raise RuntimeError(msg)
+        totals = self.stack.totals
+        left_out = [self.stack.contribution(i) for i in self.indices]
+        rows, cols = region
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1 or stop - start <= _ROW_BLOCK:
+            return leave_out_values(totals, left_out, region)
+        # in row blocks: float64 temporaries of a block, not of the region
+        width = len(range(*cols.indices(self.shape[1])))
+        sci = np.empty((stop - start, width), dtype=np.float32)
+        wht = np.empty_like(sci)
+        for r0 in range(start, stop, _ROW_BLOCK):
+            r1 = min(r0 + _ROW_BLOCK, stop)
+            block = leave_out_values(totals, left_out, (slice(r0, r1), cols))
+            sci[r0 - start : r1 - start], wht[r0 - start : r1 - start] = block
+        return sci, wht
+
+    def full(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the whole ``(ny, nx)`` float32 ``(sci, wht)``."""
+        return self.read((slice(None), slice(None)))
 
 
 # ---------------------------------------------------------------------------
@@ -1243,9 +1373,30 @@ class DrizzleResample:
             ``(ny, nx)`` float32 image (rate units, 0 where no remaining
             exposure covers) and weight of the remaining exposures.
         """
+        return self.leave_out_reader(indices).full()
+
+    def leave_out_reader(self, indices) -> LeaveOutReader:
+        """Return the combination without ``indices``, computed only where read.
+
+        Equal, region by region and bit for bit, to the same region of
+        `leave_out`, without the two full-frame arrays: the alignment loop
+        reads only the reference boxes of the cutouts.
+
+        Parameters
+        ----------
+        indices : iterable of int
+            Exposures to leave out (duplicates are ignored).
+
+        Returns
+        -------
+        LeaveOutReader
+            ``read(region)`` gives ``(sci, wht)`` of a region; valid until
+            the combination next changes (a WCS update or cosmic-ray
+            rejection, once read), then it raises RuntimeError.
+        """
         indices = {self._check_index(i) for i in indices}
         self._sync()
-        return self._stack.leave_out(indices)
+        return self._stack.reader(indices)
 
     def _combination(self) -> tuple[np.ndarray, np.ndarray]:
         self._sync()
