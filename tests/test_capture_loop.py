@@ -5,6 +5,7 @@ others are off by tens to a hundred pixels (and a rotation), far outside the
 cutouts the cross-correlation can search.
 """
 
+import dataclasses
 import hashlib
 import shutil
 
@@ -13,9 +14,13 @@ import pytest
 
 from subpixal_jax.align import align_files
 from subpixal_jax.apps.cli import main
+from subpixal_jax.geometry.transform import Affine
+from subpixal_jax.io.wcs import correct_wcs
 from subpixal_jax.pipeline.capture import CaptureResult
-from subpixal_jax.pipeline.coarse import capture_failures
+from subpixal_jax.pipeline.coarse import capture_failures, restore_images
+from subpixal_jax.pipeline.state import initial_state
 from subpixal_jax.reference.matching import MatchStatus
+from subpixal_jax.reference.resample import DrizzleResample
 from subpixal_jax.simulate import WcsError, misregistration, simulate_exposures
 from subpixal_jax.status import ImageStatus, RunStatus
 
@@ -136,3 +141,34 @@ def test_unrelated_field_fails_with_a_reason_and_the_others_align(unrelated, tmp
     assert written == [p.name for p in sim.paths[1:3]]
     last = [r for r in result.summary if r["iteration"] == result.n_iterations]
     assert last[3]["status"].startswith("FAILED: capture found no match")
+
+
+def test_restore_images_puts_wcs_and_totals_back(sim):
+    # The capture measures from the WCS before the first pass and hands an
+    # image it does not move that pass's correction back: both directions
+    # of restore_images, in the state and in the resampler.
+    resample = DrizzleResample(sim.paths)
+    before = initial_state(resample)
+    wcs = sim.header_wcs[1]
+    moved = {
+        k: correct_wcs(w, resample.output_wcs, np.eye(2), [0.5, -0.25])
+        for k, w in wcs.items()
+    }
+    resample.update_wcs(1, moved)
+    after = dataclasses.replace(
+        initial_state(resample),
+        totals=(None, Affine(np.eye(2), np.array([0.5, -0.25]), np.zeros(2)), None),
+    )
+    back = restore_images(after, before, resample, [1])
+    assert back.totals[1] is None
+    assert back.wcs[1] is before.wcs[1]
+    assert back.wcs[2] is after.wcs[2]
+    chip = resample.exposures[1].chips[0]
+    np.testing.assert_array_equal(
+        chip.wcs.wcs.crval, before.wcs[1][chip.extver].wcs.crval
+    )
+    again = restore_images(back, after, resample, [1])
+    assert again.totals[1] is after.totals[1]
+    np.testing.assert_array_equal(
+        resample.exposures[1].chips[0].wcs.wcs.crval, moved[chip.extver].wcs.crval
+    )
