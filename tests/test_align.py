@@ -652,8 +652,8 @@ def test_one_chip_and_rate_units(variant, tmp_path):
                 strict=True,
                 reason="issue #17: per-source refinement against a noisy "
                 "(leave-one-out) reference is biased towards the half pixel and "
-                "loses to the measured-weight cross-correlation (0.033 vs "
-                "0.020 px here)",
+                "loses to the measured-weight cross-correlation (0.032-0.047 vs "
+                "0.017-0.024 px here)",
             ),
         ),
         "transform",
