@@ -510,9 +510,7 @@ def align_files(  # noqa: PLR0913  # seed signature (plus keyword-only options)
         resample,
         **align_options,
     )
-    if summary is not None and jwst_exposures:
-        _write_jwst_summary(result, summary)
-    elif summary is not None:
+    if summary is not None:
         result.write_summary(summary)
     if not (in_place or output_dir is not None or dry_run):
         return result, []
@@ -563,46 +561,25 @@ def _jwst_exposures(files: Sequence[Path]) -> list | None:
     return read_jwst_exposures(files)
 
 
-def _jwst_solution_wcs(result: res.AlignmentResult) -> list:
-    """Each image's chip gWCSs corrected by its stored total (None: none).
-
-    Computed exactly as :func:`apply_solution` computes them from the
-    summary (the fit frame read back from its header, the total correction
-    applied once to the gWCS the alignment started from), so that applying
-    the summary to the original files writes the same gWCSs, bit for bit,
-    and their fingerprints agree. They differ from the loop's
-    ``final_wcs`` (one linearised tangent-plane correction per iteration)
-    by 6e-9 px.
-    """
-    if result.wcslin is None or not (result.corrections and result.initial_wcs):
-        return [None] * len(result.names)
-    wcslin = WCS(result.wcslin.to_header_string(relax=True))
-    center = result.center
-    return [
-        None
-        if total is None
-        else {
-            k: w.corrected(wcslin, total.matrix, total.shift, center=center)
-            for k, w in initial.items()
-        }
-        for initial, total in zip(result.initial_wcs, result.corrections, strict=True)
-    ]
-
-
 def _write_jwst(result, exposures, wcsname, output_dir, dry_run, policy) -> list:
     """Write the corrected gWCS of every JWST exposure whose verdict allows it.
 
     Every file of every written exposure is committed as one set
     (:func:`subpixal_jax.io.jwst.write_jwst_updates`).
     """
-    from subpixal_jax.io.jwst import JWSTUpdate, JWSTWriteOptions, write_jwst_updates
+    from subpixal_jax.io.jwst import (
+        JWSTUpdate,
+        JWSTWriteOptions,
+        solution_wcs,
+        write_jwst_updates,
+    )
 
     updates = []
     for exposure, verdict, final, solved in zip(
         exposures,
         image_reports(result, policy),
         result.final_wcs,
-        _jwst_solution_wcs(result),
+        solution_wcs(result),
         strict=True,
     ):
         if not verdict.write:
@@ -626,28 +603,6 @@ def _write_jwst(result, exposures, wcsname, output_dir, dry_run, policy) -> list
         dry_run=dry_run,
         force=policy.force,
     )
-
-
-def _write_jwst_summary(result: res.AlignmentResult, path) -> None:
-    """Write the summary of a gWCS run, its fingerprints those of the gWCSs.
-
-    :meth:`AlignmentResult.write_summary` fingerprints FITS WCSs only; the
-    table is the same, with :func:`subpixal_jax.io.jwst.gwcs_fingerprint` of
-    each corrected exposure's gWCS before and after
-    (:func:`_jwst_solution_wcs`, what is written).
-    """
-    from subpixal_jax.io.jwst import gwcs_fingerprint
-
-    table = dataclasses.replace(result, initial_wcs=[]).to_table()
-    solution = table.meta.get("solution", {})
-    for name, initial, solved in zip(
-        result.names, result.initial_wcs, _jwst_solution_wcs(result), strict=True
-    ):
-        entry = solution.get(Path(name).name)
-        if entry is not None and solved is not None:
-            entry["fitted_fingerprint"] = gwcs_fingerprint(initial)
-            entry["result_fingerprint"] = gwcs_fingerprint(solved)
-    table.write(path, format="ascii.ecsv", overwrite=True)
 
 
 def apply_solution(

@@ -20,11 +20,7 @@ from astropy.wcs import WCS
 pytest.importorskip("gwcs")
 datamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
 
-from subpixal_jax.align import (  # noqa: E402
-    _jwst_solution_wcs,
-    _write_jwst_summary,
-    apply_solution,
-)
+from subpixal_jax.align import apply_solution  # noqa: E402
 from subpixal_jax.apps.cli import EXIT_OK, EXIT_USAGE, main  # noqa: E402
 from subpixal_jax.geometry.transform import Affine  # noqa: E402
 from subpixal_jax.io import jwst  # noqa: E402
@@ -127,7 +123,7 @@ def _solved(files):
 
 def _updates(exposures, result):
     """What align_files writes: the stored totals applied once."""
-    pairs = zip(exposures[1:], _jwst_solution_wcs(result)[1:], strict=True)
+    pairs = zip(exposures[1:], jwst.solution_wcs(result)[1:], strict=True)
     return [jwst.JWSTUpdate(e, w) for e, w in pairs]
 
 
@@ -150,7 +146,7 @@ def test_apply_equals_the_alignment_write_and_is_idempotent(sim, tmp_path):
     aligned = _copy(sim, tmp_path / "aligned")
     exposures, result = _solved(aligned)
     summary = tmp_path / "solution.ecsv"
-    _write_jwst_summary(result, summary)
+    result.write_summary(summary)
     fps = res.read_fingerprints(summary)
     assert sorted(fps) == sorted(e.name for e in exposures[1:])
     updates = _updates(exposures, result)
@@ -188,7 +184,7 @@ def test_apply_refuses_a_changed_gwcs_unless_forced(sim, tmp_path, capsys):
     files = _copy(sim, tmp_path / "files")
     exposures, result = _solved(files)
     summary = tmp_path / "solution.ecsv"
-    _write_jwst_summary(result, summary)
+    result.write_summary(summary)
     # Someone else corrected exposure 2 since the fit.
     other = {
         c.extver: c.wcs.with_plane_correction(np.eye(2), [0.05, 0.0])

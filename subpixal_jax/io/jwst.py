@@ -71,18 +71,22 @@ import pathlib
 import shutil
 import stat
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from astropy.io import fits
 from astropy.nddata.bitmask import bitfield_to_boolean_mask, interpret_bit_flags
 from astropy.time import Time
+from astropy.wcs import WCS
 from scipy.interpolate import RectBivariateSpline
 
 from subpixal_jax.geometry.skywcs import SkyWCS
 from subpixal_jax.io.images import Chip, Exposure
 from subpixal_jax.io.transaction import PendingWrite, commit_set, discard, write_temp
 from subpixal_jax.io.wcs import TargetState
+
+if TYPE_CHECKING:
+    from subpixal_jax.io.result import AlignmentResult
 
 try:
     import asdf
@@ -1912,3 +1916,50 @@ def exposure_target_state(
     if current == fitted_fingerprint:
         return TargetState.ORIGINAL
     return TargetState.FOREIGN
+
+
+def solution_wcs(result: AlignmentResult) -> list:
+    """Each image's chip gWCSs corrected by its stored total (None: none).
+
+    Computed exactly as :func:`subpixal_jax.align.apply_solution` computes
+    them from the summary (the fit frame read back from its header, the
+    total correction applied once to the gWCS the alignment started from),
+    so that applying the summary to the original files writes the same
+    gWCSs, bit for bit, and their fingerprints agree. They differ from the
+    loop's ``final_wcs`` (one linearised tangent-plane correction per
+    iteration) by 6e-9 px.
+    """
+    if result.wcslin is None or not (result.corrections and result.initial_wcs):
+        return [None] * len(result.names)
+    wcslin = WCS(result.wcslin.to_header_string(relax=True))
+    center = result.center
+    return [
+        None
+        if total is None
+        else {
+            k: w.corrected(wcslin, total.matrix, total.shift, center=center)
+            for k, w in initial.items()
+        }
+        for initial, total in zip(result.initial_wcs, result.corrections, strict=True)
+    ]
+
+
+def write_gwcs_summary(result: AlignmentResult, path) -> None:
+    """Write the summary of a gWCS run, its fingerprints those of the gWCSs.
+
+    The table of :meth:`~subpixal_jax.io.result.AlignmentResult.to_table`
+    (which fingerprints FITS WCSs only), with :func:`gwcs_fingerprint` of
+    each corrected exposure's gWCS before and after (:func:`solution_wcs`,
+    what is written). :meth:`AlignmentResult.write_summary` calls it for
+    gWCS runs.
+    """
+    table = dataclasses.replace(result, initial_wcs=[]).to_table()
+    solution = table.meta.get("solution", {})
+    for name, initial, solved in zip(
+        result.names, result.initial_wcs, solution_wcs(result), strict=True
+    ):
+        entry = solution.get(pathlib.Path(name).name)
+        if entry is not None and solved is not None:
+            entry["fitted_fingerprint"] = gwcs_fingerprint(initial)
+            entry["result_fingerprint"] = gwcs_fingerprint(solved)
+    table.write(path, format="ascii.ecsv", overwrite=True)

@@ -18,6 +18,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from subpixal_jax.core.linfit import LinearFit
+from subpixal_jax.geometry.skywcs import SkyWCS
 from subpixal_jax.geometry.transform import Affine, RefinedFit
 from subpixal_jax.status import ImageOutcome, ImageStatus, RunOutcome
 
@@ -303,7 +304,18 @@ class AlignmentResult:
         return entry
 
     def write_summary(self, path) -> None:
-        """Write :meth:`to_table` to ``path`` as ECSV (never to the cwd implicitly)."""
+        """Write :meth:`to_table` to ``path`` as ECSV (never to the cwd implicitly).
+
+        A run on gWCS exposures (JWST) stores its gWCSs' fingerprints
+        (:func:`subpixal_jax.io.jwst.write_gwcs_summary`).
+        """
+        if any(
+            isinstance(w, SkyWCS) for chips in self.initial_wcs for w in chips.values()
+        ):
+            from subpixal_jax.io.jwst import write_gwcs_summary
+
+            write_gwcs_summary(self, path)
+            return
         self.to_table().write(path, format="ascii.ecsv", overwrite=True)
 
 
