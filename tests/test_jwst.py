@@ -333,6 +333,9 @@ def test_writer_inserts_v2v3corr_and_archives(sim, tmp_path):
     assert rep.max_change > 1.0
     assert rep.sip_max_error <= 0.02
     assert rep.archived_as == 0
+    # The CLI prints every report (FITS or gWCS) with the same call.
+    assert rep.text(max_changes=0) == rep.text()
+    assert rep.text().startswith(f"wrote {path}: gWCS TEST-1")
     assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary left
     xx, yy = _grid()
     with datamodels.open(path) as model:

@@ -88,3 +88,24 @@ def test_four_two_detector_exposures_align_to_001_px(tmp_path):
     stamps = [(copies / p.name).stat().st_mtime_ns for p in files]
     assert apply_solution(summary, [copies / p.name for p in files]) == []
     assert [(copies / p.name).stat().st_mtime_ns for p in files] == stamps
+
+
+@pytest.mark.slow
+def test_cli_dry_run_on_jwst_files_reports_and_changes_nothing(tmp_path, capsys):
+    # The command line printed a gWCS run's reports with the FITS reports'
+    # call and crashed after the alignment (found trying it as a user).
+    import hashlib
+
+    from subpixal_jax.apps.cli import main
+
+    sim = simulate_jwst_exposures(
+        tmp_path, n_exposures=3, errors=ERRORS[:3], shape=(256, 256), seed=2
+    )
+    files = [p for ps in sim.paths for p in ps]
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
+    code = main(["-q", "align", *map(str, files), "--reference", "0", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.count("would write") == 4  # two exposures moved, two detectors each
+    assert all(f"{p}: gWCS" in out for p in files[2:])
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in files] == digests

@@ -1442,8 +1442,13 @@ class JWSTUpdateReport:
     archived_as: int | None
     dry_run: bool = False
 
-    def text(self) -> str:
-        """Return a one-line account for the user."""
+    def text(self, *, max_changes: int | None = None) -> str:
+        """Return a one-line account for the user.
+
+        ``max_changes`` is that of :meth:`subpixal_jax.io.wcs.UpdateReport.text`,
+        so that callers treat both reports alike; a gWCS update lists no
+        keyword changes, so it has nothing to limit.
+        """
         name = self.path if self.path is not None else "<data model>"
         if not self.changed:
             return f"{name}: unchanged (max change {self.max_change:.2e} px)"
