@@ -35,7 +35,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 from astropy.stats import mad_std
@@ -751,21 +751,19 @@ def create_cutouts(  # noqa: PLR0913  # seed signature
 
 def _reference_values(ref_data, ref_valid, shape):
     """Check the reference arguments of `create_cutouts`; return its region reader."""
-    if isinstance(ref_data, ReferenceReader):
+    reader = isinstance(ref_data, ReferenceReader)
+    if not reader:
+        ref_data = np.asarray(ref_data)
+    if tuple(ref_data.shape) != shape:
+        msg = f"ref_data must have the segmentation's shape {shape}, "
+        msg += f"got {tuple(ref_data.shape)}"
+        raise ValueError(msg)
+    if reader:
         if ref_valid is not None:
             msg = "ref_valid must be None when ref_data is a ReferenceReader "
             msg += f"(its validity is wht > 0), got {type(ref_valid).__name__}"
             raise ValueError(msg)
-        if tuple(ref_data.shape) != shape:
-            msg = f"ref_data must have the segmentation's shape {shape}, "
-            msg += f"got {tuple(ref_data.shape)}"
-            raise ValueError(msg)
         return functools.partial(_reader_region, ref_data)
-    ref_data = np.asarray(ref_data)
-    if ref_data.shape != shape:
-        msg = f"ref_data must have the segmentation's shape {shape}, "
-        msg += f"got {ref_data.shape}"
-        raise ValueError(msg)
     ref_valid = np.asarray(ref_valid)
     if ref_valid.shape != shape or ref_valid.dtype != bool:
         msg = f"ref_valid must be a bool array of shape {shape}, "
@@ -1028,7 +1026,19 @@ def _finish(kept, predicted_abs, chip, exposure, ref_wcs, exact_pixmaps: bool):
     ]
 
 
-def _chip_boxes(chip, world, n_src: int, pad: int, ref_wcs) -> tuple | None:
+class _ChipBoxes(NamedTuple):
+    """A chip's kept sources, their image boxes and reference boxes."""
+
+    keep: np.ndarray
+    blc: np.ndarray
+    trc: np.ndarray
+    predicted_abs: np.ndarray
+    n_inside: int
+    ref_lo: np.ndarray
+    ref_hi: np.ndarray
+
+
+def _chip_boxes(chip, world, n_src: int, pad: int, ref_wcs) -> _ChipBoxes | None:
     """Stages 1 and 2 of a chip: image and reference boxes (None: no source)."""
     keep, blc, trc, predicted_abs, n_inside = _image_boxes(
         chip, world, n_src, pad, CUTOUT_BUCKETS[-1]
@@ -1037,10 +1047,10 @@ def _chip_boxes(chip, world, n_src: int, pad: int, ref_wcs) -> tuple | None:
         log.info("chip %d: no source fits inside the chip", chip.extver)
         return None
     rlo, rhi = _reference_boxes(chip.wcs, ref_wcs, blc, trc)
-    return keep, blc, trc, predicted_abs, n_inside, rlo, rhi
+    return _ChipBoxes(keep, blc, trc, predicted_abs, n_inside, rlo, rhi)
 
 
-def _box_read_cost(boxes: Sequence[tuple | None], shape) -> float:
+def _box_read_cost(boxes: Sequence[_ChipBoxes | None], shape) -> float:
     """Cost of reading every reference box from a reader, in full-frame pixels.
 
     Measured (``benchmarks/bench_leave_out.py``): a box read of a
@@ -1056,7 +1066,7 @@ def _box_read_cost(boxes: Sequence[tuple | None], shape) -> float:
     for chip_boxes in boxes:
         if chip_boxes is None:
             continue
-        lo, hi = chip_boxes[5], chip_boxes[6]
+        lo, hi = chip_boxes.ref_lo, chip_boxes.ref_hi
         finite = np.all(np.isfinite(lo) & np.isfinite(hi), axis=1)
         lo, hi = lo[finite], hi[finite]
         w = np.minimum(hi[:, 0], nx - 1) - np.maximum(lo[:, 0], 0) + 1
@@ -1068,7 +1078,7 @@ def _box_read_cost(boxes: Sequence[tuple | None], shape) -> float:
 
 def _chip_cutouts(
     primaries,
-    boxes: tuple,
+    boxes: _ChipBoxes,
     chip,
     exposure,
     reference: _Reference,
