@@ -231,6 +231,22 @@ def align_images(  # noqa: PLR0913  # seed signature
     return result
 
 
+def _default_catalog(align_options: dict):
+    """Return the source finder :func:`align_files` uses unless given one.
+
+    Windowed centroids cost about 40% of a detection (12 of 30 s on a
+    4200² reference with 9000 sources) and change no result of the relative
+    alignment: the cutout boxes come from the segments, and the fit's
+    positions only need to be good to a fraction of a pixel (default set,
+    three seeds: the same misregistration to 1e-4 px). Only the absolute
+    tie, which matches the positions to an external catalog, uses them.
+    """
+    from subpixal_jax.reference.catalog import PhotutilsCatalog
+
+    tie = align_options.get("reference_catalog") is not None
+    return PhotutilsCatalog(centroid="win" if tie else "moment")
+
+
 def _reference_table(reference_catalog):
     """Read a reference catalog given as a path (tables pass through)."""
     if reference_catalog is None or isinstance(reference_catalog, Table):
@@ -447,7 +463,9 @@ def align_files(  # noqa: PLR0913  # seed signature (plus keyword-only options)
         default north up.
     catalog : ImageCatalog, optional
         Source finder; default
-        :class:`~subpixal_jax.reference.catalog.PhotutilsCatalog`.
+        :class:`~subpixal_jax.reference.catalog.PhotutilsCatalog` with moment
+        centroids, or windowed ones when ``reference_catalog`` asks for an
+        absolute tie.
     policy : WritePolicy, optional
         Which corrections are written (:mod:`subpixal_jax.pipeline.verdict`); its
         ``force`` also allows updating read-only files.
@@ -468,7 +486,6 @@ def align_files(  # noqa: PLR0913  # seed signature (plus keyword-only options)
         What was (or, with ``dry_run``, would be) written; empty when none
         of ``in_place``, ``output_dir`` and ``dry_run`` was given.
     """
-    from subpixal_jax.reference.catalog import PhotutilsCatalog
     from subpixal_jax.reference.resample import DrizzleResample
 
     policy = policy or WritePolicy()
@@ -506,7 +523,7 @@ def align_files(  # noqa: PLR0913  # seed signature (plus keyword-only options)
         time.perf_counter() - start,
     )
     result = align_images(
-        catalog if catalog is not None else PhotutilsCatalog(),
+        catalog if catalog is not None else _default_catalog(align_options),
         resample,
         **align_options,
     )
