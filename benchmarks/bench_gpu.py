@@ -101,7 +101,9 @@ def run_once(paths, options):
         resample = DrizzleResample(paths)
         timer.seconds["resampler set-up (drizzle all)"] += time.perf_counter() - t0
         timer.calls["resampler set-up (drizzle all)"] += 1
-        result = align.align_images(PhotutilsCatalog(), resample, **options)
+        # the finder align_files uses by default (no absolute tie)
+        catalog = PhotutilsCatalog(centroid="moment")
+        result = align.align_images(catalog, resample, **options)
         wall = time.perf_counter() - start
     return timer, stats, wall, result
 

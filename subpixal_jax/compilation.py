@@ -58,6 +58,8 @@ _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
 _CACHE_SUFFIX = "-cache"  # JAX's own entry name suffix, so the caches mix
+#: Compilations at least this long are logged (INFO) as they finish.
+_LOGGED_COMPILE_SECONDS = 0.5
 
 
 def default_cache_dir() -> Path | None:
@@ -239,6 +241,7 @@ def _on_duration(event: str, duration: float, **kwargs) -> None:
     hit = getattr(_pending_hit, "value", False)
     _pending_hit.value = False
     with _state_lock:
+        counting = bool(_active)
         for s in _active:
             if hit:
                 s.cache_hits += 1
@@ -246,6 +249,10 @@ def _on_duration(event: str, duration: float, **kwargs) -> None:
             else:
                 s.compiles += 1
                 s.compile_seconds += duration
+    # Say so while it happens: a first run waits seconds on each of these.
+    if counting and not hit and duration >= _LOGGED_COMPILE_SECONDS:
+        name = kwargs.get("fun_name", "a kernel")
+        log.info("compiled %s in %.1f s", name, duration)
 
 
 @contextlib.contextmanager

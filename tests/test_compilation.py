@@ -1,6 +1,7 @@
 """Tests of subpixal_jax.compilation: persistent cache and compile counting."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -121,3 +122,21 @@ def test_count_compilations_nests_and_counts_once_per_shape():
     assert outer.traces >= 1
     assert str(CompileStats(3, 4.14)) == "compiled 3 kernels in 4.1 s"
     assert "from the cache" in str(CompileStats(1, 1.0, 2, 0.1))
+
+
+def test_compilations_are_logged_as_they_happen(monkeypatch, caplog):
+    monkeypatch.setattr(compilation, "_LOGGED_COMPILE_SECONDS", 0.0)
+    f = jax.jit(lambda x: jnp.cos(x) * 3.0 + x)
+    cache_on = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a real compile
+    try:
+        with caplog.at_level(logging.INFO, logger="subpixal_jax.compilation"):
+            f(np.ones(11, np.float32)).block_until_ready()  # outside a count: silent
+            with count_compilations() as stats:
+                f(np.ones(19, np.float32)).block_until_ready()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_on)
+    lines = [r.getMessage() for r in caplog.records if "compiled" in r.getMessage()]
+    assert stats.compiles == 1
+    assert len(lines) == 1
+    assert all(line.startswith("compiled ") and line.endswith(" s") for line in lines)
