@@ -71,6 +71,7 @@ def test_a_sound_correction_is_written_with_its_numbers():
     )
     ref, a = image_reports(result)
     assert ref.verdict is Verdict.UNCHANGED
+    assert ref.reason == "the reference, held fixed"
     assert a.verdict is Verdict.WRITE
     assert a.reason == ""
     assert a.dx == pytest.approx(0.8)
@@ -153,3 +154,15 @@ def test_the_fixed_reference_moved_by_an_absolute_tie_is_written():
     assert a.verdict is Verdict.WRITE
     failed = dataclasses.replace(tied, absolute=SimpleNamespace(ok=False))
     assert image_reports(failed)[0].verdict is Verdict.REFUSED
+
+
+def test_an_image_without_correction_says_why():
+    result = _result(
+        [_row("ref.fits"), _row("a.fits")],
+        [None, None],
+        [ImageStatus.REFERENCE, ImageStatus.FAILED],
+    )
+    ref, a = image_reports(result)
+    assert (ref.verdict, a.verdict) == (Verdict.UNCHANGED, Verdict.UNCHANGED)
+    assert ref.reason == "the reference, held fixed"
+    assert a.reason == "not aligned (FAILED)"

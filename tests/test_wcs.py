@@ -617,6 +617,8 @@ def test_update_report_text_lists_target_and_changes(flt):
     assert len(lines) == 1 + len(report.archived) + len(report.changes)
     short = report.text(max_changes=3).splitlines()
     assert short[-1] == f"  ... and {len(report.changes) - 3} more"
+    # none listed (the CLI's writes): the head's count says it all
+    assert report.text(max_changes=0).splitlines() == lines[: 1 + len(report.archived)]
     written = spw.update_image_wcs(flt, ("SCI", 1), new)
     assert str(written).startswith(f"wrote {flt}: ")
     nothing = spw.update_image_wcs(flt, ("SCI", 1), new)

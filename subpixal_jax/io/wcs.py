@@ -726,7 +726,7 @@ class UpdateReport:
         shown = self.changes if max_changes is None else self.changes[:max_changes]
         for c in shown:
             lines.append(f"  ext {c.ext} {c.keyword}: {_fmt(c.old)} -> {_fmt(c.new)}")
-        if len(shown) < len(self.changes):
+        if shown and len(shown) < len(self.changes):
             lines.append(f"  ... and {len(self.changes) - len(shown)} more")
         return "\n".join(lines)
 

@@ -151,6 +151,13 @@ def _refusal(report_fields: dict, policy: WritePolicy, fitgeom: str) -> str:
     return ""
 
 
+def _unaligned_reason(outcome: ImageOutcome) -> str:
+    """Why an image without a correction is left as it is."""
+    if outcome.status is ImageStatus.REFERENCE:
+        return "the reference, held fixed"
+    return f"not aligned ({outcome})"
+
+
 def image_reports(
     result: AlignmentResult, policy: WritePolicy | None = None
 ) -> list[ImageReport]:
@@ -195,7 +202,7 @@ def image_reports(
         }
         rot_err = 3600.0 * float(row.get("rot_err", math.nan))
         if correction is None:
-            verdict, reason = Verdict.UNCHANGED, ""
+            verdict, reason = Verdict.UNCHANGED, _unaligned_reason(outcome)
             fields |= {"dx": 0.0, "dy": 0.0, "rot": 0.0, "scale_ppm": 0.0}
             significance = math.nan
         else:
