@@ -52,7 +52,11 @@ from subpixal_jax.core.batch import (
     source_chunk,
 )
 from subpixal_jax.core.blot import blot_scale
-from subpixal_jax.geometry.homography import apply_homography, focal_homography
+from subpixal_jax.geometry.homography import (
+    apply_homography,
+    focal_homography,
+    focal_lattice,
+)
 from subpixal_jax.geometry.skywcs import SkyWCS
 
 __all__ = [
@@ -184,12 +188,6 @@ def _overlap(shape, blc: tuple[int, int], trc: tuple[int, int]):
     src = (slice(ya, yb + 1), slice(xa, xb + 1))
     dst = (slice(ya - y1, yb - y1 + 1), slice(xa - x1, xb - x1 + 1))
     return src, dst
-
-
-def _node_grid(height: int, width: int) -> np.ndarray:
-    """``((2h+1)(2w+1), 2)`` half-pixel node positions (x, y), row-major."""
-    rows, cols = np.mgrid[0 : 2 * height + 1, 0 : 2 * width + 1]
-    return np.stack([cols.ravel() * 0.5, rows.ravel() * 0.5], axis=-1)
 
 
 # ---------------------------------------------------------------------------
@@ -507,6 +505,13 @@ def _read_noise_variance(chip, units: str, exptime: float) -> float:
     return max(mad_var - poisson, 0.0)
 
 
+class _NodeGroup(NamedTuple):
+    """Half-grid pixmaps of the cutouts of one shape of a chip."""
+
+    members: np.ndarray  # (K,) indices of the cutouts in the chip's list
+    nodes: np.ndarray  # (K, 2h+1, 2w+1, 2) reference pixels (x, y)
+
+
 def _pixmap_nodes(
     chip_wcs: WCS,
     ref_wcs: WCS,
@@ -515,65 +520,72 @@ def _pixmap_nodes(
     *,
     exact: bool,
     chip_shape: tuple[int, int] | None = None,
-) -> list[np.ndarray]:
+) -> list[_NodeGroup]:
     """Half-grid pixmaps (absolute reference pixels) of every cutout of a chip.
 
+    Cutouts are grouped by shape, and each group's nodes evaluated at once.
     ``exact``: every node goes through ``all_pix2world`` and the reference
-    inverse. Otherwise only the distortion (``pix2foc``: SIP, D2IM and NPOL
-    lookup tables, cheap) is evaluated at every node; the remaining map
-    focal plane -> sky -> reference pixel is a plane-to-plane gnomonic
+    inverse. Otherwise only the distortion is evaluated at every node
+    (`~subpixal_jax.geometry.homography.focal_lattice`: exactly ``pix2foc``,
+    with SIP and NPOL as tensor products when the D2IM allows); the remaining
+    map focal plane -> sky -> reference pixel is a plane-to-plane gnomonic
     reprojection, exactly a homography, fitted once per chip and verified
-    (as in :func:`subpixal_jax.geometry.homography.chip_pixmap`). Where that check
-    fails, it is evaluated exactly at a 3x3 subset of each cutout's nodes and
-    represented by a quadratic least-squares polynomial in the focal
-    coordinates.
+    (as in :func:`subpixal_jax.geometry.homography.chip_pixmap`). Where that
+    check fails, it is evaluated exactly at a 3x3 subset of each cutout's
+    nodes and represented by a quadratic least-squares polynomial in the
+    focal coordinates.
     """
-    counts = (2 * shapes[:, 0] + 1) * (2 * shapes[:, 1] + 1)
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    nodes = np.empty((bounds[-1], 2))
-    grids: dict[tuple[int, int], np.ndarray] = {}
-    for k, (h, w) in enumerate(shapes):
-        grid = grids.get((h, w))
-        if grid is None:
-            grid = grids[(h, w)] = _node_grid(int(h), int(w))
-        np.add(grid, blcs[k], out=nodes[bounds[k] : bounds[k + 1]])
-    if exact:
-        ref = ref_wcs.wcs_world2pix(chip_wcs.all_pix2world(nodes, 0), 0)
-        return [ref[bounds[k] : bounds[k + 1]] for k in range(len(shapes))]
-    if isinstance(chip_wcs, SkyWCS):
-        # A gWCS chip: its own smooth map to the reference grid (splines over
-        # a coarse grid of exact evaluations, checked to < 1e-5 px).
-        ref = np.column_stack(chip_wcs.pixel_map(ref_wcs)(nodes[:, 0], nodes[:, 1]))
-        return [ref[bounds[k] : bounds[k + 1]] for k in range(len(shapes))]
+    sky = isinstance(chip_wcs, SkyWCS)
+    h = None
+    if not exact and not sky:
+        if chip_shape is None:  # fit over the nodes' extent from the origin
+            top = (blcs + shapes[:, ::-1]).max(axis=0) + 1
+            chip_shape = (max(int(top[1]), 2), max(int(top[0]), 2))
+        h = focal_homography(chip_wcs, ref_wcs, chip_shape)
+    keys, inverse = np.unique(shapes, axis=0, return_inverse=True)
+    groups = []
+    for g, (height, width) in enumerate(keys):
+        members = np.flatnonzero(inverse.ravel() == g)
+        xs = blcs[members, 0:1] + 0.5 * np.arange(2 * width + 1)  # (K, C)
+        ys = blcs[members, 1:2] + 0.5 * np.arange(2 * height + 1)  # (K, R)
+        if exact or sky:
+            gx = np.broadcast_to(xs[:, None, :], (len(members), len(ys[0]), len(xs[0])))
+            gy = np.broadcast_to(ys[:, :, None], gx.shape)
+            if exact:
+                ra, dec = chip_wcs.all_pix2world(gx.ravel(), gy.ravel(), 0)
+                ref = ref_wcs.wcs_world2pix(ra, dec, 0)
+            else:  # a gWCS chip: its own smooth map to the reference grid
+                # (splines over a coarse grid of exact evaluations, < 1e-5 px)
+                ref = chip_wcs.pixel_map(ref_wcs)(gx.ravel(), gy.ravel())
+            nodes = np.stack(ref, axis=-1).reshape(*gx.shape, 2)
+        else:
+            foc = focal_lattice(chip_wcs, xs, ys)
+            if h is not None:
+                nodes = apply_homography(h, foc[..., 0], foc[..., 1])
+            else:
+                nodes = _quadratic_reprojection(chip_wcs, ref_wcs, foc)
+        groups.append(_NodeGroup(members, nodes))
+    return groups
 
-    foc = chip_wcs.pix2foc(nodes, 0)
-    if chip_shape is None:  # fit over the nodes' extent from the origin
-        top = np.ceil(nodes.max(axis=0)).astype(int) + 1
-        chip_shape = (max(int(top[1]), 2), max(int(top[0]), 2))
-    h = focal_homography(chip_wcs, ref_wcs, chip_shape)
-    if h is not None:
-        ref = apply_homography(h, foc[:, 0], foc[:, 1])
-        return [ref[bounds[k] : bounds[k + 1]] for k in range(len(shapes))]
-    # 3x3 coarse subset: half-grid rows 0, h, 2h and columns 0, w, 2w.
-    frac = np.arange(_COARSE_NODES)
-    ncol = 2 * shapes[:, 1] + 1
-    idx = (
-        bounds[:-1, None, None]
-        + (shapes[:, 0:1] * frac)[:, :, None] * ncol[:, None, None]
-        + (shapes[:, 1:2] * frac)[:, None, :]
-    ).reshape(len(shapes), -1)
-    fc = foc[idx]  # (K, 9, 2)
+
+def _quadratic_reprojection(chip_wcs, ref_wcs, foc: np.ndarray) -> np.ndarray:
+    """Focal plane -> reference pixels of ``(K, R, C, 2)`` grids, per grid a quadratic.
+
+    Fitted on the exact round trips of each grid's 3x3 subset of nodes (the
+    ends and the middle of its rows and columns).
+    """
+    k, r, c, _ = foc.shape
+    rows = (r - 1) // 2 * np.arange(_COARSE_NODES)
+    cols = (c - 1) // 2 * np.arange(_COARSE_NODES)
+    fc = foc[:, rows][:, :, cols].reshape(k, -1, 2)  # (K, 9, 2)
     gc = ref_wcs.wcs_world2pix(chip_wcs.wcs_pix2world(fc.reshape(-1, 2), 0), 0)
     centre = fc.mean(axis=1)  # (K, 2)
     inv_scale = 1.0 / np.maximum(np.ptp(fc, axis=1) / 2, 1.0)  # (K, 2)
     uc = (fc - centre[:, None, :]) * inv_scale[:, None, :]
     vander = _quadratic_terms(uc[..., 0], uc[..., 1])  # (K, 9, 6)
     coef = np.linalg.pinv(vander) @ gc.reshape(fc.shape)  # (K, 6, 2)
-    maps = []
-    for k in range(len(shapes)):
-        u = (foc[bounds[k] : bounds[k + 1]] - centre[k]) * inv_scale[k]
-        maps.append(_quadratic_terms(u[:, 0], u[:, 1]) @ coef[k])
-    return maps
+    u = (foc.reshape(k, -1, 2) - centre[:, None, :]) * inv_scale[:, None, :]
+    return (_quadratic_terms(u[..., 0], u[..., 1]) @ coef).reshape(foc.shape)
 
 
 def _quadratic_terms(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -958,43 +970,41 @@ def _source_pieces(prim, chip, box, ref_box, reference: _Reference, noise):
     }
 
 
-def _pixmap_area(pixmap: np.ndarray, q: np.ndarray) -> float:
-    """``|det J|`` of a half-grid pixmap at the image-cutout position ``q``."""
-    h = (pixmap.shape[0] - 1) // 2
-    w = (pixmap.shape[1] - 1) // 2
-    r0 = int(np.clip(np.rint(2 * q[1]), 1, 2 * h - 1))
-    c0 = int(np.clip(np.rint(2 * q[0]), 1, 2 * w - 1))
-    jac = np.stack(
-        [
-            pixmap[r0, c0 + 1] - pixmap[r0, c0 - 1],
-            pixmap[r0 + 1, c0] - pixmap[r0 - 1, c0],
-        ],
-        axis=-1,
-    )
-    return abs(np.linalg.det(jac))
+def _pixmap_area(nodes: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``|det J|`` of ``(K, 2h+1, 2w+1, 2)`` half-grid pixmaps at positions ``q``.
+
+    ``q`` is ``(K, 2)`` image-cutout positions; ``J`` the central differences
+    around the half-grid node nearest to each (kept off the border).
+    """
+    k = np.arange(len(nodes))
+    r0 = np.clip(np.rint(2 * q[:, 1]).astype(np.int64), 1, nodes.shape[1] - 2)
+    c0 = np.clip(np.rint(2 * q[:, 0]).astype(np.int64), 1, nodes.shape[2] - 2)
+    dx = nodes[k, r0, c0 + 1] - nodes[k, r0, c0 - 1]  # (K, 2)
+    dy = nodes[k, r0 + 1, c0] - nodes[k, r0 - 1, c0]
+    return np.abs(dx[:, 0] * dy[:, 1] - dx[:, 1] * dy[:, 0])
 
 
 def _finish(kept, predicted_abs, chip, exposure, ref_wcs, exact_pixmaps: bool):
     """Stage 3: pixmaps and unit factors of the survivors (one WCS call)."""
     shapes = np.array([c["image"].shape for c in kept], dtype=np.int64)
     blcs = np.array([c["blc"] for c in kept], dtype=np.int64)
-    maps = _pixmap_nodes(
+    origins = np.array([c["ref_blc"] for c in kept], dtype=np.float64)
+    q = predicted_abs[np.array([c["k"] for c in kept])] - blcs
+    area = np.empty(len(kept))
+    pixmaps = [None] * len(kept)
+    for group in _pixmap_nodes(
         chip.wcs,
         ref_wcs,
         blcs,
         shapes,
         exact=exact_pixmaps,
         chip_shape=chip.data.shape,
-    )
-    predicted = []
-    area = np.empty(len(kept))
-    for i, (c, nodes) in enumerate(zip(kept, maps, strict=True)):
-        h, w = c["image"].shape
-        pixmap = nodes.reshape(2 * h + 1, 2 * w + 1, 2) - np.array(c["ref_blc"])
-        c["pixmap"] = pixmap
-        q = predicted_abs[c["k"]] - blcs[i]
-        predicted.append((float(q[0]), float(q[1])))
-        area[i] = _pixmap_area(pixmap, q)
+    ):
+        nodes = group.nodes
+        nodes -= origins[group.members][:, None, None, :]
+        area[group.members] = _pixmap_area(nodes, q[group.members])
+        for i, member in enumerate(group.members):
+            pixmaps[member] = nodes[i]
     iscale = np.asarray(
         blot_scale(
             image_units=exposure.units,
@@ -1013,12 +1023,12 @@ def _finish(kept, predicted_abs, chip, exposure, ref_wcs, exact_pixmaps: bool):
             image=c["image"],
             image_valid=c["image_valid"],
             variance=c["variance"],
-            predicted=predicted[i],
+            predicted=(float(q[i, 0]), float(q[i, 1])),
             ref_blc=c["ref_blc"],
             ref_trc=c["ref_trc"],
             ref=c["ref"],
             ref_valid=c["ref_valid"],
-            pixmap=c["pixmap"],
+            pixmap=pixmaps[i],
             iscale=float(iscale[i]),
             weight=c["prim"].weight,
         )
