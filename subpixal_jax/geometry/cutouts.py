@@ -53,7 +53,6 @@ from subpixal_jax.core.batch import (
 )
 from subpixal_jax.core.blot import blot_scale
 from subpixal_jax.geometry.homography import (
-    apply_homography,
     focal_homography,
     focal_lattice,
 )
@@ -558,12 +557,11 @@ def _pixmap_nodes(
                 # (splines over a coarse grid of exact evaluations, < 1e-5 px)
                 ref = chip_wcs.pixel_map(ref_wcs)(gx.ravel(), gy.ravel())
             nodes = np.stack(ref, axis=-1).reshape(*gx.shape, 2)
+        elif h is not None:
+            nodes = focal_lattice(chip_wcs, xs, ys, h)
         else:
             foc = focal_lattice(chip_wcs, xs, ys)
-            if h is not None:
-                nodes = apply_homography(h, foc[..., 0], foc[..., 1])
-            else:
-                nodes = _quadratic_reprojection(chip_wcs, ref_wcs, foc)
+            nodes = _quadratic_reprojection(chip_wcs, ref_wcs, foc)
         groups.append(_NodeGroup(members, nodes))
     return groups
 
@@ -781,18 +779,40 @@ def _reference_values(ref_data, ref_valid, shape):
         msg = f"ref_valid must be a bool array of shape {shape}, "
         msg += f"got {ref_valid.dtype} {ref_valid.shape}"
         raise ValueError(msg)
-    return functools.partial(_array_region, ref_data, ref_valid)
+    return _Frame(ref_data, ref_valid)
 
 
-def _whole_frame(reader: ReferenceReader):
+def _whole_frame(reader: ReferenceReader) -> _Frame:
     """Read a reader's whole frame once; return its region function over arrays."""
     sci, wht = reader.read((slice(None), slice(None)))
-    return functools.partial(_array_region, sci, wht > 0)
+    return _Frame(sci, wht > 0)
 
 
-def _array_region(data: np.ndarray, valid: np.ndarray, region):
-    """Return the reference values and validity of a region, from full arrays."""
-    return data[region], valid[region]
+@dataclass(frozen=True, eq=False)
+class _Frame:
+    """A reference held as whole arrays; called on a region like a reader."""
+
+    data: np.ndarray
+    valid: np.ndarray
+
+    def __call__(self, region):
+        """Return the reference values and validity of a region."""
+        return self.data[region], self.valid[region]
+
+
+def _windows(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Read-only ``(ny - h + 1, nx - w + 1, h, w)`` view of every ``(h, w)`` box.
+
+    ``_windows(a, h, w)[y0, x0]`` gathers the boxes with lower-left corners
+    ``(x0, y0)`` (arrays) as a ``(K, h, w)`` copy, whole rows at a time.
+    """
+    ny, nx = array.shape
+    return np.lib.stride_tricks.as_strided(
+        array,
+        (ny - height + 1, nx - width + 1, height, width),
+        array.strides * 2,
+        writeable=False,
+    )
 
 
 def _reader_region(reader: ReferenceReader, region):
@@ -806,8 +826,8 @@ class _Reference:
     """The reference grid every chip is cut against.
 
     ``values(region)`` returns the reference data and validity of a region
-    (`_array_region` or `_reader_region`), so that only the boxes cut are
-    ever computed.
+    (a `_Frame` or `_reader_region`), so that only the boxes cut are ever
+    computed.
     """
 
     values: Callable[[tuple[slice, slice]], tuple[np.ndarray, np.ndarray]]
@@ -833,6 +853,35 @@ class _Reference:
             return None
         ref[~good] = 0.0
         return ref, good
+
+    def cutouts(self, blcs: np.ndarray, trcs: np.ndarray, ids: np.ndarray) -> list:
+        """`cutout` of ``(K, 2)`` boxes; those inside a `_Frame` gathered by shape."""
+        out = [None] * len(blcs)
+        ny, nx = self.seg.shape
+        inside = np.zeros(len(blcs), dtype=bool)
+        if isinstance(self.values, _Frame):
+            inside = np.all(blcs >= 0, axis=1)
+            inside &= (trcs[:, 0] <= nx - 1) & (trcs[:, 1] <= ny - 1)
+        for j in np.flatnonzero(~inside):
+            out[j] = self.cutout(tuple(blcs[j]), tuple(trcs[j]), int(ids[j]))
+        sel = np.flatnonzero(inside)
+        keys, inverse = np.unique(
+            trcs[sel] - blcs[sel] + 1, axis=0, return_inverse=True
+        )
+        for g, (width, height) in enumerate(keys):
+            members = sel[inverse.ravel() == g]
+            x0, y0 = blcs[members, 0], blcs[members, 1]
+            ref = _windows(self.values.data, height, width)[y0, x0]
+            ref = ref.astype(np.float32, copy=False)
+            good = _windows(self.values.valid, height, width)[y0, x0]
+            good &= np.isfinite(ref)
+            if self.combine_seg_mask:
+                seg = _windows(self.seg, height, width)[y0, x0]
+                good &= seg == ids[members, None, None]
+            ref[~good] = 0.0
+            for i in np.flatnonzero(good.reshape(len(members), -1).any(axis=1)):
+                out[members[i]] = (ref[i], good[i])
+        return out
 
 
 class _Skip(enum.Enum):
@@ -860,13 +909,16 @@ class _ChipNoise:
         to_counts = exposure.exptime if exposure.units == "rate" else 1.0
         return cls(float(sky), chip.err, rn_var, to_counts)
 
-    def valid(self, chip, sl):
-        """Chip data of a box and its validity (finite, usable ERR)."""
-        data = chip.data[sl].astype(np.float32)
-        valid = chip.valid[sl] & np.isfinite(data)
+    def valid(self, chip, take: Callable[[np.ndarray], np.ndarray]):
+        """Chip data of boxes and their validity (finite, usable ERR).
+
+        ``take`` cuts the boxes out of a chip-shaped array.
+        """
+        data = take(chip.data).astype(np.float32)
+        valid = take(chip.valid) & np.isfinite(data)
         e = None
         if self.err is not None:
-            e = self.err[sl].astype(np.float32)
+            e = take(self.err).astype(np.float32)
             valid &= np.isfinite(e) & (e > 0)
         return data, valid, e
 
@@ -928,46 +980,52 @@ def _reference_boxes(chip_wcs, ref_wcs, blc, trc):
     return _padded_box(ref_corners, math.ceil(2.0 * ratio))
 
 
-def _source_pieces(prim, chip, box, ref_box, reference: _Reference, noise):
-    """One source's image and reference cutouts on a chip, or why not."""
-    (x1, y1), (x2, y2) = box
-    sl = (slice(y1, y2 + 1), slice(x1, x2 + 1))
-    data, valid, e = noise.valid(chip, sl)
-    if not valid.any():
-        return _Skip.MASKED
-    rlo, rhi = ref_box
-    if not np.all(np.isfinite(rlo) & np.isfinite(rhi)):
-        return _Skip.OFF_REFERENCE
-    rb = (int(rlo[0]), int(rlo[1]))
-    rt = (int(rhi[0]), int(rhi[1]))
+def _image_pieces(chip, blc: np.ndarray, trc: np.ndarray, noise: _ChipNoise):
+    """Every box's image, validity and variance, gathered box shape by box shape.
+
+    Returns one ``(image, image_valid, variance)`` per box, or None for a box
+    without a valid pixel.
+    """
+    pieces = [None] * len(blc)
+    keys, inverse = np.unique(trc - blc + 1, axis=0, return_inverse=True)
+    for g, (width, height) in enumerate(keys):
+        members = np.flatnonzero(inverse.ravel() == g)
+        x0, y0 = blc[members, 0], blc[members, 1]
+        data, valid, e = noise.valid(
+            chip,
+            lambda a, x0=x0, y0=y0, h=height, w=width: _windows(a, h, w)[y0, x0],
+        )
+        image, variance = noise.image_and_variance(data, valid, e)
+        for i in np.flatnonzero(valid.reshape(len(members), -1).any(axis=1)):
+            pieces[members[i]] = (image[i], valid[i], variance[i])
+    return pieces
+
+
+def _check_reference_boxes(why, chip, prims, rlo, rhi, reference: _Reference):
+    """Set ``why[j]`` for each box ``j`` still None that cannot be cut.
+
+    A reference box must be finite, overlap the reference and fit the
+    largest bucket.
+    """
     rny, rnx = reference.seg.shape
-    if rb[0] > rnx - 1 or rb[1] > rny - 1 or rt[0] < 0 or rt[1] < 0:
-        return _Skip.OFF_REFERENCE
-    max_side = CUTOUT_BUCKETS[-1]
-    if max(rt[0] - rb[0], rt[1] - rb[1]) + 1 > max_side:
+    with np.errstate(invalid="ignore"):
+        off = ~np.all(np.isfinite(rlo) & np.isfinite(rhi), axis=1)
+        off |= (rlo[:, 0] > rnx - 1) | (rlo[:, 1] > rny - 1)
+        off |= (rhi[:, 0] < 0) | (rhi[:, 1] < 0)
+        big = (rhi - rlo).max(axis=1) + 1 > CUTOUT_BUCKETS[-1]
+    for j in np.flatnonzero(off | big):
+        if why[j] is not None:
+            continue
+        if off[j]:
+            why[j] = _Skip.OFF_REFERENCE
+            continue
         log.warning(
             "chip %d: skipping source %d, reference cutout exceeds %d px",
             chip.extver,
-            prim.src_id,
-            max_side,
+            prims[j].src_id,
+            CUTOUT_BUCKETS[-1],
         )
-        return _Skip.TOO_BIG
-    ref = reference.cutout(rb, rt, prim.src_id)
-    if ref is None:
-        return _Skip.MASKED
-    image, variance = noise.image_and_variance(data, valid, e)
-    return {
-        "prim": prim,
-        "blc": (int(x1), int(y1)),
-        "trc": (int(x2), int(y2)),
-        "image": image,
-        "image_valid": valid,
-        "variance": variance,
-        "ref_blc": rb,
-        "ref_trc": rt,
-        "ref": ref[0],
-        "ref_valid": ref[1],
-    }
+        why[j] = _Skip.TOO_BIG
 
 
 def _pixmap_area(nodes: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -1100,17 +1158,36 @@ def _chip_cutouts(
     n_src = len(primaries)
     keep, blc, trc, predicted_abs, n_inside, rlo, rhi = boxes
     noise = _ChipNoise.of(chip, exposure, sky)
+    images = _image_pieces(chip, blc, trc, noise)
+    why = [_Skip.MASKED if image is None else None for image in images]
+    _check_reference_boxes(why, chip, [primaries[k] for k in keep], rlo, rhi, reference)
+    todo = np.array([j for j, w in enumerate(why) if w is None], dtype=np.int64)
+    rb = np.where(np.isfinite(rlo), rlo, 0).astype(np.int64)[todo]
+    rt = np.where(np.isfinite(rhi), rhi, 0).astype(np.int64)[todo]
+    ids = np.array([primaries[keep[j]].src_id for j in todo], dtype=np.int64)
+    refs = reference.cutouts(rb, rt, ids) if len(todo) else []
     kept = []
-    skipped = collections.Counter()
-    for j, k in enumerate(keep):
-        piece = _source_pieces(
-            primaries[k], chip, (blc[j], trc[j]), (rlo[j], rhi[j]), reference, noise
-        )
-        if isinstance(piece, _Skip):
-            skipped[piece] += 1
+    for i, (j, ref) in enumerate(zip(todo, refs, strict=True)):
+        if ref is None:
+            why[j] = _Skip.MASKED
             continue
-        piece["k"] = k
-        kept.append(piece)
+        image, image_valid, variance = images[j]
+        kept.append(
+            {
+                "prim": primaries[keep[j]],
+                "k": keep[j],
+                "blc": (int(blc[j, 0]), int(blc[j, 1])),
+                "trc": (int(trc[j, 0]), int(trc[j, 1])),
+                "image": image,
+                "image_valid": image_valid,
+                "variance": variance,
+                "ref_blc": (int(rb[i, 0]), int(rb[i, 1])),
+                "ref_trc": (int(rt[i, 0]), int(rt[i, 1])),
+                "ref": ref[0],
+                "ref_valid": ref[1],
+            }
+        )
+    skipped = collections.Counter(why)
     if not kept:
         log.info("chip %d: no usable source", chip.extver)
         return []

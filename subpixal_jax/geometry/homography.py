@@ -129,8 +129,13 @@ def apply_homography(h: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     )
 
 
-def focal_lattice(chip_wcs: WCS, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """``pix2foc`` (D2IM, SIP, NPOL) on tensor grids of chip pixel positions.
+def focal_lattice(
+    chip_wcs: WCS,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    homography: np.ndarray | None = None,
+) -> np.ndarray:
+    """``pix2foc`` (D2IM, SIP, NPOL) on tensor grids, optionally then a homography.
 
     Parameters
     ----------
@@ -139,12 +144,15 @@ def focal_lattice(chip_wcs: WCS, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     xs, ys : numpy.ndarray
         ``(K, C)`` and ``(K, R)`` 0-based column and row positions of ``K``
         grids (e.g. the half-pixel nodes of ``K`` cutouts of one shape).
+    homography : numpy.ndarray, optional
+        ``(3, 3)``, e.g. from :func:`focal_homography`: map the focal-plane
+        positions through it (:func:`apply_homography`).
 
     Returns
     -------
     numpy.ndarray
         ``(K, R, C, 2)`` float64: ``pix2foc`` of ``(xs[k, c], ys[k, r])``,
-        0-based.
+        0-based, or its image under ``homography``.
 
     Notes
     -----
@@ -153,13 +161,15 @@ def focal_lattice(chip_wcs: WCS, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     ACS/WFC column-width correction, and a one-column ``det2im2``), the
     D2IM-corrected positions ``(x', y')`` are a tensor grid again. The SIP
     polynomial and the bilinear NPOL tables evaluated at ``(x', y')`` (the
-    order of astropy's pipeline) are then tensor products, summed by small
-    matrix products instead of ``R * C`` point evaluations; the D2IM itself
-    is astropy's ``det2im`` on the ``K * (R + C)`` axis positions. This
-    agrees with ``pix2foc`` to ~5e-13 px on the real ACS/WFC header (round-off
-    at 4096 px coordinates; astropy's conventions: 1-based table coordinates,
-    clamped at the table edges). Any other D2IM goes through ``pix2foc`` at
-    every point.
+    order of astropy's pipeline) are then tensor products, and so are the
+    homography's numerators and denominator, which are linear in the focal
+    plane: each is one small matrix product per grid instead of ``R * C``
+    point evaluations. The D2IM itself is astropy's ``det2im`` on the axis
+    positions. This agrees with ``pix2foc`` (and the homography applied to
+    it) to ~5e-13 px on the real ACS/WFC header (round-off at 4096 px
+    coordinates; astropy's conventions: 1-based table coordinates, clamped
+    at the table edges). Any other D2IM goes through ``pix2foc`` at every
+    point.
     """
     xs = np.asarray(xs, dtype=np.float64)
     ys = np.asarray(ys, dtype=np.float64)
@@ -171,40 +181,66 @@ def focal_lattice(chip_wcs: WCS, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         gx = np.broadcast_to(xs[:, None, :], (k, r, c))
         gy = np.broadcast_to(ys[:, :, None], (k, r, c))
         fx, fy = chip_wcs.pix2foc(gx.ravel(), gy.ravel(), 0)
+        if homography is not None:
+            return apply_homography(homography, fx, fy).reshape(k, r, c, 2)
         return np.stack([fx, fy], axis=-1).reshape(k, r, c, 2)
     # D2IM-corrected axes (the other coordinate is irrelevant to each table).
     x1 = xs if d1 is None else chip_wcs.det2im(xs, np.zeros_like(xs), 0)[0]
     y1 = ys if d2 is None else chip_wcs.det2im(np.zeros_like(ys), ys, 0)[1]
-    out = np.empty((k, r, c, 2))
-    out[..., 0] = x1[:, None, :]
-    out[..., 1] = y1[:, :, None]
+    h = np.eye(3) if homography is None else np.asarray(homography, np.float64)
+    # The focal plane is x' + f(u, v) + NPOL_x, y' + g(u, v) + NPOL_y with
+    # the SIP polynomials f, g of (u, v) = (x', y') - (CRPIX - 1); every row i
+    # of h makes sum_pq M_i[p, q] u^p v^q of it, plus the NPOL terms.
     sip = chip_wcs.sip
-    if sip is not None:
-        u = x1 + 1.0 - sip.crpix[0]  # SIP is relative to the 1-based CRPIX
-        v = y1 + 1.0 - sip.crpix[1]
-        for axis, coef in ((0, sip.a), (1, sip.b)):
-            powers = np.arange(coef.shape[0])
-            # sum_pq A[p, q] u^p v^q = V A^T U^T per grid
-            out[..., axis] += (v[..., None] ** powers @ coef.T) @ np.swapaxes(
-                u[..., None] ** powers, 1, 2
-            )
+    if sip is None:
+        coef = [np.zeros((2, 2)), np.zeros((2, 2))]
+        shift = np.zeros(2)
+    else:
+        coef = [np.asarray(sip.a, np.float64), np.asarray(sip.b, np.float64)]
+        shift = np.asarray(sip.crpix, np.float64) - 1.0
+    n = max(2, *(a.shape[0] for a in coef))
+    poly = np.zeros((2, n, n))
+    for axis, a in enumerate(coef):
+        poly[axis, : a.shape[0], : a.shape[1]] = a
+    poly[0, 0, 0] += shift[0]  # x' = u + CRPIX1 - 1
+    poly[0, 1, 0] += 1.0
+    poly[1, 0, 0] += shift[1]
+    poly[1, 0, 1] += 1.0
+    m = np.einsum("ia,apq->ipq", h[:, :2], poly)
+    m[:, 0, 0] += h[:, 2]
+    upow = np.vander((x1 - shift[0]).ravel(), n, increasing=True).reshape(k, c, n)
+    vpow = np.vander((y1 - shift[1]).ravel(), n, increasing=True).reshape(k, r, n)
+    # (K, R, q) @ (q, 3p) -> (K, 3R, p) @ (K, p, C) -> (K, 3, R, C); stacked
+    # products of contiguous operands are the fast ones in numpy.
+    vm = (vpow @ m.transpose(2, 0, 1).reshape(n, -1)).reshape(k, r, 3, n)
+    vm = np.ascontiguousarray(np.swapaxes(vm, 1, 2)).reshape(k, 3 * r, n)
+    planes = (vm @ np.ascontiguousarray(np.swapaxes(upow, 1, 2))).reshape(k, 3, r, c)
     for axis, table in ((0, chip_wcs.cpdis1), (1, chip_wcs.cpdis2)):
         if table is not None:
-            out[..., axis] += _bilinear_lattice(table, x1, y1)
+            planes += _bilinear_lattice(table, x1, y1, h[:, axis])
+    out = np.empty((k, r, c, 2))
+    if homography is None:
+        out[..., 0] = planes[:, 0]
+        out[..., 1] = planes[:, 1]
+    else:
+        np.divide(planes[:, 0], planes[:, 2], out=out[..., 0])
+        np.divide(planes[:, 1], planes[:, 2], out=out[..., 1])
     return out
 
 
-def _bilinear_lattice(table, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
-    """Return a lookup table's bilinear offset on tensor grids ``(K, R, C)``.
+def _bilinear_lattice(table, x1: np.ndarray, y1: np.ndarray, scale) -> np.ndarray:
+    """Return a lookup table's bilinear offset on tensor grids, ``(K, 3, R, C)``.
 
-    Each grid only touches the table nodes between its extreme positions, so
-    the product ``W_y T W_x^T`` runs over that sub-table.
+    ``scale`` (3,) multiplies the offset for each of the three outputs. Each
+    grid only touches the table nodes between its extreme positions, so the
+    product ``W_y T W_x^T`` runs over that sub-table.
     """
     data = np.asarray(table.data, dtype=np.float64)
     wy, iy = _hat_weights(table, 1, y1, data.shape[0])
     wx, ix = _hat_weights(table, 0, x1, data.shape[1])
     sub = data[iy[:, :, None], ix[:, None, :]]  # (K, Sy, Sx)
-    return wy @ sub @ np.swapaxes(wx, 1, 2)
+    scaled = sub[:, None] * np.asarray(scale, np.float64)[None, :, None, None]
+    return wy[:, None] @ scaled @ np.swapaxes(wx, 1, 2)[:, None]
 
 
 def _hat_weights(table, axis: int, pos: np.ndarray, n: int):
