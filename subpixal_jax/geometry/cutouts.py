@@ -519,10 +519,13 @@ def _pixmap_nodes(
     *,
     exact: bool,
     chip_shape: tuple[int, int] | None = None,
+    origins: np.ndarray | None = None,
 ) -> list[_NodeGroup]:
-    """Half-grid pixmaps (absolute reference pixels) of every cutout of a chip.
+    """Half-grid pixmaps of every cutout of a chip, in reference pixels.
 
-    Cutouts are grouped by shape, and each group's nodes evaluated at once.
+    Cutouts are grouped by shape, and each group's nodes evaluated at once;
+    ``origins`` (``(K, 2)``, default 0) is subtracted from each cutout's
+    nodes (e.g. its reference-cutout corner).
     ``exact``: every node goes through ``all_pix2world`` and the reference
     inverse. Otherwise only the distortion is evaluated at every node
     (`~subpixal_jax.geometry.homography.focal_lattice`: exactly ``pix2foc``,
@@ -534,36 +537,50 @@ def _pixmap_nodes(
     nodes and represented by a quadratic least-squares polynomial in the
     focal coordinates.
     """
-    sky = isinstance(chip_wcs, SkyWCS)
     h = None
-    if not exact and not sky:
+    if not exact and not isinstance(chip_wcs, SkyWCS):
         if chip_shape is None:  # fit over the nodes' extent from the origin
             top = (blcs + shapes[:, ::-1]).max(axis=0) + 1
             chip_shape = (max(int(top[1]), 2), max(int(top[0]), 2))
         h = focal_homography(chip_wcs, ref_wcs, chip_shape)
+    if origins is None:
+        origins = np.zeros((len(blcs), 2))
     keys, inverse = np.unique(shapes, axis=0, return_inverse=True)
     groups = []
     for g, (height, width) in enumerate(keys):
         members = np.flatnonzero(inverse.ravel() == g)
-        xs = blcs[members, 0:1] + 0.5 * np.arange(2 * width + 1)  # (K, C)
-        ys = blcs[members, 1:2] + 0.5 * np.arange(2 * height + 1)  # (K, R)
-        if exact or sky:
-            gx = np.broadcast_to(xs[:, None, :], (len(members), len(ys[0]), len(xs[0])))
-            gy = np.broadcast_to(ys[:, :, None], gx.shape)
-            if exact:
-                ra, dec = chip_wcs.all_pix2world(gx.ravel(), gy.ravel(), 0)
-                ref = ref_wcs.wcs_world2pix(ra, dec, 0)
-            else:  # a gWCS chip: its own smooth map to the reference grid
-                # (splines over a coarse grid of exact evaluations, < 1e-5 px)
-                ref = chip_wcs.pixel_map(ref_wcs)(gx.ravel(), gy.ravel())
-            nodes = np.stack(ref, axis=-1).reshape(*gx.shape, 2)
-        elif h is not None:
-            nodes = focal_lattice(chip_wcs, xs, ys, h)
-        else:
-            foc = focal_lattice(chip_wcs, xs, ys)
-            nodes = _quadratic_reprojection(chip_wcs, ref_wcs, foc)
+        nodes = _pixmap_group(
+            chip_wcs, ref_wcs, blcs[members], origins[members], height, width, h, exact
+        )
         groups.append(_NodeGroup(members, nodes))
     return groups
+
+
+def _pixmap_group(chip_wcs, ref_wcs, blcs, origins, height, width, h, exact):
+    """``(K, 2h+1, 2w+1, 2)`` nodes of cutouts of one shape, minus ``origins``."""
+    xs = blcs[:, 0:1] + 0.5 * np.arange(2 * width + 1)  # (K, C)
+    ys = blcs[:, 1:2] + 0.5 * np.arange(2 * height + 1)  # (K, R)
+    if not exact and not isinstance(chip_wcs, SkyWCS) and h is not None:
+        # The shift to each cutout's origin, folded into its homography.
+        shift = np.broadcast_to(np.eye(3), (len(blcs), 3, 3)).copy()
+        shift[:, :2, 2] = -origins
+        return focal_lattice(chip_wcs, xs, ys, shift @ h)
+    if not exact and not isinstance(chip_wcs, SkyWCS):
+        nodes = _quadratic_reprojection(
+            chip_wcs, ref_wcs, focal_lattice(chip_wcs, xs, ys)
+        )
+    else:
+        gx = np.broadcast_to(xs[:, None, :], (len(blcs), ys.shape[1], xs.shape[1]))
+        gy = np.broadcast_to(ys[:, :, None], gx.shape)
+        if exact:
+            ra, dec = chip_wcs.all_pix2world(gx.ravel(), gy.ravel(), 0)
+            ref = ref_wcs.wcs_world2pix(ra, dec, 0)
+        else:  # a gWCS chip: its own smooth map to the reference grid
+            # (splines over a coarse grid of exact evaluations, < 1e-5 px)
+            ref = chip_wcs.pixel_map(ref_wcs)(gx.ravel(), gy.ravel())
+        nodes = np.stack(ref, axis=-1).reshape(*gx.shape, 2)
+    nodes -= origins[:, None, None, :]
+    return nodes
 
 
 def _quadratic_reprojection(chip_wcs, ref_wcs, foc: np.ndarray) -> np.ndarray:
@@ -1057,9 +1074,9 @@ def _finish(kept, predicted_abs, chip, exposure, ref_wcs, exact_pixmaps: bool):
         shapes,
         exact=exact_pixmaps,
         chip_shape=chip.data.shape,
+        origins=origins,
     ):
         nodes = group.nodes
-        nodes -= origins[group.members][:, None, None, :]
         area[group.members] = _pixmap_area(nodes, q[group.members])
         for i, member in enumerate(group.members):
             pixmaps[member] = nodes[i]
