@@ -292,7 +292,7 @@ def _pixmaps_only(s, cutouts, former):
             chip_shape=chip.data.shape,
             origins=origins,
         ):
-            cm._pixmap_area(g.nodes, q[g.members])
+            cm._pixmap_area(g.nodes, q[g.members], shapes[g.members])
 
 
 def _same(new, old):
