@@ -862,6 +862,55 @@ def _windows(array: np.ndarray, height: int, width: int) -> np.ndarray:
     )
 
 
+class _BoxGroup(NamedTuple):
+    """Boxes gathered together through one `_windows` view (see `_box_groups`)."""
+
+    members: np.ndarray  # (K,) indices of the boxes
+    window: tuple[int, int]  # (H, W), at least every member's (h, w)
+    x0: np.ndarray  # (K,) window corners in the frame
+    y0: np.ndarray
+    oy: np.ndarray  # (K,) each box's corner in its window
+    ox: np.ndarray
+    inside: np.ndarray  # (K, H, W) bool: the pixels of the member's own box
+
+    def take(self, array: np.ndarray) -> np.ndarray:
+        """``(K, H, W)`` copy of the windows of a frame-shaped array."""
+        return _windows(array, *self.window)[self.y0, self.x0]
+
+    def box(self, i: int, shape) -> tuple[int, slice, slice]:
+        """Index of member ``i``'s own ``(h, w)`` box in a taken ``(K, H, W)``."""
+        oy, ox = self.oy[i], self.ox[i]
+        return i, slice(oy, oy + shape[0]), slice(ox, ox + shape[1])
+
+
+def _box_groups(frame_shape, blc: np.ndarray, shapes: np.ndarray) -> list[_BoxGroup]:
+    """Group boxes inside a frame for `_windows` gathers.
+
+    ``blc`` ``(K, 2)`` corners ``(x, y)``, ``shapes`` ``(K, 2)`` ``(h, w)``.
+    Window sides are the boxes' rounded up to `_NODE_STEP` (fewer, larger
+    gathers: a call costs more than its pixels), at most the frame's, and
+    each window is moved inside the frame.
+    """
+    ny, nx = frame_shape
+    padded = np.minimum(-(-shapes // _NODE_STEP) * _NODE_STEP, [ny, nx])
+    keys, inverse = np.unique(padded, axis=0, return_inverse=True)
+    groups = []
+    for g, (height, width) in enumerate(keys):
+        members = np.flatnonzero(inverse.ravel() == g)
+        x0 = np.minimum(blc[members, 0], nx - width)
+        y0 = np.minimum(blc[members, 1], ny - height)
+        oy, ox = blc[members, 1] - y0, blc[members, 0] - x0
+        rows = np.arange(height) - oy[:, None]  # in the own box: 0 <= . < h
+        cols = np.arange(width) - ox[:, None]
+        rows = (rows >= 0) & (rows < shapes[members, 0:1])
+        cols = (cols >= 0) & (cols < shapes[members, 1:2])
+        inside = rows[:, :, None] & cols[:, None, :]
+        groups.append(
+            _BoxGroup(members, (int(height), int(width)), x0, y0, oy, ox, inside)
+        )
+    return groups
+
+
 def _reader_region(reader: ReferenceReader, region):
     """Return the reference values and validity (``wht > 0``) of a region."""
     sci, wht = reader.read(region)
@@ -912,22 +961,18 @@ class _Reference:
         for j in np.flatnonzero(~inside):
             out[j] = self.cutout(tuple(blcs[j]), tuple(trcs[j]), int(ids[j]))
         sel = np.flatnonzero(inside)
-        keys, inverse = np.unique(
-            trcs[sel] - blcs[sel] + 1, axis=0, return_inverse=True
-        )
-        for g, (width, height) in enumerate(keys):
-            members = sel[inverse.ravel() == g]
-            x0, y0 = blcs[members, 0], blcs[members, 1]
-            ref = _windows(self.values.data, height, width)[y0, x0]
-            ref = ref.astype(np.float32, copy=False)
-            good = _windows(self.values.valid, height, width)[y0, x0]
-            good &= np.isfinite(ref)
+        shapes = (trcs[sel] - blcs[sel] + 1)[:, ::-1]
+        for group in _box_groups(self.seg.shape, blcs[sel], shapes):
+            ref = group.take(self.values.data).astype(np.float32, copy=False)
+            good = group.take(self.values.valid) & np.isfinite(ref)
             if self.combine_seg_mask:
-                seg = _windows(self.seg, height, width)[y0, x0]
-                good &= seg == ids[members, None, None]
+                ids_k = ids[sel[group.members], None, None]
+                good &= group.take(self.seg) == ids_k
             ref[~good] = 0.0
-            for i in np.flatnonzero(good.reshape(len(members), -1).any(axis=1)):
-                out[members[i]] = (ref[i], good[i])
+            covered = (good & group.inside).reshape(len(group.members), -1).any(axis=1)
+            for i in np.flatnonzero(covered):
+                box = group.box(i, shapes[group.members[i]])
+                out[sel[group.members[i]]] = (ref[box], good[box])
         return out
 
 
@@ -1034,17 +1079,14 @@ def _image_pieces(chip, blc: np.ndarray, trc: np.ndarray, noise: _ChipNoise):
     without a valid pixel.
     """
     pieces = [None] * len(blc)
-    keys, inverse = np.unique(trc - blc + 1, axis=0, return_inverse=True)
-    for g, (width, height) in enumerate(keys):
-        members = np.flatnonzero(inverse.ravel() == g)
-        x0, y0 = blc[members, 0], blc[members, 1]
-        data, valid, e = noise.valid(
-            chip,
-            lambda a, x0=x0, y0=y0, h=height, w=width: _windows(a, h, w)[y0, x0],
-        )
+    shapes = (trc - blc + 1)[:, ::-1]
+    for group in _box_groups(chip.data.shape, blc, shapes):
+        data, valid, e = noise.valid(chip, group.take)
         image, variance = noise.image_and_variance(data, valid, e)
-        for i in np.flatnonzero(valid.reshape(len(members), -1).any(axis=1)):
-            pieces[members[i]] = (image[i], valid[i], variance[i])
+        covered = (valid & group.inside).reshape(len(group.members), -1).any(axis=1)
+        for i in np.flatnonzero(covered):
+            box = group.box(i, shapes[group.members[i]])
+            pieces[group.members[i]] = (image[box], valid[box], variance[box])
     return pieces
 
 
