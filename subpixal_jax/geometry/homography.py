@@ -28,8 +28,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Pixels per block of the fast pixel map (bounds its temporaries to ~50 MB).
-_PIXMAP_BLOCK = 1 << 20
+#: Side of the tiles in which :func:`chip_pixmap` evaluates a chip (each
+#: tile then spans at most a few nodes of an NPOL table's 64 px grid).
+_TILE = 64
 #: Nodes per axis of the grid on which the focal-plane homography is fitted.
 _HOMOGRAPHY_NODES = 9
 #: Largest disagreement (px) with the exact sky round trip the fast map accepts.
@@ -65,16 +66,19 @@ def chip_pixmap(
 
     Notes
     -----
-    The map is ``G(foc(p))``: astropy's ``pix2foc`` (SIP, D2IM and NPOL,
-    exact at every pixel, since D2IM tables have one node per pixel) followed
-    by the sky round trip ``G`` from the chip's focal plane to the output
-    pixels. For two gnomonic (TAN) WCSs ``G`` is a central projection between
-    two tangent planes, i.e. exactly a plane homography, whatever the
-    frames' relative rotation; it is fitted on a coarse grid of exact sky
-    round trips and checked there and on a second, offset grid. A 4096x2048
-    ACS/WFC chip then takes about 1 s instead of 7.4 s, agreeing with the
-    full evaluation to about 1e-9 px. When the check fails (a non-TAN or
-    distorted output grid) the full evaluation is used.
+    The map is ``G(foc(p))``: the distortion ``pix2foc`` (SIP, D2IM and
+    NPOL, exact at every pixel, since D2IM tables have one node per pixel)
+    followed by the sky round trip ``G`` from the chip's focal plane to the
+    output pixels. For two gnomonic (TAN) WCSs ``G`` is a central projection
+    between two tangent planes, i.e. exactly a plane homography, whatever
+    the frames' relative rotation; it is fitted on a coarse grid of exact
+    sky round trips and checked there and on a second, offset grid. Both are
+    evaluated together on 64x64 pixel tiles by :func:`focal_lattice` (equal
+    to ``pix2foc`` then the homography to ~5e-12 px). A 4096x2048 ACS/WFC
+    chip then takes about 0.5 s (1.9 s with ``pix2foc`` at every pixel, 7.4
+    s for the full evaluation, same loaded machine for the first two),
+    agreeing with the full evaluation to about 5e-9 px. When the check
+    fails (a non-TAN or distorted output grid) the full evaluation is used.
 
     Examples
     --------
@@ -95,15 +99,17 @@ def chip_pixmap(
     h = focal_homography(chip_wcs, output_wcs, (ny, nx))
     if h is None:
         return calc_pixmap(chip_wcs, output_wcs, shape=(ny, nx))
+    # Tiles of _TILE x _TILE pixels through focal_lattice, a band of tiles
+    # at a time (the last column of tiles runs past the chip and is cut).
     out = np.empty((ny, nx, 2))
-    x = np.arange(nx, dtype=np.float64)
-    rows = max(1, _PIXMAP_BLOCK // max(nx, 1))
-    for r0 in range(0, ny, rows):
-        yy, xx = np.meshgrid(
-            np.arange(r0, min(r0 + rows, ny), dtype=float), x, indexing="ij"
-        )
-        fx, fy = chip_wcs.pix2foc(xx.ravel(), yy.ravel(), 0)
-        out[r0 : r0 + rows] = apply_homography(h, fx, fy).reshape(*yy.shape, 2)
+    tiles = -(-nx // _TILE)
+    xs = (np.arange(tiles)[:, None] * _TILE + np.arange(_TILE)).astype(np.float64)
+    for r0 in range(0, ny, _TILE):
+        rows = np.arange(r0, min(r0 + _TILE, ny), dtype=np.float64)
+        band = focal_lattice(chip_wcs, xs, np.broadcast_to(rows, (tiles, len(rows))), h)
+        out[r0 : r0 + len(rows)] = band.transpose(1, 0, 2, 3).reshape(
+            len(rows), tiles * _TILE, 2
+        )[:, :nx]
     return out
 
 
