@@ -91,8 +91,10 @@ FULL_READ_RATIO = 1.0
 # evaluated exactly (the ends and the middle of the half-pixel grid).
 _COARSE_NODES = 3
 
-# Cutout sides are rounded up to a multiple of this many pixels to group
-# pixmap node evaluations: a group costs ~100 us of calls, a node ~10 ns.
+# Cutout sides are rounded up to a multiple of this many pixels to group the
+# pixmap node evaluations and the image / reference gathers (a group costs
+# ~100 us of calls, a node or pixel ~10 ns); each cutout is a view of its
+# group's arrays (18 % more pixmap memory than exact shapes in the demo set).
 _NODE_STEP = 4
 
 _UNITS = ("counts", "rate")
@@ -1134,7 +1136,7 @@ def _pixmap_area(nodes: np.ndarray, q: np.ndarray, shapes: np.ndarray) -> np.nda
 
 
 def _finish(kept, predicted_abs, chip, exposure, ref_wcs, exact_pixmaps: bool):
-    """Stage 3: pixmaps and unit factors of the survivors (one WCS call)."""
+    """Stage 3: pixmaps and unit factors of the survivors (by cutout shape)."""
     shapes = np.array([c["image"].shape for c in kept], dtype=np.int64)
     blcs = np.array([c["blc"] for c in kept], dtype=np.int64)
     origins = np.array([c["ref_blc"] for c in kept], dtype=np.float64)
