@@ -1135,58 +1135,36 @@ def _pixmap_area(nodes: np.ndarray, q: np.ndarray, shapes: np.ndarray) -> np.nda
     return np.abs(dx[:, 0] * dy[:, 1] - dx[:, 1] * dy[:, 0])
 
 
-def _finish(kept, predicted_abs, chip, exposure, ref_wcs, exact_pixmaps: bool):
-    """Stage 3: pixmaps and unit factors of the survivors (by cutout shape)."""
-    shapes = np.array([c["image"].shape for c in kept], dtype=np.int64)
-    blcs = np.array([c["blc"] for c in kept], dtype=np.int64)
-    origins = np.array([c["ref_blc"] for c in kept], dtype=np.float64)
-    q = predicted_abs[np.array([c["k"] for c in kept])] - blcs
-    area = np.empty(len(kept))
-    pixmaps = [None] * len(kept)
+def _pixmaps_and_scales(chip, exposure, ref_wcs, blcs, shapes, origins, q, exact):
+    """Stage 3b: the survivors' pixmaps (reference-cutout pixels) and ``iscale``.
+
+    ``blcs`` ``(K, 2)`` image boxes' corners, ``shapes`` ``(K, 2)`` their
+    ``(h, w)``, ``origins`` the reference boxes' corners, ``q`` the
+    predicted positions in image-cutout pixels.
+    """
+    area = np.empty(len(blcs))
+    pixmaps = [None] * len(blcs)
     for group in _pixmap_nodes(
         chip.wcs,
         ref_wcs,
         blcs,
         shapes,
-        exact=exact_pixmaps,
+        exact=exact,
         chip_shape=chip.data.shape,
         origins=origins,
     ):
         nodes, members = group.nodes, group.members
         area[members] = _pixmap_area(nodes, q[members], shapes[members])
         for i, (member, (h, w)) in enumerate(
-            zip(members, shapes[members], strict=True)
+            zip(members, shapes[members].tolist(), strict=True)
         ):
             pixmaps[member] = nodes[i, : 2 * h + 1, : 2 * w + 1]
-    iscale = np.asarray(
-        blot_scale(
-            image_units=exposure.units,
-            image_exptime=float(exposure.exptime),
-            area_ratio=area,
-        ),
-        dtype=np.float64,
+    iscale = blot_scale(
+        image_units=exposure.units,
+        image_exptime=float(exposure.exptime),
+        area_ratio=area,
     )
-    return [
-        SourceCutouts(
-            src_id=c["prim"].src_id,
-            extver=int(chip.extver),
-            src_pos=c["prim"].src_pos,
-            blc=c["blc"],
-            trc=c["trc"],
-            image=c["image"],
-            image_valid=c["image_valid"],
-            variance=c["variance"],
-            predicted=(float(q[i, 0]), float(q[i, 1])),
-            ref_blc=c["ref_blc"],
-            ref_trc=c["ref_trc"],
-            ref=c["ref"],
-            ref_valid=c["ref_valid"],
-            pixmap=pixmaps[i],
-            iscale=float(iscale[i]),
-            weight=c["prim"].weight,
-        )
-        for i, c in enumerate(kept)
-    ]
+    return pixmaps, np.asarray(iscale, dtype=np.float64)
 
 
 class _ChipBoxes(NamedTuple):
@@ -1261,32 +1239,61 @@ def _chip_cutouts(
     rt = np.where(np.isfinite(rhi), rhi, 0).astype(np.int64)[todo]
     ids = np.array([primaries[keep[j]].src_id for j in todo], dtype=np.int64)
     refs = reference.cutouts(rb, rt, ids) if len(todo) else []
-    kept = []
-    for i, (j, ref) in enumerate(zip(todo, refs, strict=True)):
+    cut = []  # the sources with both cutouts
+    for i, ref in enumerate(refs):
         if ref is None:
-            why[j] = _Skip.MASKED
-            continue
-        image, image_valid, variance = images[j]
-        kept.append(
-            {
-                "prim": primaries[keep[j]],
-                "k": keep[j],
-                "blc": (int(blc[j, 0]), int(blc[j, 1])),
-                "trc": (int(trc[j, 0]), int(trc[j, 1])),
-                "image": image,
-                "image_valid": image_valid,
-                "variance": variance,
-                "ref_blc": (int(rb[i, 0]), int(rb[i, 1])),
-                "ref_trc": (int(rt[i, 0]), int(rt[i, 1])),
-                "ref": ref[0],
-                "ref_valid": ref[1],
-            }
+            why[todo[i]] = _Skip.MASKED
+        else:
+            cut.append(i)
+    jj = todo[cut]
+    blcs, shapes = blc[jj], (trc[jj] - blc[jj] + 1)[:, ::-1]
+    q = predicted_abs[keep[jj]] - blcs
+    result = []
+    if len(cut):
+        pixmaps, iscale = _pixmaps_and_scales(
+            chip, exposure, reference.wcs, blcs, shapes, rb[cut], q, exact_pixmaps
         )
+        # Python scalars once per chip, not one numpy conversion per field.
+        extver = int(chip.extver)
+        rows = zip(
+            jj.tolist(),
+            [refs[i] for i in cut],
+            blcs.tolist(),
+            trc[jj].tolist(),
+            rb[cut].tolist(),
+            rt[cut].tolist(),
+            q.tolist(),
+            pixmaps,
+            iscale.tolist(),
+            strict=True,
+        )
+        for j, ref, b, t, r0, r1, qj, pixmap, scale in rows:
+            prim = primaries[keep[j]]
+            image, image_valid, variance = images[j]
+            result.append(
+                SourceCutouts(
+                    src_id=prim.src_id,
+                    extver=extver,
+                    src_pos=prim.src_pos,
+                    blc=tuple(b),
+                    trc=tuple(t),
+                    image=image,
+                    image_valid=image_valid,
+                    variance=variance,
+                    predicted=tuple(qj),
+                    ref_blc=tuple(r0),
+                    ref_trc=tuple(r1),
+                    ref=ref[0],
+                    ref_valid=ref[1],
+                    pixmap=pixmap,
+                    iscale=scale,
+                    weight=prim.weight,
+                )
+            )
     skipped = collections.Counter(why)
-    if not kept:
+    if not result:
         log.info("chip %d: no usable source", chip.extver)
         return []
-    result = _finish(kept, predicted_abs, chip, exposure, reference.wcs, exact_pixmaps)
     log.debug(
         "chip %d: %d of %d sources cut out (%d outside the chip, %d without "
         "valid pixels, %d off the reference)",
