@@ -75,10 +75,11 @@ def chip_pixmap(
     sky round trips and checked there and on a second, offset grid. Both are
     evaluated together on 64x64 pixel tiles by :func:`focal_lattice` (equal
     to ``pix2foc`` then the homography to ~5e-12 px). A 4096x2048 ACS/WFC
-    chip then takes about 0.5 s (1.9 s with ``pix2foc`` at every pixel, 7.4
-    s for the full evaluation, same loaded machine for the first two),
-    agreeing with the full evaluation to about 5e-9 px. When the check
-    fails (a non-TAN or distorted output grid) the full evaluation is used.
+    chip then takes 0.2-0.5 s (1.3-2.9 s with ``pix2foc`` at every pixel,
+    same runs of ``benchmarks/bench_cutouts.py`` on a loaded machine; 7.4 s
+    for the full evaluation, idle), agreeing with the full evaluation to
+    about 5e-9 px. When the check fails (a non-TAN or distorted output grid)
+    the full evaluation is used.
 
     Examples
     --------
