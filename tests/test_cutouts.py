@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS
+from astropy.wcs import WCS, DistortionLookupTable
 
 from subpixal_jax.core.batch import (
     CUTOUT_BUCKETS,
@@ -26,6 +26,11 @@ from subpixal_jax.geometry.cutouts import (
     create_cutouts,
     create_primary_cutouts,
     reference_points,
+)
+from subpixal_jax.geometry.homography import (
+    apply_homography,
+    focal_homography,
+    focal_lattice,
 )
 from subpixal_jax.io.images import Chip, Exposure, read_exposure
 from subpixal_jax.options import AlignOptions
@@ -488,6 +493,16 @@ def test_pixmap_fast_vs_exact_synthetic(scene, primaries, cutouts):
     assert err < 1e-7
 
 
+def _per_cutout(groups, shapes):
+    """Each cutout's ``(2h+1, 2w+1, 2)`` pixmap from `_pixmap_nodes` groups."""
+    maps = [None] * len(shapes)
+    for g in groups:
+        for i, k in enumerate(g.members):
+            h, w = shapes[k]
+            maps[k] = g.nodes[i, : 2 * h + 1, : 2 * w + 1]
+    return maps
+
+
 def _real_wcs(package, name, ext):
     path = importlib.resources.files(package).joinpath("tests", "data", name)
     with fits.open(path) as hdul, warnings.catch_warnings():
@@ -521,10 +536,121 @@ def test_pixmap_fast_vs_exact_real_headers(package, name, ext):
     k = 120
     shapes = rng.integers(6, 48, (k, 2))
     blcs = np.stack([rng.integers(0, 4000, k), rng.integers(0, 2000, k)], -1)
-    fast = _pixmap_nodes(chip_wcs, ref_wcs, blcs, shapes, exact=False)
-    exact = _pixmap_nodes(chip_wcs, ref_wcs, blcs, shapes, exact=True)
+    fast = _per_cutout(
+        _pixmap_nodes(chip_wcs, ref_wcs, blcs, shapes, exact=False), shapes
+    )
+    exact = _per_cutout(
+        _pixmap_nodes(chip_wcs, ref_wcs, blcs, shapes, exact=True), shapes
+    )
     err = max(np.abs(a - b).max() for a, b in zip(fast, exact, strict=True))
     assert err < 1e-7
+
+
+def test_pixmap_non_gnomonic_reference_uses_quadratics():
+    """A SIN reference: no homography, per-cutout quadratics (measured 7e-9 px)."""
+    chip_wcs = _real_wcs("astropy.wcs", "dist_lookup.fits.gz", 1)
+    centre = chip_wcs.all_pix2world([[2048.0, 1024.0]], 0)[0]
+    ref_wcs = _tan(
+        tuple(centre + np.array([0.3, -0.3])),
+        (3000, 3000),
+        0.04 / 3600,
+        17.0,
+        (6000, 6000),
+    )
+    ref_wcs.wcs.ctype = ["RA---SIN", "DEC--SIN"]
+    ref_wcs.wcs.set()
+    assert focal_homography(chip_wcs, ref_wcs, (2048, 4096)) is None
+    rng = np.random.default_rng(6)
+    k = 40
+    shapes = rng.integers(6, 40, (k, 2))
+    blcs = np.stack([rng.integers(0, 4000, k), rng.integers(0, 2000, k)], -1)
+    origins = rng.uniform(0, 5000, (k, 2))
+    fast = _pixmap_nodes(chip_wcs, ref_wcs, blcs, shapes, exact=False, origins=origins)
+    exact = _pixmap_nodes(chip_wcs, ref_wcs, blcs, shapes, exact=True, origins=origins)
+    fast, exact = _per_cutout(fast, shapes), _per_cutout(exact, shapes)
+    assert max(np.abs(a - b).max() for a, b in zip(fast, exact, strict=True)) < 1e-7
+
+
+def _pix2foc_grid(chip_wcs, xs, ys):
+    gx = np.broadcast_to(xs[:, None, :], (len(xs), ys.shape[1], xs.shape[1]))
+    gy = np.broadcast_to(ys[:, :, None], gx.shape)
+    fx, fy = chip_wcs.pix2foc(gx.ravel(), gy.ravel(), 0)
+    return np.stack([fx, fy], -1).reshape(*gx.shape, 2)
+
+
+def test_focal_lattice_is_pix2foc_on_the_acs_header():
+    """Tensor-product SIP + NPOL after astropy's D2IM = pix2foc at every node.
+
+    Half-pixel grids all over the ACS/WFC chip and past its edges (the
+    tables clamp there), alone and through per-grid homographies.
+    """
+    chip_wcs = _real_wcs("astropy.wcs", "dist_lookup.fits.gz", 1)
+    assert chip_wcs.det2im1.data.shape[0] == 1  # the separable case
+    rng = np.random.default_rng(11)
+    k = 40
+    corner = np.stack([rng.integers(-40, 4100, k), rng.integers(-40, 2060, k)], -1)
+    xs = corner[:, :1] + 0.5 * np.arange(37)
+    ys = corner[:, 1:] + 0.5 * np.arange(23)
+    exact = _pix2foc_grid(chip_wcs, xs, ys)
+    np.testing.assert_allclose(
+        focal_lattice(chip_wcs, xs, ys), exact, rtol=0, atol=1e-9
+    )
+    h = np.eye(3) + rng.normal(0, 1e-3, (k, 3, 3)) * [
+        [1, 1, 1e3],
+        [1, 1, 1e3],
+        [1e-4] * 3,
+    ]
+    got = focal_lattice(chip_wcs, xs, ys, h)
+    want = apply_homography(h[:, None, None], exact[..., 0], exact[..., 1])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-8)  # measured ~5e-12
+    # The lattice really carries the tables: without them nodes move.
+    bare = chip_wcs.deepcopy()
+    bare.det2im1 = bare.cpdis1 = bare.cpdis2 = None
+    assert np.abs(focal_lattice(bare, xs, ys) - exact).max() > 1e-2
+
+
+def test_focal_lattice_two_dimensional_d2im_point_by_point():
+    """A D2IM varying along both axes is not separable: pix2foc at every node."""
+    chip_wcs = _real_wcs("astropy.wcs", "dist_lookup.fits.gz", 1)
+    d2im = chip_wcs.det2im1
+    rng = np.random.default_rng(2)
+    table = rng.normal(0, 0.05, (16, 64)).astype(np.float32)
+    chip_wcs.det2im1 = DistortionLookupTable(
+        table, (1.0, 1.0), (0.0, 0.0), (64.0, 128.0)
+    )
+    chip_wcs.det2im2 = DistortionLookupTable(
+        table.T.copy(), (1.0, 1.0), (0.0, 0.0), (128.0, 64.0)
+    )
+    assert d2im is not None
+    xs = np.array([[100.0], [3000.0]]) + 0.5 * np.arange(9)
+    ys = np.array([[50.0], [1700.0]]) + 0.5 * np.arange(7)
+    exact = _pix2foc_grid(chip_wcs, xs, ys)
+    np.testing.assert_array_equal(focal_lattice(chip_wcs, xs, ys), exact)
+    # and not what the tensor path would give from the first row alone
+    chip_wcs.det2im1 = DistortionLookupTable(
+        table[:1], (1.0, 1.0), (0.0, 0.0), (64.0, 128.0)
+    )
+    chip_wcs.det2im2 = None
+    assert np.abs(focal_lattice(chip_wcs, xs, ys) - exact).max() > 1e-3
+
+
+def test_simulated_pixmaps_equal_the_exact_evaluation(simulated):
+    """The simulator's SIP chips: fast pixmaps = all_pix2world at every node."""
+    exposure, frame = simulated["header_exp"], simulated["frame"]
+    cutouts = simulated["header"]
+    assert len(cutouts) > 20
+    assert {c.extver for c in cutouts} == {1, 2}
+    err = 0.0
+    for c in cutouts:
+        h, w = c.shape
+        rows, cols = np.mgrid[0 : 2 * h + 1, 0 : 2 * w + 1]
+        ra, dec = exposure.chip(c.extver).wcs.all_pix2world(
+            cols / 2 + c.blc[0], rows / 2 + c.blc[1], 0
+        )
+        x, y = frame.wcs_world2pix(ra, dec, 0)
+        exact = np.stack([x - c.ref_blc[0], y - c.ref_blc[1]], -1)
+        err = max(err, np.abs(c.pixmap - exact).max())
+    assert err < 1e-8
 
 
 # ---------------------------------------------------------------------------
