@@ -573,6 +573,9 @@ class PhotutilsCatalog(_Filtered):
     def _ensure(self):
         if self._raw is None:
             self._raw, self._segm = self._detect()
+            # Nothing reads the image again until the next set_image; on an
+            # ACS-size reference its float64 copy and masks are ~320 MB.
+            self._image = None
 
     @property
     def raw_catalog(self) -> Table:
