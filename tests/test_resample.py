@@ -532,6 +532,38 @@ def test_update_wcs_with_affine_moves_cached_pixmaps(exposures):
         np.testing.assert_array_equal(r.pixmap(1, k), both)
 
 
+def test_pixel_maps_beyond_the_memory_budget_are_not_kept(exposures):
+    """Without the cache every read evaluates the map; the products are the same."""
+    from subpixal_jax.io.wcs import correct_wcs
+
+    cached = DrizzleResample(exposures, sky=None)
+    bare = DrizzleResample(
+        exposures, output_wcs=cached.output_wcs, sky=None, max_cached_pixmap_bytes=0
+    )
+    assert all(not maps for maps in bare._pixmaps)
+    np.testing.assert_array_equal(bare.sci, cached.sci)
+    matrix, shift = _rotation(0.03, 1 - 2e-4), np.array([0.4, -0.3])
+    center = cached.output_wcs.wcs.crpix - 1.0
+    new = {
+        c.extver: correct_wcs(c.wcs, cached.output_wcs, matrix, shift, center=center)
+        for c in cached.exposures[1].chips
+    }
+    for r in (cached, bare):
+        r.update_wcs(1, new, affine=(matrix, shift, center))
+    # the cached maps are moved by the correction, the others evaluated from
+    # the new WCS, which matches it to < 1e-6 px
+    for c in bare.exposures[1].chips:
+        np.testing.assert_allclose(
+            bare.pixmap(1, c.extver), cached.pixmap(1, c.extver), atol=1e-6
+        )
+    scale = np.abs(cached.sci).max()
+    np.testing.assert_allclose(bare.sci, cached.sci, rtol=1e-5, atol=1e-6 * scale)
+    assert all(not maps for maps in bare._pixmaps)
+    assert bare.n_drizzles == cached.n_drizzles
+    with pytest.raises(ValueError, match="max_cached_pixmap_bytes"):
+        DrizzleResample(exposures, max_cached_pixmap_bytes=-1)
+
+
 def test_pure_pieces_rebuild_the_facade(scene):
     """Grid, per-exposure drizzle, stack and CR masks reproduce the facade."""
     crs = [(10, 15, 5e4), (30, 60, 2e4)]
