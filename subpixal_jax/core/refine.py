@@ -300,6 +300,12 @@ def refine_displacements(  # noqa: PLR0913  # seed signature
         scale), which removes the pull of a noisy reference toward the half
         pixel; ``variances`` then hold the image's noise alone. Default: the
         reference is noiseless (or its noise is already in ``variances``).
+        The model takes the reference pixels' noise as independent: noise
+        correlated between them (a drizzle's) varies less with the shift,
+        and the model then over-corrects (measured at S/N 100 with a 2x2
+        box-correlated reference as noisy as the image: error 0.0081 px
+        against 0.0063 px for the fixed-variance fit, 0.0053 px with
+        independent noise).
     interp : str, optional
         Interpolation kernel of the blot (default 'poly5').
     n_iter : int, optional
