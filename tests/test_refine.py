@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from subpixal_jax.core import refine
+from subpixal_jax.core.batch import HALF_PIXEL_SHIFTS
 from subpixal_jax.core.interp import sample
 from subpixal_jax.core.refine import (
     FLAG_DEGENERATE,
@@ -24,6 +25,8 @@ from subpixal_jax.core.refine import (
 from subpixal_jax.core.xcorr import find_displacements
 from subpixal_jax.testing.accuracy import (
     KINDS,
+    READ_NOISE,
+    SKY,
     cramer_rao_bound,
     make_case,
     model_image,
@@ -140,6 +143,201 @@ def test_undersampled_source_reaches_the_bound():
     assert np.all(np.asarray(res.flags) == 0)
     assert rms <= 1.2 * crb, (rms, crb)
     assert 3 * rms <= cc_rms, (rms, cc_rms)
+
+
+# --------------------------------------------------------------------------
+# A noisy reference (the leave-one-out drizzle is as noisy as the image)
+# --------------------------------------------------------------------------
+
+#: Reference noise variance relative to the image's, per reference sample:
+#: even cases get the first, odd cases the second (one batch, the fixture's
+#: compiled shape).
+REFERENCE_NOISE = (1.0, 2.0)
+
+
+def _half_pixel_pull(dxdy, truth, scale=2.0):
+    """Mean error toward the nearest half reference pixel (>0: pulled there).
+
+    The interpolation weights repeat every reference pixel, ``scale`` per
+    image pixel: a fit pulled toward the half pixel errs toward the sign of
+    the true shift's fraction there.
+    """
+    frac = scale * truth - np.round(scale * truth)
+    return float(np.mean((dxdy - truth) * np.sign(frac)))
+
+
+def _noisy_reference(run, seed):
+    """The run's references with noise of ``REFERENCE_NOISE`` x the image's."""
+    grid = np.asarray(run["args"][3])
+    ratio = np.where(np.arange(len(grid)) % 2 == 0, *REFERENCE_NOISE)
+    ref_var = ratio[:, None, None] * (np.clip(grid, 0, None) + SKY + READ_NOISE**2)
+    noisy = grid + np.random.default_rng(seed).normal(size=grid.shape) * np.sqrt(
+        ref_var
+    )
+    # The interlaced grid back to the four half-pixel references of the CC.
+    refs = np.stack([noisy[:, b::2, a::2] for a, b in HALF_PIXEL_SHIFTS], axis=1)
+    return noisy, ref_var, refs, ratio
+
+
+@pytest.fixture(scope="module")
+def noisy_runs(runs):
+    """CC, today's refinement and the effective-variance one, noisy references."""
+    out = {}
+    with jax.enable_x64(True):
+        for snr in (20, 100):
+            run = runs[snr]
+            images, variances, *rest = run["args"]
+            noisy, ref_var, refs, ratio = _noisy_reference(run, 300 + snr)
+            cc = find_displacements(
+                np.asarray(images, np.float32), refs.astype(np.float32)
+            )
+            cc_dxdy = jnp.asarray(np.asarray(cc.dxdy, np.float64))
+            args = (images, variances, *rest[:1], jnp.asarray(noisy), *rest[2:-1])
+            # Today's pipeline: the reference's noise folded into the pixel
+            # variances, which does not depend on the shift.
+            folded = variances * jnp.asarray(1.0 + ratio)[:, None, None]
+            plain = refine_displacements(args[0], folded, *args[2:], cc_dxdy)
+            effective = refine_displacements(
+                *args, cc_dxdy, ref_variances=jnp.asarray(ref_var)
+            )
+            out[snr] = {
+                "ratio": ratio,
+                "cc": np.asarray(cc_dxdy),
+                "plain": jax.tree.map(np.asarray, plain),
+                "effective": jax.tree.map(np.asarray, effective),
+                "truth": run["truth"],
+            }
+    return out
+
+
+def test_noisy_reference_refinement_beats_cross_correlation(noisy_runs):
+    # Measured (225 cases per row, 75 per kind; RMS in px, then the pull):
+    #  S/N ref/img   CC     fixed var  eff. var    half-pixel pull (same order)
+    #   20   1.0   0.0962   0.1053    0.0637     +0.0048  +0.0518  -0.0025
+    #   20   2.0   0.1006   0.1290    0.1034     -0.0146  +0.0467  -0.0195
+    #  100   1.0   0.0310   0.0085    0.0058     +0.0054  +0.0055  +0.0005
+    #  100   2.0   0.0452   0.0133    0.0069     +0.0059  +0.0105  +0.0001
+    # At S/N 20 against a reference twice as noisy as the image every
+    # method errs by ~0.1 px (the fit no longer converges in 10 steps there;
+    # converged, it is no better), so that row only has to tie the CC.
+    rows = []
+    for snr, run in noisy_runs.items():
+        for r in REFERENCE_NOISE:
+            sel = run["ratio"] == r
+            truth = run["truth"][sel]
+            stats = {}
+            for name in ("cc", "plain", "effective"):
+                d = run[name] if name == "cc" else run[name].dxdy
+                err = d[sel] - truth
+                stats[name] = (
+                    float(np.sqrt(np.mean(err**2))),
+                    _half_pixel_pull(d[sel], truth),
+                    np.abs(err.mean(axis=0)).max(),
+                )
+            rows.append((snr, r, stats))
+    print("\nS/N  ref/img  RMS cc / fixed-var / eff-var   half-pixel pull")
+    for snr, r, s in rows:
+        print(
+            f"{snr:4d} {r:5.1f}   {s['cc'][0]:.4f} {s['plain'][0]:.4f} "
+            f"{s['effective'][0]:.4f}   {s['cc'][1]:+.4f} {s['plain'][1]:+.4f} "
+            f"{s['effective'][1]:+.4f}"
+        )
+    for snr, r, s in rows:
+        rms, pull, _ = s["effective"]
+        extreme = snr == 20 and r == 2
+        assert rms <= (1.05 if extreme else 1.0) * s["cc"][0], (snr, r, s)
+        assert rms <= s["plain"][0], (snr, r, s)
+        # The fixed-variance fit is pulled toward the half pixel; the
+        # effective variance is not, within the sampling error (at the
+        # extreme row it errs the other way, as the CC does, by less).
+        sampling = 3 * rms / np.sqrt(2 * np.sum(noisy_runs[snr]["ratio"] == r))
+        assert s["plain"][1] > 2 * sampling, (snr, r, s)
+        if extreme:
+            assert abs(pull) < 0.5 * s["plain"][1], (snr, r, s)
+        else:
+            assert abs(pull) < sampling, (snr, r, s)
+    for run in noisy_runs.values():
+        assert np.all((run["effective"].flags & ~refine.FLAG_NOT_CONVERGED) == 0)
+
+
+def test_zero_reference_variance_is_the_clean_refinement(runs):
+    # ref_variances of 0 give the fixed-variance fit (to rounding): the
+    # accuracy against the bound above carries over.
+    run = runs[100]
+    with jax.enable_x64(True):
+        out = refine_displacements(
+            *run["args"], ref_variances=jnp.zeros_like(run["args"][3])
+        )
+    np.testing.assert_allclose(np.asarray(out.dxdy), run["res"].dxdy, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(out.sigma), run["res"].sigma, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def undersampled_noisy():
+    """WFC3/IR-like: sigma 0.6 px PSF, S/N 8-300, reference as noisy as the image.
+
+    The exposure pixel is twice the reference pixel (the interlaced grid) and
+    the batch has the accuracy fixture's shape (no new compilation).
+    """
+    rng = np.random.default_rng(2024)
+    n = PER_KIND * len(KINDS)
+    snrs = np.exp(rng.uniform(np.log(8), np.log(300), n))
+    cases = [make_case("gaussian", s, SIZE, rng, sigma=0.6) for s in snrs]
+    images = np.stack([c.image for c in cases])
+    refs = np.stack([c.refs for c in cases])
+    ref_var = np.clip(refs, 0, None) + SKY + READ_NOISE**2
+    refs = refs + rng.normal(size=refs.shape) * np.sqrt(ref_var)
+    variances = np.stack([c.variance for c in cases])
+    with jax.enable_x64(True):
+        cc = find_displacements(images.astype(np.float32), refs.astype(np.float32))
+        cc_dxdy = np.asarray(cc.dxdy, np.float64)
+        args = _inputs(images, variances, refs, cc_dxdy)
+        grid_var = _inputs(images, variances, ref_var, cc_dxdy)[3]
+        plain = refine_displacements(args[0], 2 * args[1], *args[2:])
+        effective = refine_displacements(*args, ref_variances=grid_var)
+    return {
+        "truth": -np.stack([c.shift for c in cases]),
+        "cc": cc_dxdy,
+        "plain": np.asarray(plain.dxdy),
+        "effective": np.asarray(effective.dxdy),
+    }
+
+
+def _rms_and_median(run, name):
+    err = run[name] - run["truth"]
+    return float(np.sqrt(np.mean(err**2))), float(np.median(np.abs(err)))
+
+
+def test_undersampled_noisy_reference_typical_error_beats_cross_correlation(
+    undersampled_noisy,
+):
+    # Measured (450 cases): median |error| CC 0.020, fixed variance 0.014,
+    # effective variance 0.0079 px.
+    cc = _rms_and_median(undersampled_noisy, "cc")
+    plain = _rms_and_median(undersampled_noisy, "plain")
+    effective = _rms_and_median(undersampled_noisy, "effective")
+    assert effective[1] <= 0.5 * cc[1], (effective, cc)
+    assert effective[1] <= 0.7 * plain[1], (effective, plain)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "issue 17: outliers of the faint undersampled sources. Measured RMS "
+        "CC 0.036, fixed variance 0.073, effective variance 0.074 px: at S/N "
+        "~8-15 the least-squares minimum lies 0.2-0.5 px from the truth with "
+        "a chi-square 10-35 below the truth's (the interpolated reference "
+        "noise's energy varies at random with the shift; the effective "
+        "variance removes only its mean), where the cross-correlation's "
+        "quadratic fit over +-1 px averages it out"
+    ),
+)
+def test_undersampled_noisy_reference_rms_beats_cross_correlation(
+    undersampled_noisy,
+):
+    cc = _rms_and_median(undersampled_noisy, "cc")
+    effective = _rms_and_median(undersampled_noisy, "effective")
+    assert effective[0] <= cc[0], (effective, cc)
 
 
 def test_masked_and_empty_sources_are_flagged_and_isolated(runs):

@@ -33,7 +33,12 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from subpixal_jax.core.interp import check_kind, sample, sample_with_gradient
+from subpixal_jax.core.interp import (
+    check_kind,
+    sample,
+    sample_variance,
+    sample_with_gradient,
+)
 
 #: Bit flags of a refined source (0 = good).
 FLAG_NO_PIXELS = 1  #: fewer usable pixels than parameters
@@ -119,13 +124,18 @@ class _Blot(NamedTuple):
     pixmap: jax.Array
     jacobian: jax.Array
     iscale: jax.Array
+    ref_variance: jax.Array | None = None  # noise variance of ``ref``
+
+
+def _positions(shift, blot):
+    """Return the reference positions of the pixels displaced by ``J @ shift``."""
+    offset = blot.jacobian @ shift
+    return blot.pixmap[..., 0] + offset[0], blot.pixmap[..., 1] + offset[1]
 
 
 def _template(shift, blot, kind):
     """Interpolate the reference at the pixmap displaced by ``J @ shift``."""
-    offset = blot.jacobian @ shift
-    x = blot.pixmap[..., 0] + offset[0]
-    y = blot.pixmap[..., 1] + offset[1]
+    x, y = _positions(shift, blot)
     return _blot_values(blot.ref, blot.ref_valid, x, y, kind) * blot.iscale
 
 
@@ -138,8 +148,42 @@ def _projected_residuals(shift, image, weight, blot, kind):
     """
     template = _template(shift, blot, kind).astype(shift.dtype)
     scale, background, det = _solve_linear(template, image, weight)
-    r = (jnp.sqrt(weight) * (image - scale * template - background)).reshape(-1)
+    # sqrt's derivative at 0 is infinite: masked pixels (weight 0) must not
+    # turn a zero tangent of a shift-dependent weight into NaN.
+    positive = weight > 0
+    root = jnp.where(positive, jnp.sqrt(jnp.where(positive, weight, 1.0)), 0.0)
+    r = (root * (image - scale * template - background)).reshape(-1)
     return r, (r, scale, background, det)
+
+
+def _weight_function(d0, image, variance, usable, blot, kind):
+    """Pixel weights as a function of the displacement.
+
+    Without a reference variance the weights are ``1 / variance``. With one,
+    the blot's noise ``(a s)² sum_k w_k(d)² var_ref_k`` depends on the
+    fractional shift (smallest near the half pixel, where the weights
+    spread), so a fixed-variance chi-square is lowest there and pulls the
+    fit toward it. Each residual is instead normalised by its full variance
+    at the current ``d`` (effective-variance chi-square): its expectation is
+    the number of pixels at the true ``d`` whatever the shift, so the
+    minimum is unbiased. A Gaussian likelihood's ``log var`` term would
+    reintroduce the pull. The flux scale ``a`` is the one at ``d0``.
+    """
+    dtype = d0.dtype
+    weight = jnp.where(usable, 1.0 / jnp.where(usable, variance, 1.0), 0.0)
+    weight = weight.astype(dtype)
+    if blot.ref_variance is None:
+        return lambda _: weight
+    safe = jnp.where(usable, variance, 1.0).astype(dtype)
+    scale = _solve_linear(_template(d0, blot, kind).astype(dtype), image, weight)[0]
+    gain = (scale * blot.iscale.astype(dtype)) ** 2
+
+    def weight_at(d):
+        x, y = _positions(d, blot)
+        blotted = sample_variance(blot.ref_variance, x, y, blot.ref_valid, kind)
+        return jnp.where(usable, 1.0 / (safe + gain * blotted.astype(dtype)), 0.0)
+
+    return weight_at
 
 
 def _refine_one(image, variance, valid, blot, d0, kind, n_iter):
@@ -147,18 +191,14 @@ def _refine_one(image, variance, valid, blot, d0, kind, n_iter):
     image = image.astype(dtype)
     # Pixels usable at the start stay the only ones used: a mask that changed
     # with d would make the loss discontinuous.
-    offset = blot.jacobian @ d0
-    x = blot.pixmap[..., 0] + offset[0]
-    y = blot.pixmap[..., 1] + offset[1]
-    _, template_ok = sample(blot.ref, x, y, blot.ref_valid, kind)
+    _, template_ok = sample(blot.ref, *_positions(d0, blot), blot.ref_valid, kind)
     usable = valid & template_ok & (variance > 0) & jnp.isfinite(image)
-    weight = jnp.where(usable, 1.0 / jnp.where(usable, variance, 1.0), 0.0)
-    weight = weight.astype(dtype)
     image = jnp.where(usable, image, 0.0)
     n_used = jnp.sum(usable)
+    weight_at = _weight_function(d0, image, variance, usable, blot, kind)
 
     def residuals(d):
-        return _projected_residuals(d, image, weight, blot, kind)
+        return _projected_residuals(d, image, weight_at(d), blot, kind)
 
     linearise = jax.jacfwd(residuals, has_aux=True)
 
@@ -224,6 +264,7 @@ def refine_displacements(  # noqa: PLR0913  # seed signature
     iscale,
     dxdy0,
     *,
+    ref_variances=None,
     interp: str = "poly5",
     n_iter: int = 10,
 ) -> RefinedDisplacements:
@@ -251,6 +292,20 @@ def refine_displacements(  # noqa: PLR0913  # seed signature
     dxdy0 : Array, shape (N, 2)
         Starting displacement (the cross-correlation answer), image pixels.
         Its dtype sets the precision of the optimisation.
+    ref_variances : Array, shape (N, HR, WR), optional
+        Noise variance of ``ref`` (its own units). When given, every pixel's
+        residual is normalised by its full variance at the current
+        displacement, ``variances + (a * iscale)**2 * sum_k w_k**2
+        ref_variances_k`` (``w_k`` the blot's weights, ``a`` the flux
+        scale), which removes the pull of a noisy reference toward the half
+        pixel; ``variances`` then hold the image's noise alone. Default: the
+        reference is noiseless (or its noise is already in ``variances``).
+        The model takes the reference pixels' noise as independent: noise
+        correlated between them (a drizzle's) varies less with the shift,
+        and the model then over-corrects (measured at S/N 100 with a 2x2
+        box-correlated reference as noisy as the image: error 0.0081 px
+        against 0.0063 px for the fixed-variance fit, 0.0053 px with
+        independent noise).
     interp : str, optional
         Interpolation kernel of the blot (default 'poly5').
     n_iter : int, optional
@@ -297,9 +352,17 @@ def refine_displacements(  # noqa: PLR0913  # seed signature
             f"got {ref.shape} and {ref_valid.shape}"
         )
         raise ValueError(msg)
+    if ref_variances is not None and ref_variances.shape != ref.shape:
+        msg = (
+            f"ref_variances must have the shape of ref {ref.shape}, "
+            f"got {ref_variances.shape}"
+        )
+        raise ValueError(msg)
     one = functools.partial(_refine_one, kind=interp, n_iter=n_iter)
     start = jnp.where(jnp.isfinite(dxdy0), dxdy0, 0.0)
-    blot = _Blot(ref, ref_valid, pixmap, jacobian, jnp.asarray(iscale).reshape(n))
+    blot = _Blot(
+        ref, ref_valid, pixmap, jacobian, jnp.asarray(iscale).reshape(n), ref_variances
+    )
     return jax.vmap(one)(images, variances, valid, blot, start)
 
 
