@@ -210,6 +210,7 @@ def noisy_runs(runs):
     return out
 
 
+@pytest.mark.slow  # ~30 s of compiles and fits
 def test_noisy_reference_refinement_beats_cross_correlation(noisy_runs):
     # Measured (225 cases per row, 75 per kind; RMS in px, then the pull):
     #  S/N ref/img   CC     fixed var  eff. var    half-pixel pull (same order)
@@ -308,6 +309,7 @@ def _rms_and_median(run, name):
     return float(np.sqrt(np.mean(err**2))), float(np.median(np.abs(err)))
 
 
+@pytest.mark.slow  # ~30 s of compiles and fits
 def test_undersampled_noisy_reference_typical_error_beats_cross_correlation(
     undersampled_noisy,
 ):
@@ -320,6 +322,7 @@ def test_undersampled_noisy_reference_typical_error_beats_cross_correlation(
     assert effective[1] <= 0.7 * plain[1], (effective, plain)
 
 
+@pytest.mark.slow  # ~30 s of compiles and fits
 @pytest.mark.xfail(
     strict=True,
     reason=(
