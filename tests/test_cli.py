@@ -46,3 +46,16 @@ def test_demo_rejects_malformed_chip_shape(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--chip-shape", "big"])
     assert "ROWSxCOLS" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_with_a_message_not_a_traceback(monkeypatch, capsys):
+    from subpixal_jax.apps import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_demo", interrupted)
+    assert main(["demo"]) == 130
+    err = capsys.readouterr().err
+    assert "subpixal-jax demo: interrupted" in err
+    assert "Traceback" not in err

@@ -512,7 +512,17 @@ def main(argv: list[str] | None = None) -> int:
         "plot": _run_plot,
         "demo": _run_demo,
     }
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        # A set of files is committed all together or rolled back
+        # (io.transaction), so Ctrl-C needs no traceback, only the facts.
+        print(
+            f"subpixal-jax {args.command}: interrupted; files are changed all "
+            "together or not at all",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":
