@@ -25,11 +25,9 @@ field is equal. With the ``acs`` set, also the whole-chip map drizzle uses
 """
 
 import argparse
-import importlib.resources
 import math
 import tempfile
 import time
-import warnings
 
 import numpy as np
 from astropy.io import fits
@@ -43,6 +41,7 @@ from subpixal_jax.geometry.homography import (
     focal_homography,
 )
 from subpixal_jax.io.images import Chip, Exposure
+from subpixal_jax.testing.real_data import acs_wfc_wcs
 
 # ---------------------------------------------------------------------------
 # the former stage 3 (one source at a time), for comparison only
@@ -175,16 +174,7 @@ def _demo_set():
 
 def _acs_set(shape, spacing=24.0, seed=0):
     """A chip with the real ACS/WFC distortion and a rotated TAN reference."""
-    path = (
-        importlib.resources.files("astropy.wcs.tests") / "data" / "dist_lookup.fits.gz"
-    )
-    with (
-        importlib.resources.as_file(path) as p,
-        fits.open(p) as hdul,
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("ignore")
-        chip_wcs = WCS(hdul[1].header, hdul)
+    chip_wcs = acs_wfc_wcs()
     ny, nx = shape
     centre = chip_wcs.all_pix2world([[nx / 2, ny / 2]], 0)[0]
     scale, angle = 0.04 / 3600, math.radians(17.0)

@@ -1,10 +1,6 @@
 """Tests of the tiled chip pixel map (`chip_pixmap` through `focal_lattice`)."""
 
-import importlib.resources
-import warnings
-
 import numpy as np
-from astropy.io import fits
 from astropy.wcs import WCS, DistortionLookupTable
 
 from subpixal_jax.geometry.homography import (
@@ -12,20 +8,7 @@ from subpixal_jax.geometry.homography import (
     chip_pixmap,
     focal_homography,
 )
-
-
-def _acs_wcs():
-    """The real ACS/WFC chip WCS astropy ships: TAN-SIP order 4, D2IM, NPOL."""
-    path = (
-        importlib.resources.files("astropy.wcs.tests") / "data" / "dist_lookup.fits.gz"
-    )
-    with (
-        importlib.resources.as_file(path) as p,
-        fits.open(p) as hdul,
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("ignore")
-        return WCS(hdul[1].header, hdul)
+from subpixal_jax.testing.real_data import acs_wfc_wcs
 
 
 def _grid_for(w, rot_deg=20.0):
@@ -50,7 +33,7 @@ def _pix2foc_then(h, chip_wcs, shape):
 
 def test_chip_pixmap_tiles_equal_pix2foc_at_every_pixel():
     """Tiles (64 px, the last one cut) = pix2foc + homography pixel by pixel."""
-    w = _acs_wcs()
+    w = acs_wfc_wcs()
     out = _grid_for(w)
     shape = (70, 4000)  # across tile and NPOL cell borders, not a multiple of 64
     h = focal_homography(w, out, shape)
@@ -60,7 +43,7 @@ def test_chip_pixmap_tiles_equal_pix2foc_at_every_pixel():
 
 
 def test_chip_pixmap_two_dimensional_d2im_falls_back_to_pix2foc():
-    w = _acs_wcs()
+    w = acs_wfc_wcs()
     table = np.random.default_rng(4).normal(0, 0.05, (8, 32)).astype(np.float32)
     w.det2im1 = DistortionLookupTable(table, (1.0, 1.0), (0.0, 0.0), (128.0, 256.0))
     out = _grid_for(w, rot_deg=-35.0)

@@ -27,6 +27,7 @@ from subpixal_jax.reference.resample import (
     exposure_skies,
     median_combine,
 )
+from subpixal_jax.testing.real_data import acs_wfc_wcs
 
 RA0, DEC0 = 6.02, -72.08
 SCALE = 0.05 / 3600.0
@@ -397,17 +398,6 @@ def test_bad_input(scene, exposures):
         DrizzleResample([nan, exposures[0]])
 
 
-def _acs_wcs():
-    """The real ACS/WFC chip WCS astropy ships: TAN-SIP order 4, D2IM, NPOL."""
-    import importlib.resources
-
-    ref = (
-        importlib.resources.files("astropy.wcs.tests") / "data" / "dist_lookup.fits.gz"
-    )
-    with importlib.resources.as_file(ref) as path, fits.open(path) as hdul:
-        return WCS(hdul[1].header, hdul)
-
-
 def _grid_for(w, rot_deg=20.0, ctype=("RA---TAN", "DEC--TAN"), offset=0.01):
     out = WCS(naxis=2)
     out.wcs.ctype = list(ctype)
@@ -420,7 +410,7 @@ def _grid_for(w, rot_deg=20.0, ctype=("RA---TAN", "DEC--TAN"), offset=0.01):
 
 
 def test_fast_pixmap_matches_full_evaluation_on_acs_chip():
-    w = _acs_wcs()
+    w = acs_wfc_wcs()
     assert w.sip is not None
     assert w.det2im1 is not None
     assert w.cpdis1 is not None
@@ -445,7 +435,7 @@ def test_fast_pixmap_matches_full_evaluation_on_acs_chip():
 
 
 def test_fast_pixmap_falls_back_for_non_gnomonic_output():
-    w = _acs_wcs()
+    w = acs_wfc_wcs()
     out = _grid_for(w, ctype=("RA---SIN", "DEC--SIN"), offset=0.5)
     shape = (8, 4096)
     assert focal_homography(w, out, shape) is None
@@ -467,7 +457,7 @@ def _rotation(deg, scale=1.0):
 def test_affine_pixmap_equals_corrected_wcs_on_acs_chip():
     from subpixal_jax.io.wcs import correct_wcs
 
-    w = _acs_wcs()
+    w = acs_wfc_wcs()
     out = _grid_for(w)
     out.wcs.radesys, out.wcs.equinox = "FK5", 2000.0  # the chip's frame
     out.wcs.set()
