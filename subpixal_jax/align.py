@@ -396,7 +396,7 @@ def write_corrections(
         files, image_reports(result, policy), result.final_wcs, strict=True
     ):
         if not verdict.write:
-            log.info("%s: left unchanged (%s)", path, verdict.reason or "not aligned")
+            log.info("%s: left unchanged (%s)", path, verdict.reason)
             continue
         updates.append(
             _updater(
@@ -600,11 +600,7 @@ def _write_jwst(result, exposures, wcsname, output_dir, dry_run, policy) -> list
         strict=True,
     ):
         if not verdict.write:
-            log.info(
-                "%s: left unchanged (%s)",
-                exposure.name,
-                verdict.reason or "not aligned",
-            )
+            log.info("%s: left unchanged (%s)", exposure.name, verdict.reason)
             continue
         updates.append(
             JWSTUpdate(

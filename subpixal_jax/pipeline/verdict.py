@@ -85,7 +85,8 @@ class ImageReport:
     verdict : Verdict
         Whether the file is written.
     reason : str
-        Why not (empty for WRITE).
+        Why the file is left as it is (e.g. "the reference, held fixed"), or
+        why a correction is written anyway; empty for a plain WRITE.
     """
 
     name: str
