@@ -19,14 +19,12 @@ Run::
 
 import argparse
 import functools
-import math
 import time
 
 import numpy as np
 from astropy.stats import SigmaClip
 from photutils.background import Background2D, MedianBackground
-from photutils.segmentation import SourceCatalog, SourceFinder, make_2dgaussian_kernel
-from scipy import ndimage
+from photutils.segmentation import SourceCatalog, SourceFinder
 
 from subpixal_jax.reference.catalog import PhotutilsCatalog
 
@@ -59,9 +57,7 @@ def former_catalog(image: np.ndarray, finder: PhotutilsCatalog):
         bkg_estimator=MedianBackground(),
     )
     sub = image - bkg.background
-    size = 2 * math.ceil(1.5 * finder.kernel_fwhm) + 1
-    kernel = make_2dgaussian_kernel(finder.kernel_fwhm, size=size).array
-    conv = ndimage.convolve(sub, kernel, mode="constant")
+    conv = finder.smoothed(sub)
     segm = SourceFinder(finder.n_pixels, progress_bar=False)(
         conv, finder.threshold_sigma * bkg.background_rms
     )

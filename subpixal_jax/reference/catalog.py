@@ -489,6 +489,26 @@ class PhotutilsCatalog(_Filtered):
         _, med, std = sigma_clipped_stats(data, mask=bad, sigma=3.0, maxiters=10)
         return np.full(data.shape, med), np.full(data.shape, std)
 
+    def smoothed(self, image: np.ndarray) -> np.ndarray:
+        """Return ``image`` convolved with the detection kernel (``kernel_fwhm``).
+
+        Parameters
+        ----------
+        image : numpy.ndarray
+            Background-subtracted 2-D image.
+
+        Returns
+        -------
+        numpy.ndarray
+            The image detection and deblending run on (``image`` itself when
+            ``kernel_fwhm`` is 0 or None).
+        """
+        if not self.kernel_fwhm:
+            return image
+        size = 2 * math.ceil(1.5 * self.kernel_fwhm) + 1
+        kernel = make_2dgaussian_kernel(self.kernel_fwhm, size=size).array
+        return ndimage.convolve(image, kernel, mode="constant")
+
     def _detect(self):
         if self._image is None:
             msg = "no image set: call set_image() first"
@@ -496,12 +516,7 @@ class PhotutilsCatalog(_Filtered):
         data, bad, error = self._image
         bkg, rms = self._background(data, bad)
         sub = np.where(bad, 0.0, data - bkg)
-        if self.kernel_fwhm:
-            size = 2 * math.ceil(1.5 * self.kernel_fwhm) + 1
-            kernel = make_2dgaussian_kernel(self.kernel_fwhm, size=size).array
-            conv = ndimage.convolve(sub, kernel, mode="constant")
-        else:
-            conv = sub
+        conv = self.smoothed(sub)
         rms_ok = np.isfinite(rms) & (rms > 0)
         if not rms_ok.any():
             log.warning("background RMS is zero everywhere: no source detected")
