@@ -249,15 +249,21 @@ def sample(
     # weights are cheaper there (float32 weights for float64 pixmaps).
     wx = _weights(kind, taps.frac_x.astype(data.dtype))
     wy = _weights(kind, taps.frac_y.astype(data.dtype))
-    total = None
-    for ty in range(kernel.taps):
-        row = None
-        for tx in range(kernel.taps):
-            term = wx[tx] * taps.gather(tx, ty)
-            row = term if row is None else row + term
-        term = wy[ty] * row
-        total = term if total is None else total + term
+    total = _tensor_sum(taps, wx, wy)
     return jnp.where(taps.valid, total, jnp.zeros((), data.dtype)), taps.valid
+
+
+def _tensor_sum(taps, wx, wy) -> jax.Array:
+    """``sum_ty wy[ty] sum_tx wx[tx] tap(tx, ty)``, rows summed first."""
+    total = None
+    for ty, w_row in enumerate(wy):
+        row = None
+        for tx, w in enumerate(wx):
+            term = w * taps.gather(tx, ty)
+            row = term if row is None else row + term
+        term = w_row * row
+        total = term if total is None else total + term
+    return total
 
 
 def sample_with_gradient(
@@ -363,12 +369,7 @@ def sample_variance(
     taps = _taps(variance, x, y, data_valid, kernel._replace(pad_mode="edge"))
     wx = [w * w for w in _weights(kind, taps.frac_x.astype(variance.dtype))]
     wy = [w * w for w in _weights(kind, taps.frac_y.astype(variance.dtype))]
-    total = jnp.zeros(x.shape, variance.dtype)
-    for ty in range(kernel.taps):
-        row = jnp.zeros(x.shape, variance.dtype)
-        for tx in range(kernel.taps):
-            row = row + wx[tx] * taps.gather(tx, ty)
-        total = total + wy[ty] * row
+    total = _tensor_sum(taps, wx, wy)
     return jnp.where(taps.valid, total, jnp.zeros((), variance.dtype))
 
 
