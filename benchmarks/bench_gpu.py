@@ -26,7 +26,9 @@ On a GPU machine install the CUDA wheels first (``pip install -e .[gpu]``);
 
 import argparse
 import contextlib
+import os
 import tempfile
+import threading
 import time
 from collections import defaultdict
 
@@ -45,11 +47,11 @@ from subpixal_jax.simulate import simulate_exposures
 STAGES = (
     ("resampler set-up (drizzle all)", None, "setup", 0),
     ("  chip pixel maps", resample_module, "chip_pixmap", 1),
-    ("  drizzle exposures (+ maps)", DrizzleResample, "_drizzle_exposure", 1),
+    ("  drizzle exposures (+ maps)", DrizzleResample, "_drizzle_exposures", 1),
     ("catalog detection (photutils)", PhotutilsCatalog, "_detect", 0),
     ("cutouts + pixmap nodes", stages, "create_cutouts", 0),
     ("measure displacements", stages, "measure_displacements", 0),
-    ("  build batches", stages, "build_batches", 1),
+    ("  build batches", stages, "iter_batches", 1),
     ("linear fits", stages, "fit_points", 0),
     ("WCS corrections", stages, "correct_wcs", 0),
     # WCS updates are drizzled when the products are next read.
@@ -58,21 +60,73 @@ STAGES = (
 )
 
 
-class StageTimer:
-    """Wall time and call count per wrapped stage function."""
+def _rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
-    def __init__(self):
+
+class StageTimer:
+    """Wall time, call count and peak RSS per wrapped stage function.
+
+    A sampler thread reads the resident set size every ``interval`` seconds
+    and raises the peak of every stage running at that moment, so a stage's
+    peak is the most memory the process held while it ran (what it
+    allocated on top of what was live before it).
+    """
+
+    def __init__(self, interval: float = 0.02):
         self.seconds = defaultdict(float)
         self.calls = defaultdict(int)
+        self.peak_rss = defaultdict(int)
+        self._running = defaultdict(int)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.wait(self._interval):
+            self.note_rss()
+
+    def note_rss(self, label=None):
+        rss = _rss_bytes()
+        labels = [k for k, n in list(self._running.items()) if n] + [label]
+        for k in labels:
+            self.peak_rss[k] = max(self.peak_rss[k], rss)
 
     def wrap(self, label, fn):
         def timed(*args, **kwargs):
             start = time.perf_counter()
+            self._running[label] += 1
+            self.note_rss(label)
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.note_rss(label)
+                self._running[label] -= 1
                 self.seconds[label] += time.perf_counter() - start
                 self.calls[label] += 1
+
+        return timed
+
+    def wrap_iterator(self, label, fn):
+        """Time the work of each step of the iterator ``fn`` returns."""
+
+        def timed(*args, **kwargs):
+            steps = iter(fn(*args, **kwargs))
+            while True:
+                start = time.perf_counter()
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+                finally:
+                    self.seconds[label] += time.perf_counter() - start
+                    self.calls[label] += 1
+                yield item
 
         return timed
 
@@ -84,10 +138,14 @@ class StageTimer:
                 continue
             fn = getattr(owner, attr)
             saved.append((owner, attr, fn))
-            setattr(owner, attr, self.wrap(label, fn))
+            wrap = self.wrap_iterator if attr == "iter_batches" else self.wrap
+            setattr(owner, attr, wrap(label, fn))
+        self._sampler.start()
         try:
             yield self
         finally:
+            self._stop.set()
+            self._sampler.join()
             for owner, attr, fn in saved:
                 setattr(owner, attr, fn)
 
@@ -97,10 +155,7 @@ def run_once(paths, options):
     timer = StageTimer()
     with count_compilations() as stats, timer.patched():
         start = time.perf_counter()
-        t0 = time.perf_counter()
-        resample = DrizzleResample(paths)
-        timer.seconds["resampler set-up (drizzle all)"] += time.perf_counter() - t0
-        timer.calls["resampler set-up (drizzle all)"] += 1
+        resample = timer.wrap("resampler set-up (drizzle all)", DrizzleResample)(paths)
         # the finder align_files uses by default (no absolute tie)
         catalog = PhotutilsCatalog(centroid="moment")
         result = align.align_images(catalog, resample, **options)
@@ -149,18 +204,23 @@ def main():
     )
     print()
     head = f"{'stage':<34} {'calls':>6} {'cold [s]':>9} {'warm [s]':>9}"
+    head += f" {'peak RSS cold/warm [GB]':>24}"
     print(head)
     print("-" * len(head))
     for label, _, _, _ in STAGES:
         calls = warm[0].calls.get(label, 0)
         if not calls and not cold[0].calls.get(label, 0):
             continue
+        rss = f"{cold[0].peak_rss[label] / 1e9:.2f} / "
+        rss += f"{warm[0].peak_rss[label] / 1e9:.2f}"
         print(
             f"{label:<34} {calls:>6} {cold[0].seconds[label]:>9.2f} "
-            f"{warm[0].seconds[label]:>9.2f}"
+            f"{warm[0].seconds[label]:>9.2f} {rss:>24}"
         )
     print("-" * len(head))
-    print(f"{'total (wall)':<34} {'':>6} {cold[2]:>9.2f} {warm[2]:>9.2f}")
+    rss = f"{max(cold[0].peak_rss.values()) / 1e9:.2f} / "
+    rss += f"{max(warm[0].peak_rss.values()) / 1e9:.2f}"
+    print(f"{'total (wall)':<34} {'':>6} {cold[2]:>9.2f} {warm[2]:>9.2f} {rss:>24}")
     print()
     print(f"cold: {cold[1]}; warm: {warm[1]}")
     per_image = np.array(

@@ -25,6 +25,7 @@ from subpixal_jax.geometry.cutouts import (
     build_batches,
     create_cutouts,
     create_primary_cutouts,
+    iter_batches,
     reference_points,
 )
 from subpixal_jax.geometry.homography import (
@@ -727,6 +728,21 @@ def test_build_batches_bad_input(cutouts):
         build_batches(cutouts, [0])
     with pytest.raises(ValueError, match="chunk"):
         build_batches(cutouts, [0] * len(cutouts), chunk=-1)
+
+
+def test_iter_batches_is_lazy_and_equals_the_list(cutouts):
+    """Batches are made one at a time; bad input fails at the call."""
+    many = list(cutouts) * 3
+    owner = [0] * len(many)
+    steps = iter_batches(many, owner, chunk=4)
+    first = next(steps)
+    listed = build_batches(many, owner, chunk=4)
+    for (a, ia), (b, ib) in zip([first, *steps], listed, strict=True):
+        np.testing.assert_array_equal(ia, ib)
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="chunk"):
+        iter_batches(many, owner, chunk=-1)  # not deferred to the first batch
 
 
 def test_build_batches_chunks_bound_the_shapes(cutouts):

@@ -324,6 +324,73 @@ def test_cosmic_ray_rejection(scene):
         assert cleaned > 0.05 * v / 100.0 / 4
 
 
+def test_worker_processes_drizzle_the_same_products(scene, caplog):
+    """Drizzling in worker processes changes no bit; a dead worker is survived."""
+    from subpixal_jax.reference import drizzle_workers
+
+    crs = [(10, 15, 5e4), (30, 60, 2e4)]
+    exps = [
+        _exposure((dx, dy, r), scene=scene, seed=i, crs=crs if i == 1 else ())
+        for i, (dx, dy, r) in enumerate(DITHERS)
+    ]
+    here = DrizzleResample(exps, cr_reject=True, workers=1)
+    pooled = DrizzleResample(exps, cr_reject=True, workers=2)
+    assert (here.workers, pooled.workers) == (1, 2)
+
+    def same():
+        np.testing.assert_array_equal(pooled.sci, here.sci)
+        np.testing.assert_array_equal(pooled.wht, here.wht)
+        for a, b in zip(pooled.exposures, here.exposures, strict=True):
+            for ca, cb in zip(a.chips, b.chips, strict=True):
+                np.testing.assert_array_equal(ca.valid, cb.valid)
+        assert pooled.n_drizzles == here.n_drizzles
+
+    def shift(i, dx):
+        for r in (here, pooled):
+            w = r.exposures[i].chips[0].wcs.deepcopy()
+            w.wcs.crpix = w.wcs.crpix + np.array([dx, -0.5 * dx])
+            r.update_wcs(i, {1: w})
+
+    same()
+    shift(1, 0.3)
+    shift(2, 0.6)
+    same()
+    # a worker killed under the pool: the next drizzle is done here instead
+    for worker in drizzle_workers.shared_pool(2)._all:
+        worker.process.kill()
+        worker.process.wait()
+    shift(1, -0.2)
+    shift(3, -0.2)
+    with caplog.at_level("WARNING", logger="subpixal_jax.reference.resample"):
+        same()
+    assert "drizzle worker" in caplog.text
+    assert pooled.workers == 1
+
+
+def test_drizzle_worker_count(scene, monkeypatch):
+    from subpixal_jax.reference import resample as module
+
+    exps = [read_exposure(_exposure(d, scene=scene, seed=0)) for d in DITHERS[:3]]
+    monkeypatch.delenv(module.WORKERS_ENV, raising=False)
+    assert module.drizzle_worker_count(8, exps) == 3  # never more than exposures
+    assert module.drizzle_worker_count(None, exps) == 1  # small: in-process
+    monkeypatch.setattr(module, "PARALLEL_MIN_PIXELS", 1)
+    monkeypatch.setattr(module, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(module, "_available_bytes", lambda: 1e12)
+    assert module.drizzle_worker_count(None, exps) == 2
+    pixels = sum(c.data.size for c in exps[0].chips)
+    one = module.WORKER_BYTES_PER_PIXEL * pixels
+    monkeypatch.setattr(module, "_available_bytes", lambda: 4 * one)  # holds 1
+    assert module.drizzle_worker_count(None, exps) == 1
+    monkeypatch.setenv(module.WORKERS_ENV, "1")
+    assert module.drizzle_worker_count(None, exps) == 1
+    monkeypatch.setenv(module.WORKERS_ENV, "many")
+    with pytest.raises(ValueError, match=module.WORKERS_ENV):
+        module.drizzle_worker_count(None, exps)
+    with pytest.raises(ValueError, match="workers"):
+        DrizzleResample(exps, workers=0)
+
+
 def test_cosmic_ray_pass_reuses_held_contributions(scene):
     """A contribution drizzled with the same WCS and masks is never redone."""
     crs = [(10, 15, 5e4), (30, 60, 2e4)]

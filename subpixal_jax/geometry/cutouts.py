@@ -33,7 +33,7 @@ import enum
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -67,6 +67,7 @@ __all__ = [
     "build_batches",
     "create_cutouts",
     "create_primary_cutouts",
+    "iter_batches",
     "reference_points",
 ]
 
@@ -1320,6 +1321,20 @@ def build_batches(
 ) -> list[tuple[CutoutBatch, np.ndarray]]:
     """Pad source cutouts into a few bucket-shaped batches.
 
+    The list of :func:`iter_batches`' batches (see there).
+    """
+    return list(iter_batches(cutouts, image_index, single=single, chunk=chunk))
+
+
+def iter_batches(
+    cutouts: Sequence[SourceCutouts],
+    image_index: Sequence[int],
+    *,
+    single: bool = False,
+    chunk: int | None = None,
+) -> Iterator[tuple[CutoutBatch, np.ndarray]]:
+    """Pad source cutouts into a few bucket-shaped batches, one at a time.
+
     Sources are grouped by ``cutout_bucket(max image side)``; each group is
     cut into batches of square ``(B, B)`` image and ``(BR, BR)`` reference
     cutouts, ``BR`` the `~subpixal_jax.core.batch.REFERENCE_BUCKETS` side
@@ -1352,9 +1367,9 @@ def build_batches(
         ``(image bucket, reference bucket)`` pair with the source count
         padded to `~subpixal_jax.core.batch.source_bucket`.
 
-    Returns
-    -------
-    list of (CutoutBatch, numpy.ndarray)
+    Yields
+    ------
+    (CutoutBatch, numpy.ndarray)
         Each batch (numpy arrays with the dtypes of
         `~subpixal_jax.core.batch.CutoutBatch`) with the ``(N,)`` int array of
         the original index in ``cutouts`` of each row (-1 for padding);
@@ -1363,7 +1378,15 @@ def build_batches(
     Raises
     ------
     ValueError
-        If the lengths differ or a cutout exceeds the largest bucket.
+        If the lengths differ or a cutout exceeds the largest bucket (at the
+        call, before any batch is made).
+
+    Notes
+    -----
+    A batch is made when it is asked for, so a caller that measures and
+    drops each batch in turn holds one padded batch at a time instead of
+    all of them (the padded half-pixel maps alone take ~70 kB per source at
+    a 32 px side).
     """
     image_index = np.asarray(image_index)
     if image_index.shape != (len(cutouts),) or (
@@ -1399,7 +1422,11 @@ def build_batches(
             for start in range(0, len(members), n):
                 pieces.append((side, rside, members[start : start + n], n))
 
-    batches = []
+    return _padded_batches(cutouts, image_index, pieces)
+
+
+def _padded_batches(cutouts, image_index, pieces):
+    """Yield the batches of `iter_batches`, one per ``(side, rside, members, n)``."""
     for side, rside, members, n in pieces:
         image = np.zeros((n, side, side), np.float32)
         image_valid = np.zeros((n, side, side), bool)
@@ -1446,8 +1473,7 @@ def build_batches(
             valid=valid,
             image_index=owner,
         )
-        batches.append((batch, index))
-    return batches
+        yield batch, index
 
 
 # ---------------------------------------------------------------------------

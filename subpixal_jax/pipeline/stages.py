@@ -35,6 +35,7 @@ from subpixal_jax.geometry.cutouts import (
     SourceCutouts,
     build_batches,
     create_cutouts,
+    iter_batches,
     reference_points,
 )
 from subpixal_jax.geometry.skywcs import SkyWCS
@@ -222,7 +223,8 @@ def measure_displacements(
     flags = np.zeros(n, dtype=np.int64)
     blots: list[np.ndarray | None] = [None] * n
     with jax.enable_x64(True):
-        for batch, index in build_batches(flat, owner) if n else []:
+        # One padded batch alive at a time (they are larger than the cutouts).
+        for batch, index in iter_batches(flat, owner) if n else []:
             if reference_noise is not None:
                 batch = _with_reference_noise(batch, index, owner, reference_noise)
             # One device: a plain transfer; several: split the sources.

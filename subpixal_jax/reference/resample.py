@@ -42,6 +42,7 @@ cosmic-ray masks to its own copies of the exposures.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import logging
 import math
@@ -57,13 +58,18 @@ from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
 from astropy.wcs.utils import celestial_frame_to_wcs, proj_plane_pixel_area
-from drizzle.resample import Drizzle, blot_image
+from drizzle.resample import blot_image
 from scipy import ndimage
 
 from subpixal_jax.geometry.homography import affine_pixmap, chip_pixmap
 from subpixal_jax.geometry.skywcs import SkyWCS
 from subpixal_jax.io.images import Chip, Exposure, read_exposure
 from subpixal_jax.io.wcs import celestial_frame, convert_wcs_frame, frame_label
+from subpixal_jax.reference.drizzle_workers import (
+    WorkerError,
+    drizzle_chips,
+    shared_pool,
+)
 
 __all__ = [
     "DrizzleConfig",
@@ -181,6 +187,19 @@ def _check_non_negative(name: str, value) -> None:
 #: (~0.2 s for 4096x2048, against ~1.9 s for the drizzle itself).
 MAX_CACHED_PIXMAP_BYTES = 512 * 2**20
 
+#: Environment variable: the number of drizzle worker processes (1: none).
+WORKERS_ENV = "SUBPIXAL_JAX_DRIZZLE_WORKERS"
+#: With ``workers=None``, exposures smaller than this (pixels, all chips)
+#: are drizzled in-process: a worker's pickling and start-up would cost
+#: more than it saves.
+PARALLEL_MIN_PIXELS = 1 << 21
+#: With ``workers=None``, at most this many workers (each holds one
+#: exposure's inputs and output while it drizzles).
+MAX_AUTO_WORKERS = 4
+#: Memory one exposure in flight to a worker takes, per input pixel (bytes):
+#: map, rate and weights (24) here and again in the worker, plus slack.
+WORKER_BYTES_PER_PIXEL = 64
+
 
 @dataclass(frozen=True)
 class DrizzleConfig:
@@ -202,6 +221,7 @@ class DrizzleConfig:
     read_noise: float = 0.0
     max_output_pixels: int = 400_000_000
     max_cached_pixmap_bytes: int = MAX_CACHED_PIXMAP_BYTES
+    workers: int | None = None
 
     def __post_init__(self):
         _check_choice("kernel", self.kernel, _KERNELS)
@@ -221,6 +241,11 @@ class DrizzleConfig:
             raise ValueError(msg)
         if not np.isfinite(self.rotation):
             msg = f"rotation must be finite, got {self.rotation!r}"
+            raise ValueError(msg)
+        if self.workers is not None and not (
+            isinstance(self.workers, int | np.integer) and self.workers >= 1
+        ):
+            msg = f"workers must be None or an integer >= 1, got {self.workers!r}"
             raise ValueError(msg)
         object.__setattr__(self, "pixfrac", float(self.pixfrac))
 
@@ -729,24 +754,86 @@ def drizzle_exposure(
     sci, wht : numpy.ndarray
         ``(ny, nx)`` float32 rate image (0 where uncovered) and weight.
     """
-    driz = Drizzle(kernel=kernel, fillval=0.0, out_shape=out_shape, disable_ctx=True)
+    chips = drizzle_inputs(exposure, sky, pixmap_of, pixfrac=pixfrac, weight=weight)
+    return drizzle_chips(out_shape, kernel, chips)
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _available_bytes() -> float:
+    """Free physical memory (Linux); infinite where the OS does not say."""
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return math.inf
+
+
+def drizzle_worker_count(workers: int | None, exposures: Sequence[Exposure]) -> int:
+    """How many processes drizzle exposures at once (1: in this process).
+
+    Parameters
+    ----------
+    workers : int or None
+        Asked for; None: the `WORKERS_ENV` environment variable if set, else
+        up to `MAX_AUTO_WORKERS` (and the CPUs this process may use) when
+        the exposures average at least `PARALLEL_MIN_PIXELS` pixels, as
+        many as a quarter of the free memory holds (each exposure in flight
+        costs ~`WORKER_BYTES_PER_PIXEL` per input pixel: its inputs here and
+        in the worker, and its output).
+    exposures : sequence of Exposure
+        The exposures to drizzle (never more workers than exposures).
+    """
+    if workers is None:
+        env = os.environ.get(WORKERS_ENV, "").strip()
+        if env:
+            try:
+                workers = int(env)
+            except ValueError:
+                workers = 0
+            if workers < 1:
+                msg = f"{WORKERS_ENV} must be an integer >= 1, got {env!r}"
+                raise ValueError(msg)
+        else:
+            pixels = sum(c.data.size for e in exposures for c in e.chips)
+            per_job = WORKER_BYTES_PER_PIXEL * pixels / len(exposures)
+            fit = int(min(0.25 * _available_bytes() / per_job, MAX_AUTO_WORKERS))
+            big = pixels >= PARALLEL_MIN_PIXELS * len(exposures)
+            workers = max(1, min(fit, _usable_cpus())) if big else 1
+    return max(1, min(int(workers), len(exposures)))
+
+
+def drizzle_inputs(
+    exposure: Exposure,
+    sky: Mapping[int, float],
+    pixmap_of: Callable[[Chip], np.ndarray],
+    *,
+    pixfrac: float = 1.0,
+    weight: str = "exptime",
+) -> list[dict]:
+    """Per chip, the ``add_image`` arguments of `drizzle_exposure`."""
+    chips = []
     for c in exposure.chips:
         pixmap = pixmap_of(c)
         area = _area_ratio(pixmap)
         rate, wmap, wscale = chip_rate(exposure, c, sky[c.extver], weight)
-        driz.add_image(
-            rate,
-            exptime=exposure.exptime,
-            pixmap=pixmap,
-            iscale=1.0 / area,
-            pixel_scale_ratio=1.0 / math.sqrt(area),
-            weight_map=wmap,
-            wht_scale=wscale,
-            pixfrac=pixfrac,
-            in_units="cps",
+        chips.append(
+            {
+                "data": rate,
+                "exptime": exposure.exptime,
+                "pixmap": pixmap,
+                "iscale": 1.0 / area,
+                "pixel_scale_ratio": 1.0 / math.sqrt(area),
+                "weight_map": wmap,
+                "wht_scale": wscale,
+                "pixfrac": pixfrac,
+                "in_units": "cps",
+            }
         )
-    img = np.where(driz.out_wht > 0, driz.out_img, 0).astype(np.float32)
-    return img, driz.out_wht.astype(np.float32)
+    return chips
 
 
 # ---------------------------------------------------------------------------
@@ -1110,6 +1197,13 @@ class DrizzleResample:
         bytes (16 per chip pixel; default `MAX_CACHED_PIXMAP_BYTES`, 512 MiB);
         otherwise each drizzle evaluates its chip's map from the WCS. 0 never
         caches.
+    workers : int, optional
+        Worker processes that drizzle exposures in parallel
+        (:mod:`~subpixal_jax.reference.drizzle_workers`; drizzle's C code
+        holds the GIL, so threads cannot). Default: the
+        ``SUBPIXAL_JAX_DRIZZLE_WORKERS`` environment variable, else up to 4
+        for exposures of at least 2**21 pixels (`drizzle_worker_count`);
+        1 drizzles in this process. The products are the same either way.
 
     Attributes
     ----------
@@ -1121,6 +1215,9 @@ class DrizzleResample:
         ``(ny, nx)``.
     sky : list of dict
         Per exposure ``{extver: sky}`` in native units.
+    workers : int
+        Processes that drizzle exposures at once (1: this one), from the
+        ``workers`` parameter; falls to 1 if a worker dies.
     n_drizzles : int
         Number of single-chip drizzle (``add_image``) calls so far. WCS
         updates are drizzled on the first read after them (`update_wcs`), and
@@ -1183,6 +1280,7 @@ class DrizzleResample:
         read_noise: float = 0.0,
         max_output_pixels: int = 400_000_000,
         max_cached_pixmap_bytes: int = MAX_CACHED_PIXMAP_BYTES,
+        workers: int | None = None,
     ):
         if isinstance(exposures, str | os.PathLike | fits.HDUList | Exposure):
             exposures = [exposures]
@@ -1203,6 +1301,7 @@ class DrizzleResample:
             read_noise=read_noise,
             max_output_pixels=max_output_pixels,
             max_cached_pixmap_bytes=max_cached_pixmap_bytes,
+            workers=workers,
         )
         if cr_reject and len(exposures) < 3:
             msg = f"cr_reject needs at least 3 exposures, got {len(exposures)}"
@@ -1229,6 +1328,7 @@ class DrizzleResample:
                     msg = f"weight='ivm' needs ERR arrays; {e.name} has none"
                     raise ValueError(msg)
         self.sky = exposure_skies(self.exposures, sky, config.sky_sigma)
+        self.workers = drizzle_worker_count(config.workers, self.exposures)
 
         borders = chip_borders(self.exposures)
         if user_grid[0] is None:
@@ -1294,25 +1394,49 @@ class DrizzleResample:
             return lambda c: self.pixmap(i, c.extver)
         return lambda c: chip_pixmap(c.wcs, grid[0], c.shape)
 
-    def _drizzle_exposure(self, i: int, grid=None) -> tuple[np.ndarray, np.ndarray]:
-        """Drizzle exposure *i* onto the output grid, or onto ``grid=(wcs, shape)``."""
-        e = self.exposures[i]
-        out = drizzle_exposure(
-            e,
-            self.sky[i],
-            self._pixmap_of(i, grid),
-            self.output_shape if grid is None else grid[1],
-            kernel=self.kernel,
-            pixfrac=self.pixfrac,
-            weight=self.weight,
-        )
-        self.n_drizzles += len(e.chips)
-        return out
+    def _drizzle_exposures(self, indices, grid=None) -> list[tuple]:
+        """Drizzle exposures onto the output grid, or onto ``grid=(wcs, shape)``.
+
+        Returns their ``(sci, wht)`` in the order of ``indices``; with
+        `workers` > 1 they are drizzled in parallel by worker processes,
+        each exposure's inputs prepared here while the others drizzle.
+        """
+        indices = list(indices)
+        shape = self.output_shape if grid is None else grid[1]
+
+        def inputs(i):
+            e = self.exposures[i]
+            self.n_drizzles += len(e.chips)
+            return drizzle_inputs(
+                e,
+                self.sky[i],
+                self._pixmap_of(i, grid),
+                pixfrac=self.pixfrac,
+                weight=self.weight,
+            )
+
+        if self.workers < 2 or len(indices) < 2:
+            return [drizzle_chips(shape, self.kernel, inputs(i)) for i in indices]
+        pool = shared_pool(self.workers)
+        pending: list = []
+        for i in indices:
+            # At most `workers` exposures' inputs wait or drizzle at a time.
+            if len(pending) > self.workers:
+                concurrent.futures.wait([pending[-self.workers - 1]])
+            pending.append(pool.submit(shape, self.kernel, inputs(i)))
+        try:
+            return [f.result() for f in pending]
+        except WorkerError as exc:
+            log.warning("%s; drizzling in this process from now on", exc)
+            self.workers = 1
+            self.n_drizzles -= sum(len(self.exposures[i].chips) for i in indices)
+            return self._drizzle_exposures(indices, grid)
 
     def _sync(self) -> None:
         """Drizzle the stale exposures into the stack (see ``_stale``)."""
-        for i in sorted(self._stale):
-            self._stack.set(i, *self._drizzle_exposure(i))
+        stale = sorted(self._stale)
+        for i, drizzled in zip(stale, self._drizzle_exposures(stale), strict=True):
+            self._stack.set(i, *drizzled)
             self._held_dq[i] = all(
                 np.array_equal(c.valid, dq)
                 for c, dq in zip(
@@ -1365,9 +1489,7 @@ class DrizzleResample:
                 "cosmic-ray rejection on a %d x %d grid at the inputs' scale",
                 *grid[1][::-1],
             )
-            singles = [
-                self._drizzle_exposure(i, grid) for i in range(len(self.exposures))
-            ]
+            singles = self._drizzle_exposures(range(len(self.exposures)), grid)
             median, enough = median_combine(singles, grid[1])
         total = 0
         for i, e in enumerate(self.exposures):
