@@ -173,7 +173,7 @@ def _source_hash(module_file: str | None) -> str:
 
 
 def _key(fun: Callable, args, static: dict) -> str:
-    """The text that names one stored kernel (see the module doc)."""
+    """Return the text that names one stored kernel (see the module doc)."""
     leaves, treedef = jax.tree.flatten(args)
     module = sys.modules.get(fun.__module__)
     fields = {
@@ -206,7 +206,7 @@ def _load_or_build(store: Path, key: str, fun: Callable, args, static) -> Callab
 
 
 def _load(path: Path, key: str, args) -> jax.export.Exported | None:
-    """The stored export at ``path``; None (logged) if absent or unusable."""
+    """Read the export stored at ``path``; None (logged) if absent or unusable."""
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
@@ -222,7 +222,7 @@ def _load(path: Path, key: str, args) -> jax.export.Exported | None:
         return None
     try:
         exported = jax.export.deserialize(bytearray(payload))
-    except Exception as exc:  # noqa: BLE001  # any failure: rebuild, never crash
+    except Exception as exc:  # any failure: rebuild, never crash
         log.debug("kernel store: cannot deserialise %s (%s); rebuilding", path, exc)
         return None
     leaves, treedef = jax.tree.flatten((args, {}))  # Exported: (args, kwargs)
@@ -238,7 +238,7 @@ def _save(path: Path, key: str, exported: jax.export.Exported) -> None:
     """Write the entry atomically; a failure only costs a later rebuild."""
     try:
         payload = bytes(exported.serialize())
-    except Exception as exc:  # noqa: BLE001  # e.g. an unregistered pytree node
+    except Exception as exc:  # e.g. an unregistered pytree node
         log.debug("kernel store: cannot serialise %s (%s)", path.name, exc)
         return
     blob = _MAGIC + key.encode() + b"\n" + hashlib.sha256(payload).digest() + payload
