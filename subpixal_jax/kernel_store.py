@@ -133,12 +133,13 @@ def call_stored(fun: Callable, *args, **static):
     Returns
     -------
     object
-        What ``fun`` returns. With the store on (and every argument on at
-        most one device) it is computed by the exported kernel: loaded if
-        stored, else traced, exported and stored first.
+        What ``fun`` returns. With the store on (every argument on at most
+        one device, and no float64 array outside x64) it is computed by the
+        exported kernel: loaded if stored, else traced, exported and stored
+        first.
     """
     store = _store_dir
-    if store is None or not _single_device(args):
+    if store is None or not _storable(args):
         return fun(*args, **static)
     key = _key(fun, args, static)
     kernel = _kernels.get(key)
@@ -151,13 +152,23 @@ def call_stored(fun: Callable, *args, **static):
     return kernel(*args)
 
 
-def _single_device(args) -> bool:
-    """Whether no argument is sharded over several devices (exported: one)."""
-    return all(
-        len(leaf.sharding.device_set) <= 1
-        for leaf in jax.tree.leaves(args)
-        if isinstance(leaf, jax.Array)
-    )
+def _storable(args) -> bool:
+    """Whether exporting keeps the arguments as they are.
+
+    An export takes one device, and its jit boundary would narrow a float64
+    array outside x64, which a host wrapper such as ``iter_linear_fit_batch``
+    keeps (it enters x64 itself).
+    """
+    for leaf in jax.tree.leaves(args):
+        if isinstance(leaf, jax.Array):
+            ok = len(leaf.sharding.device_set) <= 1
+        elif isinstance(leaf, np.ndarray | np.generic):
+            ok = jax.dtypes.canonicalize_dtype(leaf.dtype) == leaf.dtype
+        else:  # Python scalars are weakly typed: kept as jit keeps them
+            ok = True
+        if not ok:
+            return False
+    return True
 
 
 @functools.cache

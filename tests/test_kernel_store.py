@@ -181,3 +181,14 @@ def test_store_is_off_without_flatbuffers(monkeypatch, tmp_path):
     monkeypatch.setattr(kernel_store.importlib.util, "find_spec", lambda _: None)
     assert kernel_store.enable_kernel_store(tmp_path) is None
     assert kernel_store.kernel_store_dir() is None
+
+
+def test_float64_outside_x64_is_not_narrowed(store):
+    call = kernel_calls()[0][1]
+    fun, args, static = call
+    got = kernel_store.call_stored(fun, *args, **static)  # not under x64
+    assert not list(store.iterdir())  # the plain call took its float64 inputs
+    (want,) = run_stored([call], stored=False)
+    np.testing.assert_array_equal(
+        np.concatenate([np.ravel(x).astype(float) for x in got]), want
+    )
