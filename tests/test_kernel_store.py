@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("flatbuffers")  # jax.export serialisation needs it
 
-from subpixal_jax import kernel_store
+from subpixal_jax import kernel_store, linearfit
 from subpixal_jax.compilation import (
     count_compilations,
     enable_compilation_cache,
@@ -30,7 +30,7 @@ import jax
 import numpy as np
 sys.path.insert(0, "tests")
 from test_kernel_store import kernel_calls, run_stored
-from subpixal_jax import kernel_store
+from subpixal_jax import kernel_store, linearfit
 from subpixal_jax.compilation import count_compilations, enable_compilation_cache
 jax.config.update("jax_numpy_rank_promotion", "raise")  # as conftest: same key
 enable_compilation_cache()
@@ -192,3 +192,16 @@ def test_float64_outside_x64_is_not_narrowed(store):
     np.testing.assert_array_equal(
         np.concatenate([np.ravel(x).astype(float) for x in got]), want
     )
+
+
+def test_host_fit_without_weights_through_store(store, monkeypatch):
+    uv = np.random.default_rng(5).uniform(0, 300, (40, 2))
+    c = uv.mean(axis=0)  # the fit's default centre
+    xy = (uv - c) @ np.array([[1.0, 1e-4], [-1e-4, 1.0]]) + c + [0.3, -0.2]
+    stored = linearfit.iter_linear_fit(xy, uv, fitgeom="rscale")  # wxy=None
+    assert len(list(store.iterdir())) == 1
+    monkeypatch.setattr(kernel_store, "_store_dir", None)
+    plain = linearfit.iter_linear_fit(xy, uv, fitgeom="rscale")
+    np.testing.assert_allclose(stored.shift, [0.3, -0.2], atol=1e-9)
+    for a, b in zip(stored, plain, strict=True):
+        np.testing.assert_array_equal(a, b)
