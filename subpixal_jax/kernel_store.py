@@ -25,6 +25,8 @@ of their contents: an unreadable, truncated or altered entry is logged at
 DEBUG and rebuilt. While the store is on, a stored kernel always runs
 through its export, also in the process that builds it, so every process
 gets the same results (bit-identical to the plain jitted call: tested).
+Like the compilation cache, the store holds code that is run: do not point
+it at a folder others can write to.
 """
 
 from __future__ import annotations
@@ -91,14 +93,17 @@ def enable_kernel_store(path: str | os.PathLike | None) -> Path | None:
     Returns
     -------
     pathlib.Path or None
-        The folder in use; None when off, when ``path`` cannot be created
-        or when ``flatbuffers`` (needed to serialise) is not installed.
+        The folder in use; None when off, when ``path`` cannot be created,
+        when ``flatbuffers`` (needed to serialise) is not installed or when
+        the ``core/`` sources cannot be found to hash.
     """
     global _store_dir
     target = None
     if path is not None:
         if importlib.util.find_spec("flatbuffers") is None:
             log.debug("kernel store off: the flatbuffers package is not installed")
+        elif not any(_CORE.glob("*.py")):  # no sources to hash: stale kernels
+            log.debug("kernel store off: no core/ sources at %s", _CORE)
         else:
             try:
                 target = Path(path).expanduser().resolve()
