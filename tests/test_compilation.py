@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -133,16 +134,14 @@ def test_count_compilations_nests_and_counts_once_per_shape():
 
 def test_compilations_are_logged_as_they_happen(monkeypatch, caplog):
     monkeypatch.setattr(compilation, "_LOGGED_COMPILE_SECONDS", 0.0)
-    f = jax.jit(lambda x: jnp.cos(x) * 3.0 + x)
-    cache_on = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # a real compile
-    try:
-        with caplog.at_level(logging.INFO, logger="subpixal_jax.compilation"):
-            f(np.ones(11, np.float32)).block_until_ready()  # outside a count: silent
-            with count_compilations() as stats:
-                f(np.ones(19, np.float32)).block_until_ready()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cache_on)
+    # A constant no earlier run had, so a real compile: switching the cache
+    # off does nothing once a process has used it (JAX decides that once).
+    salt = float(time.time_ns() % 1_000_003)
+    f = jax.jit(lambda x: jnp.cos(x) * 3.0 + x + salt)
+    with caplog.at_level(logging.INFO, logger="subpixal_jax.compilation"):
+        f(np.ones(11, np.float32)).block_until_ready()  # outside a count: silent
+        with count_compilations() as stats:
+            f(np.ones(19, np.float32)).block_until_ready()
     lines = [r.getMessage() for r in caplog.records if "compiled" in r.getMessage()]
     assert stats.compiles == 1
     assert len(lines) == 1
