@@ -17,8 +17,9 @@ turns the store on, in the ``exported`` folder of the cache directory (so
 An entry is keyed by the kernel's name, its static options, the structure,
 shapes and dtypes of its arguments, the platform, the jax and jaxlib
 versions, the JAX settings that change tracing (x64, rank and dtype
-promotion, matmul precision) and a hash of the source of ``core/`` and of
-the kernel's module, so that a code change never runs a stale kernel.
+promotion, matmul precision) and a hash of the source of ``core/``, of the
+kernel's module and of this module, so that a code change never runs a
+stale kernel.
 Entries are written to a temporary file and renamed into place (readers see
 a whole entry or none, with concurrent processes too) and carry a SHA-256
 of their contents: an unreadable, truncated or altered entry is logged at
@@ -181,9 +182,9 @@ def _storable(args) -> bool:
 
 @functools.cache
 def _source_hash(module_file: str | None) -> str:
-    """SHA-256 of the package's ``core/`` sources and of the kernel's module."""
+    """SHA-256 of ``core/``, the kernel's module and this module (the export)."""
     digest = hashlib.sha256()
-    files = sorted(_CORE.glob("*.py"))
+    files = [*sorted(_CORE.glob("*.py")), Path(__file__).resolve()]
     if module_file is not None and Path(module_file).resolve().parent != _CORE:
         files.append(Path(module_file).resolve())
     for path in files:
