@@ -22,6 +22,10 @@ file in the same directory and renames it into place, so readers see either
 nothing or a whole entry. If JAX's internals differ from what this module
 expects, JAX's own file cache is used instead (logged at DEBUG).
 
+The cache does not save JAX's tracing and lowering of each kernel shape;
+:mod:`subpixal_jax.kernel_store`, turned on with the cache in its
+``exported`` folder, keeps the lowered kernels themselves.
+
 :func:`count_compilations` counts compilations through ``jax.monitoring``:
 ``/jax/core/compile/backend_compile_duration`` is recorded for every backend
 compilation request, persistent-cache hits included, and
@@ -43,6 +47,7 @@ import jax
 
 __all__ = [
     "CACHE_ENV",
+    "KERNEL_STORE_FOLDER",
     "CompileStats",
     "count_compilations",
     "default_cache_dir",
@@ -53,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: Environment variable naming the cache directory (``off`` disables it).
 CACHE_ENV = "SUBPIXAL_JAX_CACHE_DIR"
+#: Folder of the cache directory that holds the exported kernels.
+KERNEL_STORE_FOLDER = "exported"
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
@@ -160,17 +167,22 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     size): the alignment compiles tens of kernels of 0.2-1.3 s each, which
     JAX's 1 s default threshold would mostly skip. Calling it again with the
     same directory does nothing; with another directory, switches to it.
-    The cache is trusted code: do not point it at a directory others can
-    write to.
+    The kernel store (:mod:`subpixal_jax.kernel_store`) follows: on in the
+    ``exported`` folder of the directory, off with the cache. The cache is
+    trusted code: do not point it at a directory others can write to.
     """
+    from subpixal_jax import kernel_store  # imports core: not at start-up
+
     global _enabled_path
     target = Path(path).expanduser() if path is not None else default_cache_dir()
     with _state_lock:
         if target is None:
             log.debug("compilation cache disabled by %s=off", CACHE_ENV)
+            kernel_store.enable_kernel_store(None)
             return None
         target = target.resolve()
         if _enabled_path == target:
+            kernel_store.enable_kernel_store(target / KERNEL_STORE_FOLDER)
             return target
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -178,13 +190,20 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
             log.warning(
                 "compilation cache disabled: cannot create %s (%s)", target, exc
             )
+            kernel_store.enable_kernel_store(None)
             return None
         jax.config.update("jax_compilation_cache_dir", str(target))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
         atomic = _install_atomic_cache(target)
         _enabled_path = target
-    log.debug("compilation cache at %s (atomic writes: %s)", target, atomic)
+    store = kernel_store.enable_kernel_store(target / KERNEL_STORE_FOLDER)
+    log.debug(
+        "compilation cache at %s (atomic writes: %s); kernel store %s",
+        target,
+        atomic,
+        store,
+    )
     return target
 
 
@@ -204,6 +223,8 @@ class CompileStats:
         Time spent loading them.
     traces : int
         Functions traced to jaxprs (also counts traces that hit no compile).
+    traced : dict of str to int
+        The same traces by function name.
     """
 
     compiles: int = 0
@@ -211,6 +232,7 @@ class CompileStats:
     cache_hits: int = 0
     cache_seconds: float = 0.0
     traces: int = 0
+    traced: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         s = f"compiled {self.compiles} kernels in {self.compile_seconds:.1f} s"
@@ -232,9 +254,11 @@ def _on_event(event: str, **kwargs) -> None:
 
 def _on_duration(event: str, duration: float, **kwargs) -> None:
     if event == _TRACE:
+        name = kwargs.get("fun_name", "?")
         with _state_lock:
             for s in _active:
                 s.traces += 1
+                s.traced[name] = s.traced.get(name, 0) + 1
         return
     if event != _BACKEND_COMPILE:
         return

@@ -8,6 +8,7 @@ batch of one in float64, and turns a bad status into an exception when asked.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -15,6 +16,7 @@ from subpixal_jax.core import linfit
 from subpixal_jax.core.batch import source_bucket
 from subpixal_jax.core.linfit import STATUS_MESSAGES, FitStatus, LinearFit
 from subpixal_jax.errors import NotEnoughPointsError, SingularMatrixError
+from subpixal_jax.kernel_store import call_stored
 
 __all__ = ["iter_linear_fit"]
 
@@ -145,19 +147,21 @@ def iter_linear_fit(  # noqa: PLR0913  # seed signature
     pad = ((0, bucket - n), (0, 0))
     valid = np.zeros((1, bucket), dtype=bool)
     valid[0, :n] = True
-    batch = linfit.iter_linear_fit_batch(
-        np.pad(xy, pad)[None],
-        np.pad(uv, pad)[None],
-        None if weights is None else np.pad(weights, pad[0])[None],
-        valid,
-        center[None],
-        fitgeom=fitgeom,
-        nclip=nclip,
-        sigma=nsigma,
-        sigma_stat=linfit.SIGMA_STATS[stat_index],
-        clip_accum=bool(clip_accum),
-    )
-    fit = LinearFit(*(np.asarray(field)[0] for field in batch))
+    with jax.enable_x64(True):  # float64 inputs reach the stored kernel whole
+        batch = call_stored(
+            linfit.iter_linear_fit_batch,
+            np.pad(xy, pad)[None],
+            np.pad(uv, pad)[None],
+            None if weights is None else np.pad(weights, pad[0])[None],
+            valid,
+            center[None],
+            fitgeom=fitgeom,
+            nclip=nclip,
+            sigma=nsigma,
+            sigma_stat=linfit.SIGMA_STATS[stat_index],
+            clip_accum=bool(clip_accum),
+        )
+        fit = LinearFit(*(np.asarray(field)[0] for field in batch))
     fit = fit._replace(resids=fit.resids[:n], fitmask=fit.fitmask[:n])
     status = FitStatus(int(fit.status))
     if throw and status != FitStatus.OK:

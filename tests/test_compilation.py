@@ -1,10 +1,12 @@
 """Tests of subpixal_jax.compilation: persistent cache and compile counting."""
 
+import importlib.util
 import json
 import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from subpixal_jax import compilation
+from subpixal_jax import compilation, kernel_store
 from subpixal_jax.compilation import (
     CompileStats,
     count_compilations,
@@ -28,13 +30,15 @@ import json, sys
 import numpy as np
 from subpixal_jax.compilation import count_compilations, enable_compilation_cache
 from subpixal_jax.core.interp import interpolate_with_validity
+from subpixal_jax.kernel_store import kernel_store_dir
 path = enable_compilation_cache()
 data = np.arange(64.0, dtype=np.float32).reshape(8, 8)
 x = np.linspace(1, 6, 5, dtype=np.float32)
 with count_compilations() as stats:
     v, ok = interpolate_with_validity(data, x, x, kind="poly5")
     v.block_until_ready()
-print(json.dumps({"path": str(path), "compiles": stats.compiles,
+print(json.dumps({"path": str(path), "store": str(kernel_store_dir()),
+                  "compiles": stats.compiles,
                   "hits": stats.cache_hits, "value": float(v[2])}))
 """
 
@@ -68,6 +72,8 @@ def test_second_process_compiles_nothing(tmp_path):
     cache = tmp_path / "cache"
     first = _result(_spawn(cache))
     assert first["path"] == str(cache.resolve())
+    with_store = importlib.util.find_spec("flatbuffers") is not None
+    assert first["store"] == str(cache.resolve() / "exported" if with_store else None)
     assert first["compiles"] >= 1
     assert first["hits"] == 0
     assert list(cache.glob("*-cache"))
@@ -84,9 +90,11 @@ def test_concurrent_writers_leave_a_whole_cache(tmp_path):
 
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernel_store, "_store_dir", kernel_store.kernel_store_dir())
     monkeypatch.setenv("SUBPIXAL_JAX_CACHE_DIR", "off")
     assert default_cache_dir() is None
     assert enable_compilation_cache() is None
+    assert kernel_store.kernel_store_dir() is None  # off for both
     monkeypatch.setenv("SUBPIXAL_JAX_CACHE_DIR", str(tmp_path / "x"))
     assert default_cache_dir() == tmp_path / "x"
     monkeypatch.delenv("SUBPIXAL_JAX_CACHE_DIR")
@@ -126,16 +134,14 @@ def test_count_compilations_nests_and_counts_once_per_shape():
 
 def test_compilations_are_logged_as_they_happen(monkeypatch, caplog):
     monkeypatch.setattr(compilation, "_LOGGED_COMPILE_SECONDS", 0.0)
-    f = jax.jit(lambda x: jnp.cos(x) * 3.0 + x)
-    cache_on = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # a real compile
-    try:
-        with caplog.at_level(logging.INFO, logger="subpixal_jax.compilation"):
-            f(np.ones(11, np.float32)).block_until_ready()  # outside a count: silent
-            with count_compilations() as stats:
-                f(np.ones(19, np.float32)).block_until_ready()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cache_on)
+    # A constant no earlier run had, so a real compile: switching the cache
+    # off does nothing once a process has used it (JAX decides that once).
+    salt = float(time.time_ns() % 1_000_003)
+    f = jax.jit(lambda x: jnp.cos(x) * 3.0 + x + salt)
+    with caplog.at_level(logging.INFO, logger="subpixal_jax.compilation"):
+        f(np.ones(11, np.float32)).block_until_ready()  # outside a count: silent
+        with count_compilations() as stats:
+            f(np.ones(19, np.float32)).block_until_ready()
     lines = [r.getMessage() for r in caplog.records if "compiled" in r.getMessage()]
     assert stats.compiles == 1
     assert len(lines) == 1

@@ -43,6 +43,7 @@ from subpixal_jax.geometry.transform import Affine, RefinedFit, fit_affine
 from subpixal_jax.io import result as res
 from subpixal_jax.io.images import Exposure
 from subpixal_jax.io.wcs import correct_wcs
+from subpixal_jax.kernel_store import call_stored
 from subpixal_jax.options import AlignOptions
 from subpixal_jax.pipeline.sharding import shard_batch
 from subpixal_jax.status import ImageOutcome, ImageStatus, SourceFlag, refine_flags
@@ -134,7 +135,7 @@ def image_cutouts(
 
 def _refined(batch, found, interp):
     """Refinement of one batch: displacements, errors and flags as numpy."""
-    refined = refine_batch(batch, found.dxdy, interp=interp)
+    refined = call_stored(refine_batch, batch, found.dxdy, interp=interp)
     flags = np.asarray(refined.flags).astype(np.int64)
     ok = (flags & ~FLAG_NOT_CONVERGED) == 0
     ok &= np.all(np.isfinite(np.asarray(refined.dxdy)), axis=1)
@@ -229,7 +230,8 @@ def measure_displacements(
                 batch = _with_reference_noise(batch, index, owner, reference_noise)
             # One device: a plain transfer; several: split the sources.
             batch = shard_batch(batch)
-            found, batch_blots = measure_batch(
+            found, batch_blots = call_stored(
+                measure_batch,
                 batch,
                 interp=interp,
                 cc_type=cc_type,
@@ -303,7 +305,8 @@ def fit_points(
         w[i, :m] = np.where(ok, p.weight, 0.0)
         mask[i, :m] = ok
     with jax.enable_x64(True):
-        fit = iter_linear_fit_batch(
+        fit = call_stored(
+            iter_linear_fit_batch,
             xy,
             uv,
             w,
