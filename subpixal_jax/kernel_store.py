@@ -50,7 +50,7 @@ import jaxlib
 import numpy as np
 
 from subpixal_jax.core.batch import CutoutBatch
-from subpixal_jax.core.linfit import LinearFit
+from subpixal_jax.core.linfit import Clipping, LinearFit
 from subpixal_jax.core.refine import RefinedDisplacements
 from subpixal_jax.core.xcorr import Displacements
 
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 # Containers that stored kernels take or return: their pytree nodes must be
 # registered (under a stable name) before an export is (de)serialised.
-for _cls in (CutoutBatch, Displacements, RefinedDisplacements, LinearFit):
+for _cls in (CutoutBatch, Displacements, RefinedDisplacements, LinearFit, Clipping):
     jax.export.register_namedtuple_serialization(
         _cls, serialized_name=f"subpixal_jax.{_cls.__name__}"
     )

@@ -148,19 +148,18 @@ def iter_linear_fit(  # noqa: PLR0913  # seed signature
     valid = np.zeros((1, bucket), dtype=bool)
     valid[0, :n] = True
     with jax.enable_x64(True):  # float64 inputs reach the stored kernel whole
-        batch = call_stored(
-            linfit.iter_linear_fit_batch,
+        arguments = linfit.fit_batch_arguments(
             np.pad(xy, pad)[None],
             np.pad(uv, pad)[None],
             None if weights is None else np.pad(weights, pad[0])[None],
             valid,
             center[None],
-            fitgeom=fitgeom,
             nclip=nclip,
             sigma=nsigma,
             sigma_stat=linfit.SIGMA_STATS[stat_index],
             clip_accum=bool(clip_accum),
         )
+        batch = call_stored(linfit.iter_fit_kernel, *arguments, fitgeom=fitgeom)
         fit = LinearFit(*(np.asarray(field)[0] for field in batch))
     fit = fit._replace(resids=fit.resids[:n], fitmask=fit.fitmask[:n])
     status = FitStatus(int(fit.status))

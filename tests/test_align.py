@@ -113,7 +113,7 @@ def aligned(sim, tmp_path_factory):
     summary = out.parent / "summary.ecsv"
     counter = _CallCounter()
     measure_before = measure_batch._cache_size()
-    fit_before = linfit._iter_fit_batch._cache_size()
+    fit_before = linfit.iter_fit_kernel._cache_size()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("subpixal_jax.pipeline.stages.measure_batch", counter)
         result, reports = align_files(
@@ -134,7 +134,7 @@ def aligned(sim, tmp_path_factory):
         "originals": originals,
         "calls": counter,
         "measure_compiles": measure_batch._cache_size() - measure_before,
-        "fit_compiles": linfit._iter_fit_batch._cache_size() - fit_before,
+        "fit_compiles": linfit.iter_fit_kernel._cache_size() - fit_before,
     }
 
 

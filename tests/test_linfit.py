@@ -348,7 +348,7 @@ def test_jit_equals_eager():
 def test_one_compilation_per_bucket():
     xy, uv, w, valid, center = _standard_batch(seed=2)
     iter_linear_fit_batch(xy, uv, w, valid, center, fitgeom="general")
-    before = linfit._iter_fit_batch._cache_size()
+    before = linfit.iter_fit_kernel._cache_size()
     for nclip, sigma, stat, accum, weights in [
         (0, 3.0, "rmse", False, w),
         (5, 2.0, "mae", True, None),
@@ -367,7 +367,7 @@ def test_one_compilation_per_bucket():
             sigma_stat=stat,
             clip_accum=accum,
         )
-    assert linfit._iter_fit_batch._cache_size() == before
+    assert linfit.iter_fit_kernel._cache_size() == before
 
 
 def test_result_independent_of_global_x64():

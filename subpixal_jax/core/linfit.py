@@ -187,7 +187,7 @@ class _Solution(NamedTuple):
     status: jax.Array  # () int32
 
 
-class _Clipping(NamedTuple):
+class Clipping(NamedTuple):
     """The traced clipping options of one fit (changing them never recompiles)."""
 
     weighted: jax.Array  # () bool: weights were given
@@ -200,9 +200,9 @@ class _Clipping(NamedTuple):
 
 def _clipping(
     weighted, nclip, nsigma, stat_index, clip_accum, normalized=False
-) -> _Clipping:
+) -> Clipping:
     """Pack checked option values as the arrays the jitted fits trace (x64)."""
-    return _Clipping(
+    return Clipping(
         weighted=jnp.asarray(bool(weighted)),
         nclip=jnp.asarray(nclip, dtype=jnp.int32),
         nsigma=jnp.asarray(nsigma, dtype=jnp.float64),
@@ -535,7 +535,7 @@ def _iter_fit(
     weights: jax.Array,
     valid: jax.Array,
     center: jax.Array,
-    clipping: _Clipping,
+    clipping: Clipping,
 ) -> LinearFit:
     """Run the clipping loop of docs/original.md §6.4 on one image, in fixed shapes."""
     weighted, nclip, nsigma, stat_index, clip_accum, normalized = clipping
@@ -850,7 +850,12 @@ _iter_fit_jit = jax.jit(_iter_fit, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames=("fitgeom",))
-def _iter_fit_batch(xy, uv, weights, valid, center, clipping, *, fitgeom):
+def iter_fit_kernel(xy, uv, weights, valid, center, clipping, *, fitgeom):
+    """Run the jitted, vmapped fits of `iter_linear_fit_batch`.
+
+    Takes the arrays of `fit_batch_arguments` (the clipping options are
+    traced: one compiled kernel per ``fitgeom`` and shape, whatever they are).
+    """
     fit = functools.partial(_iter_fit, fitgeom)
     in_axes = (0, 0, 0, 0, 0, None)
     return jax.vmap(fit, in_axes=in_axes)(xy, uv, weights, valid, center, clipping)
@@ -928,30 +933,63 @@ def iter_linear_fit_batch(  # noqa: PLR0913  # seed signature
     ([[1.0, 0.0], [0.0, 2.0]], [4, 3])
     """
     fitgeom = _check_fitgeom(fitgeom)
-    nclip = _check_nclip(nclip)
-    nsigma = _check_sigma_value(sigma)
-    stat_index = _check_sigma_stat(sigma_stat)
     with jax.enable_x64(True):
-        xy = jnp.asarray(xy, dtype=jnp.float64)
-        uv = jnp.asarray(uv, dtype=jnp.float64)
-        _check_points(xy, uv, 1)
-        lead = xy.shape[:2]
-        weighted = weights is not None
-        if weighted:
-            weights = jnp.asarray(weights, dtype=jnp.float64)
-            _check_shape("weights", weights, lead)
-        else:
-            weights = jnp.ones(lead, dtype=jnp.float64)
-        mask = jnp.asarray(mask, dtype=bool)
-        _check_shape("mask", mask, lead)
-        center = jnp.asarray(center, dtype=jnp.float64)
-        _check_shape("center", center, (lead[0], 2))
-        return _iter_fit_batch(
+        arguments = fit_batch_arguments(
             xy,
             uv,
             weights,
             mask,
             center,
-            _clipping(weighted, nclip, nsigma, stat_index, clip_accum, clip_normalized),
-            fitgeom=fitgeom,
+            nclip=nclip,
+            sigma=sigma,
+            sigma_stat=sigma_stat,
+            clip_accum=clip_accum,
+            clip_normalized=clip_normalized,
         )
+        return iter_fit_kernel(*arguments, fitgeom=fitgeom)
+
+
+def fit_batch_arguments(  # noqa: PLR0913  # the options of iter_linear_fit_batch
+    xy: ArrayLike,
+    uv: ArrayLike,
+    weights: ArrayLike | None,
+    mask: ArrayLike,
+    center: ArrayLike,
+    *,
+    nclip: int | None = 3,
+    sigma: float = 3.0,
+    sigma_stat: str = "rmse",
+    clip_accum: bool = False,
+    clip_normalized: bool = False,
+) -> tuple:
+    """Check `iter_linear_fit_batch`'s inputs; the arguments of `iter_fit_kernel`.
+
+    Call it inside ``jax.enable_x64(True)`` (the points stay float64).
+
+    Returns
+    -------
+    tuple
+        ``(xy, uv, weights, mask, center, clipping)``: float64 arrays, unit
+        weights when ``weights`` is None, and the traced `Clipping` options.
+    """
+    nclip = _check_nclip(nclip)
+    nsigma = _check_sigma_value(sigma)
+    stat_index = _check_sigma_stat(sigma_stat)
+    xy = jnp.asarray(xy, dtype=jnp.float64)
+    uv = jnp.asarray(uv, dtype=jnp.float64)
+    _check_points(xy, uv, 1)
+    lead = xy.shape[:2]
+    weighted = weights is not None
+    if weighted:
+        weights = jnp.asarray(weights, dtype=jnp.float64)
+        _check_shape("weights", weights, lead)
+    else:
+        weights = jnp.ones(lead, dtype=jnp.float64)
+    mask = jnp.asarray(mask, dtype=bool)
+    _check_shape("mask", mask, lead)
+    center = jnp.asarray(center, dtype=jnp.float64)
+    _check_shape("center", center, (lead[0], 2))
+    clipping = _clipping(
+        weighted, nclip, nsigma, stat_index, clip_accum, clip_normalized
+    )
+    return xy, uv, weights, mask, center, clipping

@@ -27,7 +27,8 @@ from subpixal_jax.core.linfit import (
     FITGEOM_MIN_POINTS,
     FitStatus,
     LinearFit,
-    iter_linear_fit_batch,
+    fit_batch_arguments,
+    iter_fit_kernel,
 )
 from subpixal_jax.core.measure import measure_batch, refine_batch
 from subpixal_jax.core.refine import FLAG_NOT_CONVERGED, refine_transform
@@ -305,19 +306,20 @@ def fit_points(
         w[i, :m] = np.where(ok, p.weight, 0.0)
         mask[i, :m] = ok
     with jax.enable_x64(True):
-        fit = call_stored(
-            iter_linear_fit_batch,
+        # The clipping options are traced arguments of the stored kernel: the
+        # trial fit (nclip 0) and the clipped ones share one compiled kernel.
+        arguments = fit_batch_arguments(
             xy,
             uv,
             w,
             mask,
             np.broadcast_to(center, (b, 2)),
-            fitgeom=options.fitgeom,
             nclip=options.nclip,
             sigma=options.sigma,
             sigma_stat=options.sigma_stat,
             clip_normalized=options.clip_normalized,
         )
+        fit = call_stored(iter_fit_kernel, *arguments, fitgeom=options.fitgeom)
         fields = {k: np.asarray(v) for k, v in fit._asdict().items()}
     per_point = ("resids", "fitmask")
     return [
