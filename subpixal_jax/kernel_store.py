@@ -222,7 +222,12 @@ def _load_or_build(store: Path, key: str, fun: Callable, args, static) -> Callab
     if exported is None:
         exported = jax.export.export(jax.jit(functools.partial(fun, **static)))(*args)
         _save(path, key, exported)
-    return jax.jit(exported.call)
+    def call(*args):
+        return exported.call(*args)
+
+    # Named after the kernel, so that the compile log says which one it is.
+    call.__name__ = call.__qualname__ = fun.__name__
+    return jax.jit(call)
 
 
 def _load(path: Path, key: str, args) -> jax.export.Exported | None:
