@@ -226,7 +226,7 @@ def _load_or_build(store: Path, key: str, fun: Callable, args, static) -> Callab
         return exported.call(*args)
 
     # Named after the kernel, so that the compile log says which one it is.
-    call.__name__ = call.__qualname__ = fun.__name__
+    call.__name__ = call.__qualname__ = f"stored_{fun.__name__}"
     return jax.jit(call)
 
 
