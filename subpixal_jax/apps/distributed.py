@@ -21,6 +21,11 @@ interrupt and re-run:
   carry the new ``WCSNAME`` already.
 
 Dask is an optional dependency: ``pip install subpixal-jax[distributed]``.
+
+Each visit drizzles its exposures with up to 4 worker processes when they
+are large (:func:`~subpixal_jax.reference.resample.drizzle_worker_count`);
+when the cluster's workers already fill the cores, set
+``SUBPIXAL_JAX_DRIZZLE_WORKERS=1`` in their environment.
 """
 
 from __future__ import annotations
