@@ -506,7 +506,7 @@ def _parity_passes(fine, near, shape):
 
 
 def _template_at(fine, near, frac, shape):
-    """The interlaced template ``B(m + f)`` and its gradient at a fine position.
+    """Interpolate the template ``B(m + f)`` and its gradient at a fine position.
 
     ``fine`` is the interlaced map (2H, 2W) of the four blots, ``near`` the
     nearest fine-grid node ``(x, y)`` of the position and ``frac`` the
@@ -576,7 +576,7 @@ def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi, noise=None):
 TEMPLATE_STEPS = 2
 
 
-def _template_fit(ref, blots, ref_valid, blot_valid, xy, lo, hi, allowed, noise):
+def _template_fit(ref, blots, ref_valid, blot_valid, xy, bounds, allowed, noise):
     """Weighted least-squares lag of the interlaced template (``peak_fit='template'``).
 
     The correlation peak is the unweighted least-squares fit of ``R ~ a
@@ -592,11 +592,14 @@ def _template_fit(ref, blots, ref_valid, blot_valid, xy, lo, hi, allowed, noise)
     Returns ``(xy, sigma, ok)``: the fitted position, its errors (image px;
     the sandwich of the fit with ``var`` the noise or, without it, the
     variance model of :func:`_residual_variance`, which is the Fisher
-    matrix's when weighted) and whether the fit is ``allowed`` and converged to a maximum within half an image
-    pixel of ``xy``; otherwise ``xy`` is returned with the errors at it.
+    matrix's when weighted) and whether the fit is ``allowed`` and
+    converged within half an image pixel of ``xy``; otherwise ``xy`` is
+    returned with the errors at it. ``bounds = (lo, hi)`` is the lag window
+    (fine px).
     """
     h, w = ref.shape
     dtype = ref.dtype
+    lo, hi = bounds
     fine = _interlace(blots[0], blots[1], blots[2], blots[3])
     fine_ok = _interlace(*blot_valid).astype(dtype)
     ones = jnp.ones(LAGRANGE_TAPS, dtype)
@@ -811,9 +814,10 @@ def _measure_one(ref, blots, ref_valid, blot_valid, shape, variance, settings):
     )
     if lagrange:
         pk, polynomial = _lagrange_refine(pk, kmaps, guess, lo, hi, (fy, my), (fx, mx))
-    if lagrange and peak_fit == "template":
+    template = peak_fit == "template" and not exact
+    if template:
         xy, sigma, _ = _template_fit(
-            ref_n, blots_n, ref_valid, blot_valid, pk.xy, lo, hi, polynomial, noise
+            ref_n, blots_n, ref_valid, blot_valid, pk.xy, (lo, hi), polynomial, noise
         )
         pk = pk._replace(xy=xy)
 
@@ -840,13 +844,11 @@ def _measure_one(ref, blots, ref_valid, blot_valid, shape, variance, settings):
             guess[0] % 2 + 2 * (guess[1] % 2), guess[1] // 2 - fy, guess[0] // 2 - fx
         ]
         raw = pk._replace(hessian=pk.hessian * at)
-    if peak_fit == "template" and not exact:
-        pass  # sigma of the weighted fit
-    elif lagrange:
+    if lagrange and not template:  # the template fit gave its own sigma
         sigma = _template_error(
             ref_n, blots_n, ref_valid, blot_valid, pk.xy, lo, hi, noise
         )
-    else:
+    elif not lagrange:
         sigma = _peak_error(ref_n, blots_n, ref_valid, blot_valid, raw, lo, hi, noise)
 
     empty = ~norm_ok | (ny < 1) | (nx < 1)
