@@ -493,13 +493,14 @@ def _parity_passes(fine, near, shape):
     taps = LAGRANGE_TAPS
     pad = jnp.pad(fine, taps // 2)
     a, b = near[0] % 2, near[1] % 2
-    cols = jax.lax.dynamic_slice(pad, (0, a), (2 * h + taps - 1, 2 * w + taps - 2))
+    zero = jnp.zeros_like(a)  # start indices of one dtype, also under x64
+    cols = jax.lax.dynamic_slice(pad, (zero, a), (2 * h + taps - 1, 2 * w + taps - 2))
 
     def along_x(weights):
         return sum(weights[i] * cols[:, i : i + 2 * w - 1 : 2] for i in range(taps))
 
     def along_y(arr, weights):
-        rows = jax.lax.dynamic_slice(arr, (b, 0), (2 * h + taps - 2, w))
+        rows = jax.lax.dynamic_slice(arr, (b, zero), (2 * h + taps - 2, w))
         return sum(weights[j] * rows[j : j + 2 * h - 1 : 2] for j in range(taps))
 
     return along_x, along_y
