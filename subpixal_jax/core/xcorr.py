@@ -478,34 +478,6 @@ def _blot_footprint(shape, h, w):
     )
 
 
-def _parity_passes(fine, near, shape):
-    """Separable ``LAGRANGE_TAPS``-tap sums over the fine samples of one parity.
-
-    ``fine`` is an interlaced map (2H, 2W), zero outside, and ``near`` a
-    fine-grid node ``(x, y)``; fine ``[2m + b, 2q + a]`` with ``(a, b)`` the
-    parity of ``near`` holds blot ``a + 2b``. Returns ``along_x(weights)``,
-    shape (2H + T - 1, W), and ``along_y(arr, weights)``, shape (H, W), whose
-    composition is the tensor-product sum over the ``T x T`` fine samples
-    centred on each sample of that parity. Only those (H, W) outputs are
-    computed.
-    """
-    h, w = shape
-    taps = LAGRANGE_TAPS
-    pad = jnp.pad(fine, taps // 2)
-    a, b = near[0] % 2, near[1] % 2
-    zero = jnp.zeros_like(a)  # start indices of one dtype, also under x64
-    cols = jax.lax.dynamic_slice(pad, (zero, a), (2 * h + taps - 1, 2 * w + taps - 2))
-
-    def along_x(weights):
-        return sum(weights[i] * cols[:, i : i + 2 * w - 1 : 2] for i in range(taps))
-
-    def along_y(arr, weights):
-        rows = jax.lax.dynamic_slice(arr, (b, zero), (2 * h + taps - 2, w))
-        return sum(weights[j] * rows[j : j + 2 * h - 1 : 2] for j in range(taps))
-
-    return along_x, along_y
-
-
 def _template_at(fine, near, frac, shape):
     """Interpolate the template ``B(m + f)`` and its gradient at a fine position.
 
@@ -516,7 +488,22 @@ def _template_at(fine, near, frac, shape):
     of ``near``. Returns ``(template, d/dx, d/dy)``, each (H, W), the
     derivatives per image px.
     """
-    along_x, along_y = _parity_passes(fine, near, shape)
+    h, w = shape
+    taps = LAGRANGE_TAPS
+    pad = jnp.pad(fine, taps // 2)
+    a, b = near[0] % 2, near[1] % 2
+    zero = jnp.zeros_like(a)  # start indices of one dtype, also under x64
+    # Fine [2m + b, 2q + a] holds blot a + 2b: the taps around those samples
+    # only, the (H, W) outputs of that parity.
+    cols = jax.lax.dynamic_slice(pad, (zero, a), (2 * h + taps - 1, 2 * w + taps - 2))
+
+    def along_x(weights):
+        return sum(weights[i] * cols[:, i : i + 2 * w - 1 : 2] for i in range(taps))
+
+    def along_y(arr, weights):
+        rows = jax.lax.dynamic_slice(arr, (b, zero), (2 * h + taps - 2, w))
+        return sum(weights[j] * rows[j : j + 2 * h - 1 : 2] for j in range(taps))
+
     wx, dwx = lagrange_weights(jnp.nan_to_num(frac[0]), LAGRANGE_TAPS)
     wy, dwy = lagrange_weights(jnp.nan_to_num(frac[1]), LAGRANGE_TAPS)
     fx = along_x(wx)
@@ -524,6 +511,23 @@ def _template_at(fine, near, frac, shape):
     gx = 2.0 * along_y(along_x(dwx), wy)  # per image px: fine samples are 1/2 px
     gy = 2.0 * along_y(fx, dwy)
     return template, gx, gy
+
+
+def _model_variance(moved, template, gx, gy, use):
+    """Fit the variance model of :func:`_residual_variance` to a template fit.
+
+    ``template`` and its gradient ``gx, gy`` are zero outside ``use``; the
+    leverage is that of the fit of position and scale. Returns the
+    per-pixel variance, zero outside ``use``.
+    """
+    mxx, mxy, myy = jnp.sum(gx * gx), jnp.sum(gx * gy), jnp.sum(gy * gy)
+    det = _safe(mxx * myy - mxy * mxy)
+    t2 = _safe(jnp.sum(template * template))
+    leverage = (myy * gx * gx - 2 * mxy * gx * gy + mxx * gy * gy) / det
+    leverage = leverage + template * template / t2
+    scale = jnp.sum(template * moved) / t2
+    const, slope = _residual_variance(moved, template, use, leverage, scale)
+    return jnp.where(use, const + slope * jnp.abs(scale * template), 0)
 
 
 def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi, noise=None):
@@ -556,10 +560,7 @@ def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi, noise=None):
     det = mxx * myy - mxy * mxy
     det = jnp.where(det > 0, det, jnp.nan)
     if noise is None:
-        leverage = (myy * gx * gx - 2 * mxy * gx * gy + mxx * gy * gy) / det
-        leverage = leverage + template * template / t2
-        const, slope = _residual_variance(moved, template, use, leverage, scale)
-        var = jnp.where(use, const + slope * jnp.abs(scale * template), 0)
+        var = _model_variance(moved, template, gx, gy, use)
     else:
         var = jnp.where(use, _moved(noise, corner), 0)
     sxx = jnp.sum(gx * gx * var)
@@ -572,20 +573,17 @@ def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi, noise=None):
     return jnp.sqrt(jnp.stack([var_x, var_y]))
 
 
-#: Gauss-Newton steps of ``peak_fit='template'`` from the Lagrange peak (its
-#: error is far below a pixel, so the steps converge quadratically).
-TEMPLATE_STEPS = 2
-
-
 def _template_fit(ref, blots, ref_valid, blot_valid, xy, bounds, allowed, noise):
     """Weighted least-squares lag of the interlaced template (``peak_fit='template'``).
 
     The correlation peak is the unweighted least-squares fit of ``R ~ a
     B_d``; under source-dominated (Poisson) noise it loses information
     (1.2-1.3x the Cramér-Rao bound), and pixels whose template is cut by
-    the blot's edge (a Moffat wing at high S/N) pull it. Here Gauss-Newton
-    steps from the Lagrange peak ``xy`` (fine px) minimise ``sum_m w(m) (R(m
-    - lag) - a B(m + f))**2`` over ``(a, f)`` with ``w = 1 / var``, the
+    the blot's edge (a Moffat wing at high S/N) pull it. Here one
+    Gauss-Newton step from the Lagrange peak ``xy`` (fine px) minimises
+    ``sum_m w(m) (R(m - lag) - a B(m + f))**2`` over ``(a, f)`` with ``w = 1
+    / var`` (the start's error is far below a pixel: a second step changed
+    no RMS of the standard cases by more than 0.01x the bound), the
     template and its gradient interpolated as in :func:`_template_at`, over
     the pixels whose interpolation stencil lies wholly on valid blot
     samples (so the template is exact there, not cut by the zero padding).
@@ -593,81 +591,64 @@ def _template_fit(ref, blots, ref_valid, blot_valid, xy, bounds, allowed, noise)
     Returns ``(xy, sigma, ok)``: the fitted position, its errors (image px;
     the sandwich of the fit with ``var`` the noise or, without it, the
     variance model of :func:`_residual_variance`, which is the Fisher
-    matrix's when weighted) and whether the fit is ``allowed`` and
-    converged within half an image pixel of ``xy``; otherwise ``xy`` is
-    returned with the errors at it. ``bounds = (lo, hi)`` is the lag window
-    (fine px).
+    matrix's when weighted; at ``xy``) and whether the fit is ``allowed``
+    and its step within half an image pixel; otherwise ``xy`` is returned.
+    ``bounds = (lo, hi)`` is the lag window (fine px).
     """
     h, w = ref.shape
     dtype = ref.dtype
     lo, hi = bounds
     fine = _interlace(blots[0], blots[1], blots[2], blots[3])
-    fine_ok = _interlace(*blot_valid).astype(dtype)
-    ones = jnp.ones(LAGRANGE_TAPS, dtype)
-    full = LAGRANGE_TAPS**2 - 0.5
+    # Fine samples whose whole stencil is valid (an erosion of the interlaced
+    # validity), then per blot: blot a + 2b holds fine [2m + b, 2q + a].
+    taps = LAGRANGE_TAPS
+    valid = jnp.pad(_interlace(*blot_valid).astype(dtype), taps // 2)
+    valid = sum(valid[:, i : i + 2 * w] for i in range(taps))
+    valid = sum(valid[j : j + 2 * h] for j in range(taps)) > taps * taps - 0.5
+    stencil_ok = jnp.stack([valid[b::2, a::2] for a, b in HALF_PIXEL_SHIFTS])
     centre = jnp.array([(w - 1) // 2, (h - 1) // 2])
     start = jnp.nan_to_num(xy).astype(dtype)
+    near = jnp.clip(jnp.round(start).astype(jnp.int32), lo, hi)
+    template, gx, gy = _template_at(fine, near, start - near, (h, w))
+    which = near[0] % 2 + 2 * (near[1] % 2)
+    corner = (h - (near[1] // 2 - centre[1]), w - (near[0] // 2 - centre[0]))
+    moved = _moved(ref, corner)
+    use = _moved(ref_valid, corner) & stencil_ok[which]
+    t = jnp.where(use, template, 0)
+    gx, gy = jnp.where(use, gx, 0), jnp.where(use, gy, 0)
+    if noise is not None:
+        var = _moved(noise, corner)
+    else:
+        var = _model_variance(moved, t, gx, gy, use)
+    good = use & (var > 0)
+    if noise is None:
+        # Unweighted: the two-parameter variance model of one source is
+        # too noisy for weights (its constant often fits to 0).
+        wgt = use.astype(dtype)
+    else:
+        wgt = jnp.where(good, 1.0 / jnp.where(good, var, 1.0), 0)
+    stt = _safe(jnp.sum(wgt * t * t))
+    amp = jnp.sum(wgt * t * moved) / stt
+    resid = moved - amp * t
+    g = jnp.stack([gx, gy])
+    sgt = jnp.einsum("yx,iyx->i", wgt * t, g)
+    # Gradients with the amplitude's direction projected out.
+    g = g - (sgt / stt)[:, None, None] * t[None]
+    sgg = jnp.einsum("yx,iyx,jyx->ij", wgt, g, g)
+    sgr = jnp.einsum("yx,iyx->i", wgt * resid, g)
+    det = sgg[0, 0] * sgg[1, 1] - sgg[0, 1] ** 2
+    ok = (det > 0) & (sgg[0, 0] > 0) & (amp > 0)
+    inv = jnp.stack(
+        [jnp.stack([sgg[1, 1], -sgg[0, 1]]), jnp.stack([-sgg[0, 1], sgg[0, 0]])]
+    ) / jnp.where(ok, det, 1.0)
+    step = (inv @ sgr) / jnp.where(ok, amp, 1.0)  # image px
+    # Sandwich covariance; the Fisher matrix inv / amp**2 when wgt = 1/var.
+    meat = jnp.einsum("yx,iyx,jyx->ij", wgt * wgt * jnp.where(good, var, 0), g, g)
+    sigma = jnp.sqrt(jnp.diagonal(inv @ meat @ inv)) / jnp.abs(amp)
+    sigma = jnp.where(ok, sigma, jnp.nan)
 
-    def normal_equations(at):
-        near = jnp.clip(jnp.round(at).astype(jnp.int32), lo, hi)
-        template, gx, gy = _template_at(fine, near, at - near, (h, w))
-        along_x, along_y = _parity_passes(fine_ok, near, (h, w))
-        corner = (h - (near[1] // 2 - centre[1]), w - (near[0] // 2 - centre[0]))
-        moved = _moved(ref, corner)
-        use = _moved(ref_valid, corner) & (along_y(along_x(ones), ones) > full)
-        t = jnp.where(use, template, 0)
-        gx, gy = jnp.where(use, gx, 0), jnp.where(use, gy, 0)
-        if noise is not None:
-            var = _moved(noise, corner)
-        else:
-            mxx, mxy, myy = jnp.sum(gx * gx), jnp.sum(gx * gy), jnp.sum(gy * gy)
-            det = _safe(mxx * myy - mxy * mxy)
-            leverage = (myy * gx * gx - 2 * mxy * gx * gy + mxx * gy * gy) / det
-            leverage = leverage + t * t / _safe(jnp.sum(t * t))
-            scale = jnp.sum(t * moved) / _safe(jnp.sum(t * t))
-            const, slope = _residual_variance(moved, t, use, leverage, scale)
-            var = const + slope * jnp.abs(scale * t)
-        good = use & (var > 0)
-        if noise is None:
-            # Unweighted: the two-parameter variance model of one source is
-            # too noisy for weights (its constant often fits to 0).
-            wgt = use.astype(dtype)
-        else:
-            wgt = jnp.where(good, 1.0 / jnp.where(good, var, 1.0), 0)
-        stt = _safe(jnp.sum(wgt * t * t))
-        amp = jnp.sum(wgt * t * moved) / stt
-        resid = moved - amp * t
-        g = jnp.stack([gx, gy])
-        sgt = jnp.einsum("yx,iyx->i", wgt * t, g)
-        # Gradients with the amplitude's direction projected out.
-        g = g - (sgt / stt)[:, None, None] * t[None]
-        sgg = jnp.einsum("yx,iyx,jyx->ij", wgt, g, g)
-        sgr = jnp.einsum("yx,iyx->i", wgt * resid, g)
-        det = sgg[0, 0] * sgg[1, 1] - sgg[0, 1] ** 2
-        ok = (det > 0) & (sgg[0, 0] > 0) & (amp > 0)
-        inv = jnp.stack(
-            [jnp.stack([sgg[1, 1], -sgg[0, 1]]), jnp.stack([-sgg[0, 1], sgg[0, 0]])]
-        ) / jnp.where(ok, det, 1.0)
-        step = (inv @ sgr) / jnp.where(ok, amp, 1.0)  # image px
-        # Sandwich covariance; the Fisher matrix inv / amp**2 when wgt = 1/var.
-        meat = jnp.einsum("yx,iyx,jyx->ij", wgt * wgt * jnp.where(good, var, 0), g, g)
-        sigma = jnp.sqrt(jnp.diagonal(inv @ meat @ inv)) / jnp.abs(amp)
-        return jnp.where(ok, step, 0), jnp.where(ok, sigma, jnp.nan), ok
-
-    at, converged = start, jnp.ones((), bool)
-    first_sigma = None
-    for _ in range(TEMPLATE_STEPS):
-        step, sigma, ok = normal_equations(at)
-        first_sigma = sigma if first_sigma is None else first_sigma
-        converged &= ok
-        at = at + 2.0 * jnp.clip(step, -0.5, 0.5)
-    ok = allowed & converged & jnp.all(jnp.abs(at - start) <= 1.0)
-    ok = ok & jnp.all(jnp.isfinite(at))
-    return (
-        jnp.where(ok, at, xy),
-        jnp.where(ok, sigma, first_sigma),
-        ok,
-    )
+    ok = allowed & ok & jnp.all(jnp.abs(step) <= 0.5) & jnp.all(jnp.isfinite(step))
+    return jnp.where(ok, start + 2.0 * step, xy), sigma, ok
 
 
 _FIT_FAILED = int(
@@ -951,7 +932,7 @@ def find_displacements(  # noqa: PLR0913  # seed signature
         falling back to the quadratic vertex when that box leaves the lag
         window or the polynomial has no maximum near the argmax.
         'template' (default) goes on from an accepted Lagrange peak with
-        :data:`TEMPLATE_STEPS` Gauss-Newton steps of the least-squares fit
+        one Gauss-Newton step of the least-squares fit
         ``R ~ a B_d`` of the exposure by the blots interpolated at the
         continuous lag ``d``, over the pixels whose template the cutout's
         edge does not cut, weighted by ``1 / variances`` when given: the
