@@ -76,9 +76,10 @@ class Displacements(NamedTuple):
         exposure's noise (the ``variances`` given to
         :func:`find_displacements`, else the per-pixel residuals of the
         exposure against the matched blot, which count model mismatch as
-        noise) propagated through the peak condition; NaN when the fit was
-        rejected. With variances the pulls on the standard cases are
-        0.99-1.04 (docs/accuracy.md §1.5).
+        noise) propagated through the peak fit (the template fit's Fisher
+        error with variances); NaN when the fit was rejected. With
+        variances the pulls on the standard cases are 1.01-1.06 (template
+        fit) and 0.99-1.04 (Lagrange; docs/accuracy.md §1.5).
     peak : Array, shape (N,)
         Height of the fitted correlation peak (units of ``cc_type``; with
         ``overlap_normalise`` the per-lag correlation coefficient, at most
