@@ -11,8 +11,11 @@ Run::
     .venv/bin/python benchmarks/bench_displacement.py [--quick]
 
 Times are medians per cutout; the compile time of each (N, n) shape is
-reported separately (default path). Columns: ``default`` (overlap-normalised
-NCC, Lagrange peak), ``quad`` (``peak_fit='quadratic'``), ``exact``
+reported separately (default path). Columns: ``default`` (footprint-masked
+NCC, ``peak_fit='template'``: the Lagrange peak and the template fit
+weighted by the pixel variances, as the pipeline calls it), ``lagrange``
+(``peak_fit='lagrange'``, the default until the template fit),
+``quad`` (``peak_fit='quadratic'``), ``exact``
 (``exact_original=True``: the original's normalisation and peak fit),
 ``r=2`` the default with the bounded-lag path of later iterations
 (``search_radius=2``: only lags within 2 px + the peak model's reach are
@@ -80,7 +83,8 @@ def make_batch(count, size, rng):
     cases = [make_case("gaussian", 100.0, size, rng) for _ in range(count)]
     refs = np.stack([c.image for c in cases]).astype(np.float32)
     blots = np.stack([c.refs for c in cases]).astype(np.float32)
-    return refs, blots
+    variances = np.stack([c.variance for c in cases]).astype(np.float32)
+    return refs, blots, variances
 
 
 def median_time(fn, repeats):
@@ -103,7 +107,8 @@ def main():
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, float32, NCC")
     header = (
-        f"{'n':>3} {'N':>5} {'compile s':>9} {'default':>8} {'quad':>8} "
+        f"{'n':>3} {'N':>5} {'compile s':>9} {'default':>8} {'lagrange':>8} "
+        f"{'quad':>8} "
         f"{'exact':>8} {'r=2':>8} {'orig loop':>9} {'speed-up':>8} {'max |d|':>9}"
     )
     print("us per source; speed-up = orig loop / default")
@@ -111,25 +116,31 @@ def main():
     print("-" * len(header))
     for size in sizes:
         for count in counts:
-            refs, blots = make_batch(count, size, rng)
+            refs, blots, variances = make_batch(count, size, rng)
             dev_refs, dev_blots = jax.device_put(refs), jax.device_put(blots)
+            dev_var = jax.device_put(variances)
 
             def batched(r=dev_refs, b=dev_blots, radius=None, **kw):
                 return jax.block_until_ready(
                     find_displacements(r, b, search_radius=radius, **kw)
                 )
 
+            def default(radius=None, v=dev_var):
+                return batched(radius=radius, variances=v)
+
             start = time.perf_counter()
-            batched()
+            default()
             first = time.perf_counter() - start
-            t_jax = median_time(batched, repeats)
+            t_jax = median_time(default, repeats)
             compile_s = first - t_jax
+            batched(peak_fit="lagrange")
+            t_lagrange = median_time(lambda: batched(peak_fit="lagrange"), repeats)
             batched(peak_fit="quadratic")
             t_quad = median_time(lambda: batched(peak_fit="quadratic"), repeats)
             out = batched(exact_original=True)
             t_exact = median_time(lambda: batched(exact_original=True), repeats)
-            batched(radius=2)
-            t_near = median_time(lambda: batched(radius=2), repeats)
+            default(radius=2)
+            t_near = median_time(lambda: default(radius=2), repeats)
 
             loop_n = min(count, 64 if args.quick else 256)
 
@@ -139,7 +150,7 @@ def main():
             expected = np.array(loop())
             t_orig = median_time(loop, max(1, repeats // 2)) / loop_n
             diff = np.max(np.abs(np.asarray(out.dxdy)[:loop_n] - expected))
-            us = [1e6 * t / count for t in (t_jax, t_quad, t_exact, t_near)]
+            us = [1e6 * t / count for t in (t_jax, t_lagrange, t_quad, t_exact, t_near)]
             print(
                 f"{size:3d} {count:5d} {compile_s:9.2f} "
                 + " ".join(f"{u:8.1f}" for u in us)

@@ -184,7 +184,7 @@ def quadratic_coefficients(values: jax.Array) -> jax.Array:
 LAGRANGE_TAPS = 7
 
 #: Peak-fit methods of the cross-correlation path.
-PEAK_FITS: tuple[str, ...] = ("lagrange", "quadratic")
+PEAK_FITS: tuple[str, ...] = ("template", "lagrange", "quadratic")
 
 
 def check_peak_fit(peak_fit: str) -> str:
@@ -192,8 +192,9 @@ def check_peak_fit(peak_fit: str) -> str:
 
     Parameters
     ----------
-    peak_fit : {'lagrange', 'quadratic'}
-        Peak model (see :func:`lagrange_peak`).
+    peak_fit : {'template', 'lagrange', 'quadratic'}
+        Peak model (see :func:`lagrange_peak` and
+        :func:`subpixal_jax.core.xcorr.find_displacements`).
 
     Returns
     -------

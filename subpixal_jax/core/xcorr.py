@@ -76,9 +76,10 @@ class Displacements(NamedTuple):
         exposure's noise (the ``variances`` given to
         :func:`find_displacements`, else the per-pixel residuals of the
         exposure against the matched blot, which count model mismatch as
-        noise) propagated through the peak condition; NaN when the fit was
-        rejected. With variances the pulls on the standard cases are
-        0.99-1.04 (docs/accuracy.md §1.5).
+        noise) propagated through the peak fit (the template fit's Fisher
+        error with variances); NaN when the fit was rejected. With
+        variances the pulls on the standard cases are 1.01-1.06 (template
+        fit) and 0.99-1.04 (Lagrange; docs/accuracy.md §1.5).
     peak : Array, shape (N,)
         Height of the fitted correlation peak (units of ``cc_type``; with
         ``overlap_normalise`` the per-lag correlation coefficient, at most
@@ -387,7 +388,9 @@ def _residual_variance(moved, template, use, leverage, scale):
     fitted to them by least squares gives a stable one. The fit of the
     position and scale absorbs part of the noise of the pixels that drive
     it; dividing each squared residual by one minus its leverage (HC2)
-    removes that underestimate (~20% in variance here).
+    removes that underestimate (~20% in variance here). Returns the
+    model's ``(constant, slope)``: the variance is ``constant + slope *
+    |scale * template|``.
     """
     resid2 = jnp.where(use, (moved - scale * template) ** 2, 0)
     resid2 = resid2 / jnp.clip(1.0 - leverage, 0.5, 1.0)
@@ -399,7 +402,7 @@ def _residual_variance(moved, template, use, leverage, scale):
     slope = jnp.where(spread > 0, (r1 - m1 * r0) / _safe(spread), 0.0)
     slope = jnp.maximum(slope, 0.0)
     const = jnp.maximum(r0 - slope * m1, 0.0)
-    return jnp.where(use, const + slope * model, 0)
+    return const, slope
 
 
 def _peak_error(ref, blots, ref_valid, blot_valid, pk, lo, hi, noise=None):
@@ -476,6 +479,58 @@ def _blot_footprint(shape, h, w):
     )
 
 
+def _template_at(fine, near, frac, shape):
+    """Interpolate the template ``B(m + f)`` and its gradient at a fine position.
+
+    ``fine`` is the interlaced map (2H, 2W) of the four blots, ``near`` the
+    nearest fine-grid node ``(x, y)`` of the position and ``frac`` the
+    offset from it (fine px): the ``LAGRANGE_TAPS``-point Lagrange
+    polynomial of the peak fit interpolates the blot samples of the parity
+    of ``near``. Returns ``(template, d/dx, d/dy)``, each (H, W), the
+    derivatives per image px.
+    """
+    h, w = shape
+    taps = LAGRANGE_TAPS
+    pad = jnp.pad(fine, taps // 2)
+    a, b = near[0] % 2, near[1] % 2
+    zero = jnp.zeros_like(a)  # start indices of one dtype, also under x64
+    # Fine [2m + b, 2q + a] holds blot a + 2b: the taps around those samples
+    # only, the (H, W) outputs of that parity.
+    cols = jax.lax.dynamic_slice(pad, (zero, a), (2 * h + taps - 1, 2 * w + taps - 2))
+
+    def along_x(weights):
+        return sum(weights[i] * cols[:, i : i + 2 * w - 1 : 2] for i in range(taps))
+
+    def along_y(arr, weights):
+        rows = jax.lax.dynamic_slice(arr, (b, zero), (2 * h + taps - 2, w))
+        return sum(weights[j] * rows[j : j + 2 * h - 1 : 2] for j in range(taps))
+
+    wx, dwx = lagrange_weights(jnp.nan_to_num(frac[0]), LAGRANGE_TAPS)
+    wy, dwy = lagrange_weights(jnp.nan_to_num(frac[1]), LAGRANGE_TAPS)
+    fx = along_x(wx)
+    template = along_y(fx, wy)
+    gx = 2.0 * along_y(along_x(dwx), wy)  # per image px: fine samples are 1/2 px
+    gy = 2.0 * along_y(fx, dwy)
+    return template, gx, gy
+
+
+def _model_variance(moved, template, gx, gy, use):
+    """Fit the variance model of :func:`_residual_variance` to a template fit.
+
+    ``template`` and its gradient ``gx, gy`` are zero outside ``use``; the
+    leverage is that of the fit of position and scale. Returns the
+    per-pixel variance, zero outside ``use``.
+    """
+    mxx, mxy, myy = jnp.sum(gx * gx), jnp.sum(gx * gy), jnp.sum(gy * gy)
+    det = _safe(mxx * myy - mxy * mxy)
+    t2 = _safe(jnp.sum(template * template))
+    leverage = (myy * gx * gx - 2 * mxy * gx * gy + mxx * gy * gy) / det
+    leverage = leverage + template * template / t2
+    scale = jnp.sum(template * moved) / t2
+    const, slope = _residual_variance(moved, template, use, leverage, scale)
+    return jnp.where(use, const + slope * jnp.abs(scale * template), 0)
+
+
 def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi, noise=None):
     """1-sigma error of a peak lag (image px) from the template at the peak.
 
@@ -486,35 +541,13 @@ def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi, noise=None):
     the map's noise) and ``var(m)`` the squared residual of the exposure
     against ``a B_d``. ``B_d`` and ``g`` are interpolated from the
     interlaced blots at the exact peak position with the Lagrange
-    polynomial of the peak fit, so the residuals hold noise, not the
-    template's own interpolation error, even at high S/N.
+    polynomial of the peak fit (:func:`_template_at`), so the residuals hold
+    noise, not the template's own interpolation error, even at high S/N.
     """
     h, w = ref.shape
     fine = _interlace(blots[0], blots[1], blots[2], blots[3])
-    taps = LAGRANGE_TAPS
-    half = taps // 2
     near = jnp.clip(jnp.round(jnp.nan_to_num(xy)).astype(jnp.int32), lo, hi)
-    frac = (xy - near).astype(ref.dtype)
-    wx, dwx = lagrange_weights(jnp.nan_to_num(frac[0]), taps)
-    wy, dwy = lagrange_weights(jnp.nan_to_num(frac[1]), taps)
-    pad = jnp.pad(fine, half)
-
-    def along_x(weights):
-        return sum(weights[i] * pad[:, i : i + 2 * w] for i in range(taps))
-
-    def along_y(arr, weights):
-        return sum(weights[j] * arr[j : j + 2 * h] for j in range(taps))
-
-    fx, fdx = along_x(wx), along_x(dwx)
-    a, b = near[0] % 2, near[1] % 2
-
-    def pick(arr):  # fine [2m + b, 2m + a]: the samples of blot a + 2b
-        arr = jnp.pad(arr, ((0, 1), (0, 1)))
-        return jax.lax.dynamic_slice(arr, (b, a), (2 * h, 2 * w))[::2, ::2]
-
-    template = pick(along_y(fx, wy))
-    gx = 2.0 * pick(along_y(fdx, wy))  # per image px: fine samples are 1/2 px
-    gy = 2.0 * pick(along_y(fx, dwy))
+    template, gx, gy = _template_at(fine, near, (xy - near).astype(ref.dtype), (h, w))
     lag = near // 2 - jnp.array([(w - 1) // 2, (h - 1) // 2])
     corner = (h - lag[1], w - lag[0])
     moved = _moved(ref, corner)
@@ -528,9 +561,7 @@ def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi, noise=None):
     det = mxx * myy - mxy * mxy
     det = jnp.where(det > 0, det, jnp.nan)
     if noise is None:
-        leverage = (myy * gx * gx - 2 * mxy * gx * gy + mxx * gy * gy) / det
-        leverage = leverage + template * template / t2
-        var = _residual_variance(moved, template, use, leverage, scale)
+        var = _model_variance(moved, template, gx, gy, use)
     else:
         var = jnp.where(use, _moved(noise, corner), 0)
     sxx = jnp.sum(gx * gx * var)
@@ -541,6 +572,84 @@ def _template_error(ref, blots, ref_valid, blot_valid, xy, lo, hi, noise=None):
     var_x = ixx * ixx * sxx + 2 * ixx * ixy * sxy + ixy * ixy * syy
     var_y = ixy * ixy * sxx + 2 * ixy * iyy * sxy + iyy * iyy * syy
     return jnp.sqrt(jnp.stack([var_x, var_y]))
+
+
+def _template_fit(ref, blots, ref_valid, blot_valid, xy, bounds, allowed, noise):
+    """Weighted least-squares lag of the interlaced template (``peak_fit='template'``).
+
+    The correlation peak is the unweighted least-squares fit of ``R ~ a
+    B_d``; under source-dominated (Poisson) noise it loses information
+    (1.2-1.3x the Cramér-Rao bound), and pixels whose template is cut by
+    the blot's edge (a Moffat wing at high S/N) pull it. Here one
+    Gauss-Newton step from the Lagrange peak ``xy`` (fine px) minimises
+    ``sum_m w(m) (R(m - lag) - a B(m + f))**2`` over ``(a, f)`` with ``w = 1
+    / var`` (the start's error is far below a pixel: a second step changed
+    no RMS of the standard cases by more than 0.01x the bound), the
+    template and its gradient interpolated as in :func:`_template_at`, over
+    the pixels whose interpolation stencil lies wholly on valid blot
+    samples (so the template is exact there, not cut by the zero padding).
+    Without ``noise`` (the exposure's variances) the fit is unweighted.
+    Returns ``(xy, sigma, ok)``: the fitted position, its errors (image px;
+    the sandwich of the fit with ``var`` the noise or, without it, the
+    variance model of :func:`_residual_variance`, which is the Fisher
+    matrix's when weighted; at ``xy``) and whether the fit is ``allowed``
+    and its step within half an image pixel; otherwise ``xy`` is returned.
+    ``bounds = (lo, hi)`` is the lag window (fine px).
+    """
+    h, w = ref.shape
+    dtype = ref.dtype
+    lo, hi = bounds
+    fine = _interlace(blots[0], blots[1], blots[2], blots[3])
+    # Fine samples whose whole stencil is valid (an erosion of the interlaced
+    # validity), then per blot: blot a + 2b holds fine [2m + b, 2q + a].
+    taps = LAGRANGE_TAPS
+    valid = jnp.pad(_interlace(*blot_valid).astype(dtype), taps // 2)
+    valid = sum(valid[:, i : i + 2 * w] for i in range(taps))
+    valid = sum(valid[j : j + 2 * h] for j in range(taps)) > taps * taps - 0.5
+    stencil_ok = jnp.stack([valid[b::2, a::2] for a, b in HALF_PIXEL_SHIFTS])
+    centre = jnp.array([(w - 1) // 2, (h - 1) // 2])
+    start = jnp.nan_to_num(xy).astype(dtype)
+    near = jnp.clip(jnp.round(start).astype(jnp.int32), lo, hi)
+    template, gx, gy = _template_at(fine, near, start - near, (h, w))
+    which = near[0] % 2 + 2 * (near[1] % 2)
+    corner = (h - (near[1] // 2 - centre[1]), w - (near[0] // 2 - centre[0]))
+    moved = _moved(ref, corner)
+    use = _moved(ref_valid, corner) & stencil_ok[which]
+    t = jnp.where(use, template, 0)
+    gx, gy = jnp.where(use, gx, 0), jnp.where(use, gy, 0)
+    if noise is not None:
+        var = _moved(noise, corner)
+    else:
+        var = _model_variance(moved, t, gx, gy, use)
+    good = use & (var > 0)
+    if noise is None:
+        # Unweighted: the two-parameter variance model of one source is
+        # too noisy for weights (its constant often fits to 0).
+        wgt = use.astype(dtype)
+    else:
+        wgt = jnp.where(good, 1.0 / jnp.where(good, var, 1.0), 0)
+    stt = _safe(jnp.sum(wgt * t * t))
+    amp = jnp.sum(wgt * t * moved) / stt
+    resid = moved - amp * t
+    g = jnp.stack([gx, gy])
+    sgt = jnp.einsum("yx,iyx->i", wgt * t, g)
+    # Gradients with the amplitude's direction projected out.
+    g = g - (sgt / stt)[:, None, None] * t[None]
+    sgg = jnp.einsum("yx,iyx,jyx->ij", wgt, g, g)
+    sgr = jnp.einsum("yx,iyx->i", wgt * resid, g)
+    det = sgg[0, 0] * sgg[1, 1] - sgg[0, 1] ** 2
+    ok = (det > 0) & (sgg[0, 0] > 0) & (amp > 0)
+    inv = jnp.stack(
+        [jnp.stack([sgg[1, 1], -sgg[0, 1]]), jnp.stack([-sgg[0, 1], sgg[0, 0]])]
+    ) / jnp.where(ok, det, 1.0)
+    step = (inv @ sgr) / jnp.where(ok, amp, 1.0)  # image px
+    # Sandwich covariance; the Fisher matrix inv / amp**2 when wgt = 1/var.
+    meat = jnp.einsum("yx,iyx,jyx->ij", wgt * wgt * jnp.where(good, var, 0), g, g)
+    sigma = jnp.sqrt(jnp.diagonal(inv @ meat @ inv)) / jnp.abs(amp)
+    sigma = jnp.where(ok, sigma, jnp.nan)
+
+    ok = allowed & ok & jnp.all(jnp.abs(step) <= 0.5) & jnp.all(jnp.isfinite(step))
+    return jnp.where(ok, start + 2.0 * step, xy), sigma, ok
 
 
 _FIT_FAILED = int(
@@ -573,6 +682,7 @@ def _lagrange_refine(pk, kmaps, guess, lo, hi, rows_extent, cols_extent):
     maximum within one map pixel of the argmax and the peak is neither so
     narrow (an undersampled source) that a polynomial cannot follow it nor
     so flat that the quadratic does not lock; otherwise ``pk`` stays.
+    Returns ``(pk, used)``.
     """
     (fy, my), (fx, mx) = rows_extent, cols_extent
     half = LAGRANGE_TAPS // 2
@@ -593,7 +703,7 @@ def _lagrange_refine(pk, kmaps, guess, lo, hi, rows_extent, cols_extent):
         xy=jnp.where(use, guess + uv, pk.xy),
         height=jnp.where(use, height, pk.height),
         hessian=jnp.where(use, hessian, pk.hessian),
-    )
+    ), use
 
 
 def _measure_one(ref, blots, ref_valid, blot_valid, shape, variance, settings):
@@ -615,7 +725,7 @@ def _measure_one(ref, blots, ref_valid, blot_valid, shape, variance, settings):
     )
     # The exposure's noise in the normalised units of the map.
     noise = None if variance is None else variance / ref_scale**2
-    lagrange = peak_fit == "lagrange" and not exact
+    lagrange = peak_fit in ("lagrange", "template") and not exact
     width = max(fit_box, LAGRANGE_TAPS) if lagrange else fit_box
     (fy, my), (fx, mx) = extent = (
         _lag_extent(h, radius, width),
@@ -686,7 +796,13 @@ def _measure_one(ref, blots, ref_valid, blot_valid, shape, variance, settings):
         reach=width // 2,
     )
     if lagrange:
-        pk = _lagrange_refine(pk, kmaps, guess, lo, hi, (fy, my), (fx, mx))
+        pk, polynomial = _lagrange_refine(pk, kmaps, guess, lo, hi, (fy, my), (fx, mx))
+    template = peak_fit == "template" and not exact
+    if template:
+        xy, sigma, _ = _template_fit(
+            ref_n, blots_n, ref_valid, blot_valid, pk.xy, (lo, hi), polynomial, noise
+        )
+        pk = pk._replace(xy=xy)
 
     centre = jnp.array([(w - 1) // 2, (h - 1) // 2], dtype=dtype)
     dxdy = 0.5 * pk.xy - centre
@@ -711,11 +827,11 @@ def _measure_one(ref, blots, ref_valid, blot_valid, shape, variance, settings):
             guess[0] % 2 + 2 * (guess[1] % 2), guess[1] // 2 - fy, guess[0] // 2 - fx
         ]
         raw = pk._replace(hessian=pk.hessian * at)
-    if lagrange:
+    if lagrange and not template:  # the template fit gave its own sigma
         sigma = _template_error(
             ref_n, blots_n, ref_valid, blot_valid, pk.xy, lo, hi, noise
         )
-    else:
+    elif not lagrange:
         sigma = _peak_error(ref_n, blots_n, ref_valid, blot_valid, raw, lo, hi, noise)
 
     empty = ~norm_ok | (ny < 1) | (nx < 1)
@@ -769,7 +885,7 @@ def find_displacements(  # noqa: PLR0913  # seed signature
     fit_box: int = 5,
     exact_original: bool = False,
     search_radius: float | None = None,
-    peak_fit: str = "lagrange",
+    peak_fit: str = "template",
     overlap_normalise: bool = False,
     variances: jax.Array | None = None,
 ) -> Displacements:
@@ -806,18 +922,26 @@ def find_displacements(  # noqa: PLR0913  # seed signature
         fit_box // 2`` are computed (a partial inverse DFT instead of the
         full inverse FFT); within the radius the results equal those of a
         full search.
-    peak_fit : {'lagrange', 'quadratic'}, optional
+    peak_fit : {'template', 'lagrange', 'quadratic'}, optional
         Static. Sub-pixel peak model on the interlaced grid. 'quadratic' is
         the original's least-squares quadratic in the ``fit_box`` box, whose
         vertex locks onto the half-pixel grid (an error periodic in 0.5 px,
         ~0.004 px for well-sampled sources, more for undersampled ones).
-        'lagrange' (default) starts there and moves to the maximum of the
-        polynomial interpolating the ``LAGRANGE_TAPS`` x ``LAGRANGE_TAPS``
-        box centred on the argmax (see
-        :func:`subpixal_jax.core.peak.lagrange_peak`), falling back to the
-        quadratic vertex when that box leaves the lag window or the
-        polynomial has no maximum near the argmax. Ignored (quadratic) with
-        ``exact_original``.
+        'lagrange' starts there and moves to the maximum of the polynomial
+        interpolating the ``LAGRANGE_TAPS`` x ``LAGRANGE_TAPS`` box centred
+        on the argmax (see :func:`subpixal_jax.core.peak.lagrange_peak`),
+        falling back to the quadratic vertex when that box leaves the lag
+        window or the polynomial has no maximum near the argmax.
+        'template' (default) goes on from an accepted Lagrange peak with
+        one Gauss-Newton step of the least-squares fit
+        ``R ~ a B_d`` of the exposure by the blots interpolated at the
+        continuous lag ``d``, over the pixels whose template the cutout's
+        edge does not cut, weighted by ``1 / variances`` when given: the
+        maximum-likelihood position, 0.93-1.05x the Cramér-Rao bound on the
+        standard cases at every S/N (the correlation peak, an unweighted
+        fit, is 1.1-1.3x under source-dominated noise, and 2.2x for a
+        Moffat at S/N 1000, whose wings the cutout cuts); ``sigma`` then
+        comes from that fit. Ignored (quadratic) with ``exact_original``.
     overlap_normalise : bool, optional
         Static. NCC/ZNCC only: normalise every lag over its own overlap
         (masked NCC, Padfield 2012) instead of once over the whole arrays.
@@ -1093,7 +1217,7 @@ def find_displacement_full(  # noqa: PLR0913  # seed signature
     cc_type: str = "NCC",
     exact_original: bool = False,
     shape: jax.Array | None = None,
-    peak_fit: str = "lagrange",
+    peak_fit: str = "template",
     overlap_normalise: bool = False,
 ) -> DisplacementMap:
     """Displacement of one source with the correlation maps (docs/original.md §4.3).
@@ -1111,8 +1235,9 @@ def find_displacement_full(  # noqa: PLR0913  # seed signature
     shape : Array, shape (2,), int, optional
         True ``(ny, nx)`` if the arrays are zero-padded; default ``(H, W)``.
         The maps keep the padded layout (lag ``tau`` at ``(H-1)//2 + tau``).
-    peak_fit : {'lagrange', 'quadratic'}, optional
-        Sub-pixel peak model (see :func:`find_displacements`).
+    peak_fit : {'template', 'lagrange', 'quadratic'}, optional
+        Sub-pixel peak model (see :func:`find_displacements`; without
+        variances the template fit is unweighted).
     overlap_normalise : bool, optional
         Per-lag normalisation of NCC/ZNCC (see :func:`find_displacements`).
 
