@@ -37,7 +37,7 @@ def measure_batch(
     cc_type: str = "NCC",
     fit_box: int = 5,
     search_radius: int | None = None,
-    peak_fit: str = "lagrange",
+    peak_fit: str = "template",
     overlap_normalise: bool = False,
 ) -> tuple[Displacements, jax.Array]:
     """Measure the displacement of every source of a batch.
@@ -55,10 +55,10 @@ def measure_batch(
     search_radius : int or None, optional
         Restrict the peak search to lags within this many image pixels of
         zero lag (None: the whole lag window).
-    peak_fit : {'lagrange', 'quadratic'}, optional
+    peak_fit : {'template', 'lagrange', 'quadratic'}, optional
         Sub-pixel peak model (see
-        :func:`subpixal_jax.core.xcorr.find_displacements`); 'quadratic' is
-        the original's 5x5 fit.
+        :func:`subpixal_jax.core.xcorr.find_displacements`, whose default
+        this is); 'quadratic' is the original's 5x5 fit.
     overlap_normalise : bool, optional
         Normalise NCC/ZNCC at every lag over its overlap (see
         :func:`subpixal_jax.core.xcorr.find_displacements`).
