@@ -75,7 +75,8 @@ class StageTimer:
     A sampler thread reads the resident set size every ``interval`` seconds
     and raises the peak of every stage running at that moment, so a stage's
     peak is the most memory the process held while it ran (what it
-    allocated on top of what was live before it).
+    allocated on top of what was live before it). Drizzle worker processes
+    are not counted (they hold one exposure's inputs and output each).
     """
 
     def __init__(self, interval: float = 0.02):
@@ -211,8 +212,10 @@ def main():
         calls = warm[0].calls.get(label, 0)
         if not calls and not cold[0].calls.get(label, 0):
             continue
-        rss = f"{cold[0].peak_rss[label] / 1e9:.2f} / "
-        rss += f"{warm[0].peak_rss[label] / 1e9:.2f}"
+        rss = "-"  # iterators' steps are not sampled
+        if cold[0].peak_rss[label]:
+            rss = f"{cold[0].peak_rss[label] / 1e9:.2f} / "
+            rss += f"{warm[0].peak_rss[label] / 1e9:.2f}"
         print(
             f"{label:<34} {calls:>6} {cold[0].seconds[label]:>9.2f} "
             f"{warm[0].seconds[label]:>9.2f} {rss:>24}"
