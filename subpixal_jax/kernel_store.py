@@ -222,6 +222,7 @@ def _load_or_build(store: Path, key: str, fun: Callable, args, static) -> Callab
     if exported is None:
         exported = jax.export.export(jax.jit(functools.partial(fun, **static)))(*args)
         _save(path, key, exported)
+
     def call(*args):
         return exported.call(*args)
 
