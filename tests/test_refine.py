@@ -188,8 +188,13 @@ def noisy_runs(runs):
             run = runs[snr]
             images, variances, *rest = run["args"]
             noisy, ref_var, refs, ratio = _noisy_reference(run, 300 + snr)
+            # The correlation peak these rows were measured with (Lagrange).
+            # The template fit now the kernel's default does better at S/N 20
+            # (0.051 px against 0.064 for the effective-variance refinement).
             cc = find_displacements(
-                np.asarray(images, np.float32), refs.astype(np.float32)
+                np.asarray(images, np.float32),
+                refs.astype(np.float32),
+                peak_fit="lagrange",
             )
             cc_dxdy = jnp.asarray(np.asarray(cc.dxdy, np.float64))
             args = (images, variances, *rest[:1], jnp.asarray(noisy), *rest[2:-1])
