@@ -65,10 +65,16 @@ class Affine:
         return describe(self.matrix, fitgeom)
 
 
+# One compiled kernel per fit geometry: called eagerly, the decomposition's
+# ~20 small operations were each compiled (or loaded from the cache) once per
+# process, ~0.5 s of a new command-line process.
+_describe_matrix = jax.jit(describe_matrix, static_argnums=0)
+
+
 def describe(matrix: np.ndarray, fitgeom: str = "general") -> dict[str, Any]:
     """Decompose a fit matrix (the kernels' one decomposition, as numpy values)."""
     with jax.enable_x64(True):
-        fields = describe_matrix(fitgeom, jax.numpy.asarray(matrix, float))
+        fields = _describe_matrix(fitgeom, np.asarray(matrix, np.float64))
         return {k: np.asarray(v) for k, v in fields.items()}
 
 
