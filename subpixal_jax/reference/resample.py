@@ -379,8 +379,11 @@ def _auto_sky(chip: Chip, sky_sigma: float) -> float:
     """Sigma-clipped median of a chip's valid pixels (0 without any)."""
     if not chip.valid.any():
         return 0.0
+    # The valid pixels as one axis: astropy clips along an axis in compiled
+    # code, ~3x faster than its whole-array path on a masked 2-D chip (the
+    # same clipped median, bit for bit).
     _, med, _ = sigma_clipped_stats(
-        chip.data, mask=~chip.valid, sigma=sky_sigma, maxiters=10
+        chip.data[chip.valid], sigma=sky_sigma, maxiters=10, axis=0
     )
     return float(med)
 
