@@ -320,13 +320,22 @@ def test_deblending_only_multi_peaked_segments_changes_nothing(field, request):
 
 
 def test_segmentation_is_kept_once(hrc):
-    """The segmentation is one shared read-only int32 array, not a copy per call."""
-    seg = hrc.segmentation
-    assert seg.dtype == np.int32
-    assert seg is hrc.segmentation
-    assert not seg.flags.writeable
-    with pytest.raises(ValueError, match="read-only"):
-        seg[0, 0] = 1
+    """The segmentation is one shared read-only int32 array, not a copy per call.
+
+    Also for a user catalog, whose input array stays the caller's (copied once).
+    """
+    given = np.zeros(hrc.segmentation.shape, dtype=np.int64)
+    user = UserCatalog(Table({"id": [1], "x": [0.0], "y": [0.0]}), given)
+    for seg, again in (
+        (hrc.segmentation, hrc.segmentation),
+        (user.segmentation, user.segmentation),
+    ):
+        assert seg.dtype == np.int32
+        assert seg is again
+        assert not seg.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            seg[0, 0] = 1
+    assert given.flags.writeable
 
 
 def test_real_hrc_47tuc(hrc):

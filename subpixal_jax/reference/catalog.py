@@ -92,7 +92,8 @@ class ImageCatalog(Protocol):
 
     ``set_image`` gives the image to measure; ``catalog`` is the filtered
     table (columns ``id``, ``x``, ``y``, ``weight``, ...); ``segmentation`` is a
-    2-D int array, 0 = background, whose labels match the ``id`` column.
+    2-D int array, 0 = background, whose labels match the ``id`` column (the
+    catalogs here return one read-only array, not a copy per access).
     """
 
     def set_image(self, data, *, mask=None, error=None) -> None:
@@ -174,6 +175,12 @@ def _multi_peaked_labels(smoothed: np.ndarray, labels: np.ndarray) -> np.ndarray
     return np.flatnonzero(counts >= 2)
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """``array``, made read-only: a segmentation is shared, never copied."""
+    array.flags.writeable = False
+    return array
+
+
 def _zoom_matrix(n_mesh: int, box: int, n_out: int) -> np.ndarray:
     """``(n_out, n_mesh)`` matrix of photutils' mesh-to-image zoom along one axis.
 
@@ -197,8 +204,9 @@ def _mesh_image(mesh: np.ndarray, box_size, shape, *, scale: float = 1.0):
     The same map as ``Background2D.background`` (or ``background_rms``):
     the zoom of `_zoom_matrix` along both axes, clipped to the mesh's range;
     computed as ``Ay @ mesh @ Ax.T``, two matrix products instead of a
-    16-tap spline per pixel (about 30x less time; float64 factors give
-    photutils' map to 1e-14, the float32 product to 1e-6 of the level).
+    16-tap spline per pixel (0.1 s instead of 1.2 s for a 4200² map; float64
+    factors give photutils' map to 1e-12, the float32 product to 1e-6 of
+    the level).
 
     Parameters
     ----------
@@ -697,8 +705,7 @@ class PhotutilsCatalog(_Filtered):
             # set_image): on an ACS-size reference it is ~90 MB of pixels and
             # masks, and the background is subtracted from it in place.
             self._raw, segm = self._detect()
-            segm.flags.writeable = False
-            self._segm = segm
+            self._segm = _read_only(segm)
 
     @property
     def raw_catalog(self) -> Table:
@@ -787,7 +794,7 @@ class UserCatalog(_Filtered):
                 msg = f"segmentation must be a 2-D int array, got {seg.dtype} "
                 msg += f"of shape {seg.shape}"
                 raise ValueError(msg)
-            self._segm = seg.astype(np.int32)
+            self._segm = _read_only(seg.astype(np.int32))
 
     def set_image(self, data, *, mask=None, error=None) -> None:
         """Record the image shape (the catalog itself is fixed).
@@ -809,7 +816,7 @@ class UserCatalog(_Filtered):
             msg = f"data must be a 2-D image, got shape {shape}"
             raise ValueError(msg)
         if self._segm is None:
-            self._segm = np.zeros(shape, dtype=np.int32)
+            self._segm = _read_only(np.zeros(shape, dtype=np.int32))
         elif self._segm.shape != shape:
             msg = f"data shape {shape} differs from segmentation {self._segm.shape}"
             raise ValueError(msg)
@@ -821,7 +828,7 @@ class UserCatalog(_Filtered):
 
     @property
     def segmentation(self) -> np.ndarray:
-        """The segmentation image (copy).
+        """The int32 segmentation image (read-only, shared like the detected one).
 
         Raises
         ------
@@ -831,4 +838,4 @@ class UserCatalog(_Filtered):
         if self._segm is None:
             msg = "no segmentation given and no image set: call set_image() first"
             raise ValueError(msg)
-        return self._segm.copy()
+        return self._segm
