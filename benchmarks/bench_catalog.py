@@ -2,7 +2,8 @@
 
 A field of Gaussian stars (sigma 1.5 px, one per 1600 px², fluxes 10^2-10^4.5,
 sky 20, noise 3), float32 like a drizzled image, at a demo-set and an ACS-visit
-size. Rows, each the median of ``--repeat`` runs in this process:
+size. Rows, each the median of ``--repeat`` runs in this process (the paths
+take turns):
 
 * **former**: the path this project used first, re-created with photutils
   alone: `SourceFinder` deblending every segment, then `SourceCatalog` with
@@ -130,14 +131,20 @@ def run_finder(image: np.ndarray, centroid: str):
     return len(finder.catalog), finder.segmentation
 
 
-def timed(fn, repeat: int):
-    """Median wall time of ``repeat`` calls, and the last result."""
-    times, out = [], None
+def timed(paths: dict, repeat: int):
+    """Median wall time of ``repeat`` calls of each path, and its last result.
+
+    The paths take turns in each round, so that a load that changes during
+    the run weighs on all of them alike.
+    """
+    times = {name: [] for name in paths}
+    outs = {}
     for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), out
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}, outs
 
 
 def peak_mib(fn) -> float:
@@ -173,9 +180,7 @@ def main():
         }
         if not args.no_former:
             paths["former"] = functools.partial(former_catalog, image, finder)
-        times, outs = {}, {}
-        for name, fn in paths.items():
-            times[name], outs[name] = timed(fn, args.repeat)
+        times, outs = timed(paths, args.repeat)
         peaks = {name: peak_mib(paths[name]) for name in ("before", "moment")}
         n, segm = outs["moment"]
         same = np.array_equal(segm, outs["before"][1])
