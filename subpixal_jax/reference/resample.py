@@ -868,10 +868,12 @@ class LeaveOneOutStack:
 
     def set(self, i: int, img: np.ndarray, wht: np.ndarray) -> None:
         """Replace exposure *i*'s drizzled ``(sci, wht)`` in the sums."""
+        # One float64 temporary per product (np.multiply casts as it goes; the
+        # same values as ``img.astype(np.float64) * wht``).
         if self._img[i] is not None:
-            self._S -= self._img[i].astype(np.float64) * self._wht[i]
+            self._S -= np.multiply(self._img[i], self._wht[i], dtype=np.float64)
             self._W -= self._wht[i]
-        self._S += img.astype(np.float64) * wht
+        self._S += np.multiply(img, wht, dtype=np.float64)
         self._W += wht
         self._img[i], self._wht[i] = img, wht
         self.version += 1
