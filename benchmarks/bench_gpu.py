@@ -152,8 +152,14 @@ class StageTimer:
 
 
 def run_once(paths, options):
-    """One alignment from the files; returns (timer, compile stats, wall, result)."""
+    """One alignment from the files.
+
+    Returns (timer, compile stats, wall, result, drizzle workers, load
+    averages before and after): other jobs on the machine slow every stage,
+    so the table says how busy it was.
+    """
     timer = StageTimer()
+    load_before = os.getloadavg()[0]
     with count_compilations() as stats, timer.patched():
         start = time.perf_counter()
         resample = timer.wrap("resampler set-up (drizzle all)", DrizzleResample)(paths)
@@ -161,7 +167,8 @@ def run_once(paths, options):
         catalog = PhotutilsCatalog(centroid="moment")
         result = align.align_images(catalog, resample, **options)
         wall = time.perf_counter() - start
-    return timer, stats, wall, result
+    load = (load_before, os.getloadavg()[0])
+    return timer, stats, wall, result, resample.workers, load
 
 
 def main():
@@ -226,6 +233,11 @@ def main():
     print(f"{'total (wall)':<34} {'':>6} {cold[2]:>9.2f} {warm[2]:>9.2f} {rss:>24}")
     print()
     print(f"cold: {cold[1]}; warm: {warm[1]}")
+    print(
+        f"drizzle workers: {cold[4]}; 1-min load average before/after: "
+        f"cold {cold[5][0]:.1f}/{cold[5][1]:.1f}, "
+        f"warm {warm[5][0]:.1f}/{warm[5][1]:.1f} ({os.cpu_count()} CPUs)"
+    )
     per_image = np.array(
         [r["rmse"] for r in result.summary if r["iteration"] == result.n_iterations],
         dtype=float,
