@@ -1,6 +1,7 @@
 """Tests of reference.resample: grid, flux, leave-one-out, WCS updates, CRs."""
 
 import re
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -684,3 +685,36 @@ def test_protocol_lists_what_the_loop_calls():
         if not name.startswith("_") and name not in dir(Protocol)
     } | set(Resample.__annotations__)
     assert used == members
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("reject_high", [False, True])
+def test_median_combine_equals_a_masked_median(n, reject_high):
+    """The sorting network gives numpy's median of the covering values.
+
+    Weights of 0 and non-finite values do not cover; ties of values (the
+    rounded data) and both sides of the network's size limit are covered.
+    """
+    rng = np.random.default_rng(n)
+    shape = (70, 45)
+    singles = []
+    for _ in range(n):
+        img = rng.normal(size=shape).astype(np.float32).round(1)
+        img[rng.random(shape) < 0.02] = np.nan
+        wht = (rng.random(shape) > 0.25).astype(np.float32)
+        singles.append((img, wht))
+    median, covered = median_combine(singles, shape, reject_high=reject_high)
+
+    values = np.stack([np.where(w > 0, d, np.nan) for d, w in singles])
+    count = np.isfinite(values).sum(axis=0)
+    if reject_high:  # drop the highest where 4 or more cover
+        top = np.nanargmax(np.where(np.isfinite(values), values, -np.inf), axis=0)
+        high = np.zeros(values.shape, bool)
+        np.put_along_axis(high, top[None], True, axis=0)
+        values[high & (count >= 4)[None]] = np.nan
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.where(count >= 3, np.nanmedian(values, axis=0), 0)
+    np.testing.assert_array_equal(covered, count >= 3)
+    np.testing.assert_array_equal(median, expected.astype(np.float32))
+    assert covered.any() == (n >= 3)
