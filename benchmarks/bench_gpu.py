@@ -151,7 +151,7 @@ class StageTimer:
                 setattr(owner, attr, fn)
 
 
-def run_once(paths, options):
+def run_once(paths, options, early_kernel):
     """One alignment from the files.
 
     Returns (timer, compile stats, wall, result, drizzle workers, load
@@ -162,7 +162,9 @@ def run_once(paths, options):
     load_before = os.getloadavg()[0]
     with count_compilations() as stats, timer.patched():
         start = time.perf_counter()
-        resample = timer.wrap("resampler set-up (drizzle all)", DrizzleResample)(paths)
+        resample = timer.wrap("resampler set-up (drizzle all)", DrizzleResample)(
+            paths, early_kernel=early_kernel
+        )
         # the finder align_files uses by default (no absolute tie)
         catalog = PhotutilsCatalog(centroid="moment")
         result = align.align_images(catalog, resample, **options)
@@ -180,9 +182,16 @@ def main():
     parser.add_argument(
         "--quick", action="store_true", help="4 exposures of 2 chips of 256x512"
     )
+    parser.add_argument(
+        "--early-kernel",
+        default=align.EARLY_KERNEL,
+        help="drizzle kernel of the catalog and cosmic-ray iterations, as "
+        "align_files (default %(default)s); 'none': the final one throughout",
+    )
     args = parser.parse_args()
     if args.quick:
         args.chip_shape, args.n_exposures = (256, 512), 4
+    early = None if args.early_kernel == "none" else args.early_kernel
 
     with tempfile.TemporaryDirectory() as tmp:
         enable_compilation_cache(f"{tmp}/jax-cache")
@@ -195,8 +204,8 @@ def main():
         )
         t_sim = time.perf_counter() - t0
         options = {"fitgeom": args.fitgeom, "reference": 0}
-        cold = run_once(sim.paths, options)
-        warm = run_once(sim.paths, options)
+        cold = run_once(sim.paths, options, early)
+        warm = run_once(sim.paths, options, early)
 
     devices = ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices())
     ny, nx = args.chip_shape
@@ -234,7 +243,8 @@ def main():
     print()
     print(f"cold: {cold[1]}; warm: {warm[1]}")
     print(
-        f"drizzle workers: {cold[4]}; 1-min load average before/after: "
+        f"drizzle workers: {cold[4]}; early kernel: {early}; "
+        f"1-min load average before/after: "
         f"cold {cold[5][0]:.1f}/{cold[5][1]:.1f}, "
         f"warm {warm[5][0]:.1f}/{warm[5][1]:.1f} ({os.cpu_count()} CPUs)"
     )

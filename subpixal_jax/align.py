@@ -48,6 +48,12 @@ from subpixal_jax.reference.refcat import read_reference_catalog
 
 log = logging.getLogger(__name__)
 
+#: Drizzle kernel of :func:`align_files`' reference until its catalog and
+#: cosmic-ray passes are done ('square' after them): ~3x faster, and the
+#: final alignment as accurate (default set, nine seeds: 0.00596 against
+#: 0.00594 px RMS; see ``DrizzleResample(early_kernel=...)``).
+EARLY_KERNEL = "turbo"
+
 
 def find_linear_fit(
     cutouts: Sequence[SourceCutouts],
@@ -513,6 +519,7 @@ def align_files(  # noqa: PLR0913  # seed signature (plus keyword-only options)
     start = time.perf_counter()
     resample = DrizzleResample(
         jwst_exposures or files,
+        early_kernel=EARLY_KERNEL,
         dq_bits=dq_bits,
         pixel_scale=pixel_scale,
         rotation=rotation or 0.0,

@@ -441,3 +441,29 @@ def test_auto_sky_is_astropys_clipped_median_and_near_the_truth(noisy_sim):
             sky = _auto_sky(chip, 3.0)
             assert sky == float(masked)
             assert abs(sky - noisy_sim.sky) < 0.1 * np.sqrt(noisy_sim.sky)
+
+
+@pytest.mark.slow
+def test_alignment_ends_on_the_final_kernel(tmp_path):
+    """With an early kernel the last iterations measure against 'square'.
+
+    The switch after the catalog and cosmic-ray iterations re-drizzles every
+    exposure once (the fixed reference too); the final combination is the
+    one a 'square' resampler makes from the aligned exposures.
+    """
+    from subpixal_jax.align import align_images
+
+    sim = simulate_exposures(tmp_path, n_exposures=N_EXP, chip_shape=CHIP, seed=2)
+    r = DrizzleResample(sim.paths, early_kernel="turbo")
+    result = align_images(PhotutilsCatalog(), r, reference=0, fitgeom="general")
+    assert result.status == "CONVERGED"
+    assert r.kernel == "square"
+    updated = result.n_iterations - 1
+    flagged = sum(not all(c.valid.all() for c in e.chips) for e in r.exposures)
+    moving = N_EXP - 1
+    # as test_alignment_drizzles_nothing_twice_or_unread, plus the fixed
+    # reference exposure once at the switch
+    assert r.n_drizzles == 2 * (N_EXP + updated * moving + flagged + 1)
+    fresh = DrizzleResample(r.exposures, output_wcs=r.output_wcs)
+    scale = np.abs(fresh.sci).max()
+    np.testing.assert_allclose(r.sci, fresh.sci, rtol=1e-5, atol=1e-6 * scale)

@@ -718,3 +718,28 @@ def test_median_combine_equals_a_masked_median(n, reject_high):
     np.testing.assert_array_equal(covered, count >= 3)
     np.testing.assert_array_equal(median, expected.astype(np.float32))
     assert covered.any() == (n >= 3)
+
+
+def test_early_kernel_until_use_final_kernel(exposures):
+    """Early drizzles use ``early_kernel``; the switch re-drizzles all, once."""
+    r = DrizzleResample(exposures, early_kernel="turbo")
+    turbo = DrizzleResample(exposures, kernel="turbo")
+    square = DrizzleResample(exposures)
+    assert r.kernel == "turbo"
+    for i in range(len(exposures)):
+        np.testing.assert_array_equal(r.contribution(i)[0], turbo.contribution(i)[0])
+    assert not np.array_equal(r.contribution(1)[0], square.contribution(1)[0])
+    n0 = r.n_drizzles
+    r.use_final_kernel()
+    assert r.kernel == "square"
+    assert r.n_drizzles == n0  # drizzled on the next read
+    sci, wht = r.sci, r.wht
+    assert r.n_drizzles == n0 + 2 * len(exposures)
+    np.testing.assert_array_equal(sci, square.sci)
+    np.testing.assert_array_equal(wht, square.wht)
+    r.use_final_kernel()  # nothing to do
+    r.sci
+    assert r.n_drizzles == n0 + 2 * len(exposures)
+    square.use_final_kernel()  # no early kernel: nothing to do either
+    with pytest.raises(ValueError, match="early_kernel"):
+        DrizzleResample(exposures, early_kernel="box")

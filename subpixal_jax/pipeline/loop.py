@@ -188,6 +188,8 @@ def align_step(
             "iteration %d: catalog%s", iteration, " and cosmic rays" * state.n_full
         )
         state = _full_resample(state, catalog, resample, options)
+    else:
+        resample.use_final_kernel()
     log.info("iteration %d: measuring and fitting", iteration)
     images, totals = _measure(state, resample, wcslin, options)
     excluded = set(state.excluded)

@@ -152,6 +152,14 @@ class Resample(Protocol):
         """Redo cosmic-ray rejection with the current WCSs."""
         ...
 
+    def use_final_kernel(self) -> None:
+        """Make the combination with the final drizzle kernel from now on.
+
+        Called when the catalog and cosmic-ray passes are done: what the
+        last iterations measure against must be the accurate reference.
+        """
+        ...
+
     def update_wcs(
         self, i: int, wcs: Mapping[int, WCS], *, affine: tuple | None = None
     ) -> None:
@@ -210,6 +218,7 @@ class DrizzleConfig:
     """
 
     kernel: str = "square"
+    early_kernel: str | None = None
     pixfrac: float = 1.0
     weight: str = "exptime"
     pixel_scale: float | None = None
@@ -225,6 +234,8 @@ class DrizzleConfig:
 
     def __post_init__(self):
         _check_choice("kernel", self.kernel, _KERNELS)
+        if self.early_kernel is not None:
+            _check_choice("early_kernel", self.early_kernel, _KERNELS)
         if not (0.0 < float(self.pixfrac) <= 1.0):
             msg = f"pixfrac must be in (0, 1], got {self.pixfrac!r}"
             raise ValueError(msg)
@@ -1195,6 +1206,15 @@ class DrizzleResample:
     kernel : str, optional
         Drizzle kernel: 'square' (default), 'point', 'turbo', 'gaussian',
         'lanczos2' or 'lanczos3'.
+    early_kernel : str, optional
+        Kernel of the drizzles made before `use_final_kernel` is called
+        (None, the default: always ``kernel``). The alignment loop calls it
+        once its catalog and cosmic-ray passes are done and then drizzles
+        every exposure again with ``kernel``, so the early iterations, which
+        only bring the images within a fraction of a pixel, can use a
+        faster kernel: 'turbo' (AstroDrizzle's default for its single
+        drizzles) takes about a third of the time of 'square', and the
+        final alignment is as accurate (``benchmarks/README.md``).
     pixfrac : float, optional
         Drizzle pixfrac, in (0, 1] (default 1).
     weight : {'exptime', 'ivm'}, optional
@@ -1260,6 +1280,9 @@ class DrizzleResample:
         updates are drizzled on the first read after them (`update_wcs`), and
         an exposure is never drizzled again with the WCS and masks of the
         contribution it holds.
+    kernel : str
+        The kernel of the next drizzle: ``early_kernel`` until
+        `use_final_kernel`, then ``kernel``.
     config : DrizzleConfig
         The validated settings.
 
@@ -1306,6 +1329,7 @@ class DrizzleResample:
         pixel_scale: float | None = None,
         rotation: float = 0.0,
         kernel: str = "square",
+        early_kernel: str | None = None,
         pixfrac: float = 1.0,
         weight: str = "exptime",
         sky: str | Sequence[float | Mapping[int, float]] | None = "auto",
@@ -1327,6 +1351,7 @@ class DrizzleResample:
             raise ValueError(msg)
         config = DrizzleConfig(
             kernel=kernel,
+            early_kernel=early_kernel,
             pixfrac=pixfrac,
             weight=weight,
             pixel_scale=pixel_scale,
@@ -1353,7 +1378,7 @@ class DrizzleResample:
     def _setup(self, exposures, config: DrizzleConfig, sky, user_grid) -> None:
         """Grid, sky, first drizzle and cosmic-ray pass of the own copies."""
         self.config = config
-        self.kernel = config.kernel
+        self.kernel = config.early_kernel or config.kernel
         self.pixfrac = config.pixfrac
         self.weight = config.weight
         self.cr_reject = config.cr_reject
@@ -1572,6 +1597,22 @@ class DrizzleResample:
             if not self._held_dq[i]:
                 self._stale.add(i)
         self._reject_cosmic_rays()
+
+    def use_final_kernel(self) -> None:
+        """Drizzle with ``kernel`` from now on (see ``early_kernel``).
+
+        The exposures drizzled with ``early_kernel`` are drizzled again on
+        the next read of the combination. Calling it again does nothing.
+        """
+        if self.kernel == self.config.kernel:
+            return
+        log.info(
+            "drizzling with the %r kernel from now on (was %r)",
+            self.config.kernel,
+            self.kernel,
+        )
+        self.kernel = self.config.kernel
+        self._stale.update(range(len(self.exposures)))
 
     def leave_out(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """Return the combination without the exposures ``indices``.
