@@ -738,7 +738,7 @@ def test_early_kernel_until_use_final_kernel(exposures):
     np.testing.assert_array_equal(sci, square.sci)
     np.testing.assert_array_equal(wht, square.wht)
     r.use_final_kernel()  # nothing to do
-    r.sci
+    assert r.sci.shape == r.output_shape
     assert r.n_drizzles == n0 + 2 * len(exposures)
     square.use_final_kernel()  # no early kernel: nothing to do either
     with pytest.raises(ValueError, match="early_kernel"):
