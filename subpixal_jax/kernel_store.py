@@ -25,7 +25,11 @@ a whole entry or none, with concurrent processes too) and carry a SHA-256
 of their contents: an unreadable, truncated or altered entry is logged at
 DEBUG and rebuilt. While the store is on, a stored kernel always runs
 through its export, also in the process that builds it, so every process
-gets the same results (bit-identical to the plain jitted call: tested).
+gets the same results. Every kernel called through :func:`call_stored` is
+compiled with `COMPILER_OPTIONS` for its platform, store on or off, so the
+results do not depend on the store either (bit-identical: tested); a
+direct call of the ``core/`` function, compiled with XLA's defaults, can
+differ from them in the last bits of float64 sums.
 Like the compilation cache, the store holds code that is run: do not point
 it at a folder others can write to.
 """
@@ -75,9 +79,16 @@ _TRACE_CONFIG = (
     "jax_default_matmul_precision",
 )
 
+#: XLA options of a stored kernel's compilation, by platform. On the CPU,
+#: LLVM's -O2 instead of XLA's default -O3 compiles the displacement kernels
+#: 25-40% faster, runs them as fast and gives bit-identical results
+#: (``benchmarks/bench_compile.py``).
+COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 2}}
+
 _lock = threading.Lock()
 _store_dir: Path | None = None
-_kernels: dict[str, Callable] = {}  # key -> jitted Exported.call, this process
+# (store folder or None, key) -> compiled kernel of this process.
+_kernels: dict[tuple[Path | None, str], Callable] = {}
 
 
 def enable_kernel_store(path: str | os.PathLike | None) -> Path | None:
@@ -141,22 +152,23 @@ def call_stored(fun: Callable, *args, **static):
     Returns
     -------
     object
-        What ``fun`` returns. With the store on (every argument on at most
-        one device, and no float64 array outside x64) it is computed by the
+        What ``fun`` returns. When every argument is on at most one device
+        and no float64 array is outside x64, it is computed by ``fun``
+        jitted with `COMPILER_OPTIONS`; with the store on, through the
         exported kernel: loaded if stored, else traced, exported and stored
         first.
     """
     store = _store_dir
     named = hasattr(fun, "__qualname__")  # the key needs a name: not a stand-in
-    if store is None or not named or not _storable(args):
+    if not named or not _storable(args):
         return fun(*args, **static)
-    key = _key(fun, args, static)
+    key = (store, _key(fun, args, static))
     kernel = _kernels.get(key)
     if kernel is None:
         with _lock:
             kernel = _kernels.get(key)
             if kernel is None:
-                kernel = _load_or_build(store, key, fun, args, static)
+                kernel = _kernel(store, key[1], fun, args, static)
                 _kernels[key] = kernel
     return kernel(*args)
 
@@ -216,7 +228,11 @@ def _entry_path(store: Path, fun: Callable, key: str) -> Path:
     return store / f"{fun.__name__}-{digest}{_SUFFIX}"
 
 
-def _load_or_build(store: Path, key: str, fun: Callable, args, static) -> Callable:
+def _kernel(store: Path | None, key: str, fun: Callable, args, static) -> Callable:
+    """Return the jitted kernel: ``fun`` itself, or (store on) its export."""
+    options = COMPILER_OPTIONS.get(jax.default_backend())
+    if store is None:
+        return jax.jit(functools.partial(fun, **static), compiler_options=options)
     path = _entry_path(store, fun, key)
     exported = _load(path, key, args)
     if exported is None:
@@ -228,7 +244,7 @@ def _load_or_build(store: Path, key: str, fun: Callable, args, static) -> Callab
 
     # Named after the kernel, so that the compile log says which one it is.
     call.__name__ = call.__qualname__ = f"stored_{fun.__name__}"
-    return jax.jit(call)
+    return jax.jit(call, compiler_options=options)
 
 
 def _load(path: Path, key: str, args) -> jax.export.Exported | None:

@@ -93,7 +93,10 @@ def kernel_calls():
 
 
 def run_stored(calls, stored=True):
-    """Every call's output leaves as one float64 vector (x64, as the pipeline)."""
+    """Every call's output leaves as one float64 vector (x64, as the pipeline).
+
+    ``stored=False``: the plain calls of the ``core/`` functions.
+    """
     call = kernel_store.call_stored if stored else (lambda f, *a, **s: f(*a, **s))
     with jax.enable_x64(True):
         outs = [call(fun, *args, **static) for fun, args, static in calls]
@@ -112,9 +115,13 @@ def store(tmp_path, monkeypatch):
     return kernel_store.enable_kernel_store(tmp_path / "store")
 
 
-def test_second_process_traces_no_stored_kernel(store, tmp_path):
+def test_second_process_traces_no_stored_kernel(store, tmp_path, monkeypatch):
     calls, shifts = kernel_calls()
     plain = run_stored(calls, stored=False)
+    monkeypatch.setattr(kernel_store, "_store_dir", None)
+    store_off = run_stored(calls)  # call_stored with the store off
+    monkeypatch.setattr(kernel_store, "_store_dir", store)
+    assert not any(store.iterdir())
     first = run_stored(calls)
     assert sorted(p.name.split("-")[0] for p in store.iterdir()) == [
         "iter_linear_fit_batch",
@@ -138,9 +145,11 @@ def test_second_process_traces_no_stored_kernel(store, tmp_path):
     assert "'iter_linear_fit_batch'" not in traced
     assert "'stored_measure_batch'" in traced
     second = np.load(out)
-    for k, (p, f) in enumerate(zip(plain, first, strict=True)):
-        np.testing.assert_array_equal(f, p)  # bit-identical, NaN rows too
-        np.testing.assert_array_equal(second[f"arr_{k}"], p)
+    for k, (p, off, f) in enumerate(zip(plain, store_off, first, strict=True)):
+        np.testing.assert_array_equal(f, off)  # bit-identical, NaN rows too
+        np.testing.assert_array_equal(second[f"arr_{k}"], off)
+        # The direct call, compiled with XLA's defaults: the last bits only.
+        np.testing.assert_allclose(f, p, rtol=1e-12, atol=1e-12, equal_nan=True)
     # The measurement kernel recovered the injected shifts.
     np.testing.assert_allclose(first[0][: 2 * 32].reshape(32, 2), -shifts, atol=0.05)
 
