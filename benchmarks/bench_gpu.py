@@ -151,7 +151,7 @@ class StageTimer:
                 setattr(owner, attr, fn)
 
 
-def run_once(paths, options, early_kernel):
+def run_once(paths, options, early_kernel, final_kernel):
     """One alignment from the files.
 
     Returns (timer, compile stats, wall, result, drizzle workers, load
@@ -163,7 +163,7 @@ def run_once(paths, options, early_kernel):
     with count_compilations() as stats, timer.patched():
         start = time.perf_counter()
         resample = timer.wrap("resampler set-up (drizzle all)", DrizzleResample)(
-            paths, early_kernel=early_kernel
+            paths, kernel=final_kernel, early_kernel=early_kernel
         )
         # the finder align_files uses by default (no absolute tie)
         catalog = PhotutilsCatalog(centroid="moment")
@@ -188,6 +188,12 @@ def main():
         help="drizzle kernel of the catalog and cosmic-ray iterations, as "
         "align_files (default %(default)s); 'none': the final one throughout",
     )
+    parser.add_argument(
+        "--final-kernel",
+        default=align.FINAL_KERNEL,
+        help="drizzle kernel of the last iterations, as align_files "
+        "(default %(default)s)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.chip_shape, args.n_exposures = (256, 512), 4
@@ -204,8 +210,8 @@ def main():
         )
         t_sim = time.perf_counter() - t0
         options = {"fitgeom": args.fitgeom, "reference": 0}
-        cold = run_once(sim.paths, options, early)
-        warm = run_once(sim.paths, options, early)
+        cold = run_once(sim.paths, options, early, args.final_kernel)
+        warm = run_once(sim.paths, options, early, args.final_kernel)
 
     devices = ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices())
     ny, nx = args.chip_shape
@@ -243,7 +249,7 @@ def main():
     print()
     print(f"cold: {cold[1]}; warm: {warm[1]}")
     print(
-        f"drizzle workers: {cold[4]}; early kernel: {early}; "
+        f"drizzle workers: {cold[4]}; kernels: {early} then {args.final_kernel}; "
         f"1-min load average before/after: "
         f"cold {cold[5][0]:.1f}/{cold[5][1]:.1f}, "
         f"warm {warm[5][0]:.1f}/{warm[5][1]:.1f} ({os.cpu_count()} CPUs)"

@@ -177,6 +177,41 @@ def test_stop_reason_covers_every_run_status(shifts, expected):
     assert (outcome.status if outcome else None) is expected
 
 
+class _Kernels:
+    """A resampler's kernel switch: early until ``use_final_kernel``."""
+
+    def __init__(self, early: bool):
+        self.early = early
+
+    def use_final_kernel(self) -> bool:
+        switched, self.early = self.early, False
+        return switched
+
+
+@pytest.mark.parametrize(
+    ("shifts", "early", "expected"),
+    [
+        ((0.001,), True, None),  # converged on the early kernel: once more
+        ((0.001,), False, RunStatus.CONVERGED),
+        ((0.5, 0.001), True, RunStatus.CONVERGED),  # the limit comes first
+        ((0.5,), True, None),
+        ((0.5, math.nan), True, RunStatus.FAILED),
+    ],
+)
+def test_a_run_converges_only_on_the_final_kernel(shifts, early, expected):
+    from types import SimpleNamespace
+
+    from subpixal_jax.pipeline.loop import _stop_on_final_kernel
+
+    kernels = _Kernels(early)
+    options = AlignOptions(eps_shift=0.003, max_iterations=2)
+    state = SimpleNamespace(max_shifts=shifts)
+    outcome = _stop_on_final_kernel(state, kernels, options)
+    assert (outcome.status if outcome else None) is expected
+    # the switch happens exactly when the run goes on because of it
+    assert kernels.early == (early and shifts != (0.001,))
+
+
 def test_small_oscillation_above_eps_is_not_divergence():
     options = AlignOptions(eps_shift=0.003, max_iterations=10)
     assert stop_reason([0.004, 0.007, 0.012], options) is None

@@ -368,6 +368,42 @@ def test_worker_processes_drizzle_the_same_products(scene, caplog):
     assert pooled.workers == 1
 
 
+def test_lanczos_drizzles_combine_without_negative_weights():
+    """The Lanczos kernel's negative lobes never reach a combination.
+
+    Two drizzles of one flat field, one with a masked hole: drizzle leaves
+    negative weights around the hole (and the grid edge), which summed with
+    the other exposure's would lift the combination there by ~20%.
+    """
+    from subpixal_jax.reference.drizzle_workers import drizzle_chips
+
+    n = 120
+    yy, xx = np.mgrid[0:n, 0:n].astype(float)
+    roll = np.deg2rad(17.0)
+    pixmap = np.dstack(
+        [
+            30 + np.cos(roll) * xx - np.sin(roll) * yy + 0.3,
+            30 + np.sin(roll) * xx + np.cos(roll) * yy + 0.2,
+        ]
+    )
+    flat = np.full((n, n), 100.0, np.float32)
+    holed = np.ones_like(flat)
+    holed[50:53, 50:55] = 0
+    products = []
+    for weight in (np.ones_like(flat), holed):
+        chip = {"data": flat, "exptime": 1.0, "pixmap": pixmap, "weight_map": weight}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the flux warning is handled
+            products.append(drizzle_chips((200, 200), "lanczos3", [chip]))
+    for sci, wht in products:
+        assert wht.min() == 0.0
+        assert np.all(sci[wht == 0] == 0)
+    s = sum(sci.astype(float) * wht for sci, wht in products)
+    w = sum(wht.astype(float) for _, wht in products)
+    covered = w > 0
+    np.testing.assert_allclose(s[covered] / w[covered], 100.0, atol=0.01)
+
+
 def test_drizzle_worker_count(scene, monkeypatch):
     from subpixal_jax.reference import resample as module
 
@@ -730,16 +766,16 @@ def test_early_kernel_until_use_final_kernel(exposures):
         np.testing.assert_array_equal(r.contribution(i)[0], turbo.contribution(i)[0])
     assert not np.array_equal(r.contribution(1)[0], square.contribution(1)[0])
     n0 = r.n_drizzles
-    r.use_final_kernel()
+    assert r.use_final_kernel()
     assert r.kernel == "square"
     assert r.n_drizzles == n0  # drizzled on the next read
     sci, wht = r.sci, r.wht
     assert r.n_drizzles == n0 + 2 * len(exposures)
     np.testing.assert_array_equal(sci, square.sci)
     np.testing.assert_array_equal(wht, square.wht)
-    r.use_final_kernel()  # nothing to do
+    assert not r.use_final_kernel()  # nothing to do
     assert r.sci.shape == r.output_shape
     assert r.n_drizzles == n0 + 2 * len(exposures)
-    square.use_final_kernel()  # no early kernel: nothing to do either
+    assert not square.use_final_kernel()  # no early kernel: nothing to do either
     with pytest.raises(ValueError, match="early_kernel"):
         DrizzleResample(exposures, early_kernel="box")

@@ -403,13 +403,13 @@ def run(
         state, step = _first_steps(state, catalog, resample, wcslin, options, throw)
         _after_step(state, bar, control.checkpoint)
         outcome = _callback(
-            stop_reason(state.max_shifts, options), step, control.on_iteration
+            _stop_on_final_kernel(state, resample, options), step, control.on_iteration
         )
     while outcome is None:
         state, step = align_step(state, catalog, resample, wcslin, options, throw=throw)
         _after_step(state, bar, control.checkpoint)
         outcome = _callback(
-            stop_reason(state.max_shifts, options), step, control.on_iteration
+            _stop_on_final_kernel(state, resample, options), step, control.on_iteration
         )
     if bar is not None:
         bar.close()
@@ -419,6 +419,26 @@ def run(
         if affine is not None:
             state = _with_tie(state, affine, resample)
     return _result(state, step, outcome, resample, wcslin, options, tie)
+
+
+def _stop_on_final_kernel(state, resample, options) -> RunOutcome | None:
+    """`stop_reason`, except that a run converges only on the final kernel.
+
+    A set that converges in its catalog iterations (one already aligned,
+    say) was measured against the early kernel's reference: the resampler
+    switches and one more iteration measures against the final one, unless
+    that would pass ``max_iterations``.
+    """
+    outcome = stop_reason(state.max_shifts, options)
+    if (
+        outcome is not None
+        and outcome.converged
+        and len(state.max_shifts) < options.max_iterations
+        and resample.use_final_kernel()
+    ):
+        log.info("converged on the early drizzle kernel: one more iteration")
+        return None
+    return outcome
 
 
 def _result(state, step, outcome, resample, wcslin, options, tie):

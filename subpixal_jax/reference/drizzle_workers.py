@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,15 +58,24 @@ def drizzle_chips(
     Returns
     -------
     sci, wht : numpy.ndarray
-        ``(ny, nx)`` float32 rate image (0 where uncovered) and weight.
+        ``(ny, nx)`` float32 rate image (0 where uncovered) and weight
+        (0 there too: the Lanczos kernels' negative lobes leave negative
+        weights next to edges and masked pixels, which would otherwise take
+        weight from the other exposures' values in a combination).
     """
     from drizzle.resample import Drizzle
 
     driz = Drizzle(kernel=kernel, fillval=0.0, out_shape=out_shape, disable_ctx=True)
-    for chip in chips:
-        driz.add_image(**chip)
-    img = np.where(driz.out_wht > 0, driz.out_img, 0).astype(np.float32)
-    return img, driz.out_wht.astype(np.float32)
+    with warnings.catch_warnings():
+        # drizzle warns that the Lanczos kernels do not conserve flux; the
+        # alignment uses the drizzle as a template of source shapes, and
+        # the exposures' sums are never measured from it.
+        warnings.filterwarnings("ignore", message="Kernel .* is not a flux-conserving")
+        for chip in chips:
+            driz.add_image(**chip)
+    covered = driz.out_wht > 0
+    img = np.where(covered, driz.out_img, 0).astype(np.float32)
+    return img, np.where(covered, driz.out_wht, 0).astype(np.float32)
 
 
 class WorkerError(RuntimeError):

@@ -152,11 +152,13 @@ class Resample(Protocol):
         """Redo cosmic-ray rejection with the current WCSs."""
         ...
 
-    def use_final_kernel(self) -> None:
+    def use_final_kernel(self) -> bool:
         """Make the combination with the final drizzle kernel from now on.
 
-        Called when the catalog and cosmic-ray passes are done: what the
-        last iterations measure against must be the accurate reference.
+        Called when the catalog and cosmic-ray passes are done, and before a
+        run ends: what the last iteration measures against must be the
+        accurate reference. Returns True when the kernel changed (the
+        combination is no longer the one measured against), else False.
         """
         ...
 
@@ -1598,14 +1600,19 @@ class DrizzleResample:
                 self._stale.add(i)
         self._reject_cosmic_rays()
 
-    def use_final_kernel(self) -> None:
+    def use_final_kernel(self) -> bool:
         """Drizzle with ``kernel`` from now on (see ``early_kernel``).
 
         The exposures drizzled with ``early_kernel`` are drizzled again on
         the next read of the combination. Calling it again does nothing.
+
+        Returns
+        -------
+        bool
+            True when the kernel changed, False when it was ``kernel`` already.
         """
         if self.kernel == self.config.kernel:
-            return
+            return False
         log.info(
             "drizzling with the %r kernel from now on (was %r)",
             self.config.kernel,
@@ -1613,6 +1620,7 @@ class DrizzleResample:
         )
         self.kernel = self.config.kernel
         self._stale.update(range(len(self.exposures)))
+        return True
 
     def leave_out(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """Return the combination without the exposures ``indices``.
