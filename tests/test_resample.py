@@ -27,6 +27,7 @@ from subpixal_jax.reference.resample import (
     drizzle_exposure,
     exposure_skies,
     median_combine,
+    native_pixel_scale,
 )
 from subpixal_jax.testing.real_data import acs_wfc_wcs
 
@@ -402,6 +403,20 @@ def test_lanczos_drizzles_combine_without_negative_weights():
     w = sum(wht.astype(float) for _, wht in products)
     covered = w > 0
     np.testing.assert_allclose(s[covered] / w[covered], 100.0, atol=0.01)
+
+
+def test_lanczos_only_onto_grids_no_coarser_than_the_inputs(exposures):
+    native = native_pixel_scale(exposures)
+    for scale, expected in ((native, "lanczos3"), (0.5 * native, "lanczos3")):
+        r = DrizzleResample(exposures, kernel="lanczos3", pixel_scale=scale)
+        assert r.final_kernel == r.kernel == expected
+    coarse = DrizzleResample(
+        exposures, kernel="lanczos3", early_kernel="turbo", pixel_scale=1.6 * native
+    )
+    assert coarse.kernel == "turbo"
+    assert coarse.final_kernel == "square"
+    assert coarse.use_final_kernel()
+    assert coarse.kernel == "square"
 
 
 def test_drizzle_worker_count(scene, monkeypatch):
