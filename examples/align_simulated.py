@@ -16,7 +16,7 @@ import argparse
 import logging
 import tempfile
 
-from subpixal_jax import align_images
+from subpixal_jax import align, align_images
 from subpixal_jax.reference.catalog import PhotutilsCatalog
 from subpixal_jax.reference.resample import DrizzleResample
 from subpixal_jax.simulate import misregistration, recovered_error, simulate_exposures
@@ -52,7 +52,11 @@ def main(argv=None) -> None:
     # (exposure 0 carries an error too; the others are recovered relative
     # to it). The simulated exposures have cosmic rays: with three or more,
     # detect sources on the median drizzle and reject the rays once aligned.
-    resample = DrizzleResample(sim.paths)
+    # The drizzle kernels of align_files: turbo for the catalog and
+    # cosmic-ray iterations, Lanczos for the last ones.
+    resample = DrizzleResample(
+        sim.paths, kernel=align.FINAL_KERNEL, early_kernel=align.EARLY_KERNEL
+    )
     result = align_images(
         PhotutilsCatalog(),
         resample,
