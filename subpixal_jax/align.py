@@ -60,7 +60,7 @@ EARLY_KERNEL = "turbo"
 #: the Lanczos kernel interpolates instead: 0.0004 px there, and a perturbed
 #: copy is recovered to 0.0004 px instead of 0.0025 px. On the simulator
 #: (nine seeds) 0.0060 -> 0.0052 px RMS. Onto a grid coarser than the inputs
-#: the resampler uses 'square' instead (`resample.grid_kernel`).
+#: the resampler uses 'square' instead (`reference.resample.grid_kernel`).
 FINAL_KERNEL = "lanczos3"
 
 

@@ -500,6 +500,11 @@ def native_pixel_scale(exposures: Sequence[Exposure]) -> float:
     return 3600.0 * min(_chip_scale(c.wcs) for e in exposures for c in e.chips)
 
 
+def grid_pixel_scale(output_wcs) -> float:
+    """Return the pixel scale of an undistorted output grid (arcsec)."""
+    return 3600.0 * math.sqrt(proj_plane_pixel_area(output_wcs))
+
+
 def chip_borders(exposures: Sequence[Exposure]) -> list[list[tuple]]:
     """Sky points (deg) along every chip's outer edges, per exposure and chip."""
     return [[_chip_border(c) for c in e.chips] for e in exposures]
@@ -737,7 +742,7 @@ def cosmic_ray_grid(
     differs from the inputs' by more than 10 %, rejection runs on a grid at
     the inputs' scale; otherwise on the output grid itself (None).
     """
-    out_scale = 3600.0 * math.sqrt(proj_plane_pixel_area(output_wcs))
+    out_scale = grid_pixel_scale(output_wcs)
     native = native_pixel_scale(exposures)
     if abs(out_scale / native - 1.0) <= 0.1:
         return None
@@ -760,7 +765,7 @@ def grid_kernel(kernel: str, output_wcs, exposures: Sequence[Exposure]) -> str:
     """
     if kernel not in _INTERPOLATING_KERNELS:
         return kernel
-    out_scale = 3600.0 * math.sqrt(proj_plane_pixel_area(output_wcs))
+    out_scale = grid_pixel_scale(output_wcs)
     native = native_pixel_scale(exposures)
     if out_scale <= native * (1.0 + 1e-3):
         return kernel
@@ -1642,7 +1647,8 @@ class DrizzleResample:
         Returns
         -------
         bool
-            True when the kernel changed, False when it was ``kernel`` already.
+            True when the kernel changed, False when it was ``final_kernel``
+            already.
         """
         if self.kernel == self.final_kernel:
             return False
