@@ -31,7 +31,11 @@ from subpixal_jax.core.linfit import (
     iter_fit_kernel,
 )
 from subpixal_jax.core.measure import measure_batch, refine_batch
-from subpixal_jax.core.refine import FLAG_NOT_CONVERGED, refine_transform
+from subpixal_jax.core.refine import (
+    FLAG_NOT_CONVERGED,
+    prefer_refined,
+    refine_transform,
+)
 from subpixal_jax.geometry.cutouts import (
     SourceCutouts,
     build_batches,
@@ -137,13 +141,18 @@ def image_cutouts(
 
 
 def _refined(batch, found, interp):
-    """Refinement of one batch: displacements, errors and flags as numpy."""
+    """Refinement of one batch: displacements, errors and flags as numpy.
+
+    Sources too faint to trust their refinement keep the cross-correlation's
+    answer (`prefer_refined`).
+    """
     refined = call_stored(refine_batch, batch, found.dxdy, interp=interp)
     flags = np.asarray(refined.flags).astype(np.int64)
     ok = (flags & ~FLAG_NOT_CONVERGED) == 0
     ok &= np.all(np.isfinite(np.asarray(refined.dxdy)), axis=1)
-    dxdy = np.where(ok[:, None], np.asarray(refined.dxdy), np.nan)
-    sigma = np.where(ok[:, None], np.asarray(refined.sigma), np.nan)
+    dxdy, sigma, _ = prefer_refined(found.dxdy, found.sigma, refined)
+    dxdy = np.where(ok[:, None], dxdy, np.nan)
+    sigma = np.where(ok[:, None], sigma, np.nan)
     failed = np.asarray(found.flags).astype(np.int64) | refine_flags(flags)
     return dxdy, sigma, np.where(ok, 0, failed | SourceFlag.REFINE_FAILED)
 
