@@ -113,9 +113,29 @@ def _centre_jacobian(pixmap: jax.Array, shape: jax.Array) -> jax.Array:
     return jnp.stack([d_dx, d_dy], axis=-1)
 
 
+#: Levenberg-Marquardt iterations of `refine_batch`. From the
+#: cross-correlation's start the fit converges in one: on the standard cutout
+#: cases 1, 2 and 10 iterations give the same RMS error to 1e-6 px at S/N 20,
+#: 100 and 1000, and each costs ~280 us per 25x25 source (2 iterations 0.72-0.89
+#: ms, 10 iterations 2.1-2.4 ms). Two leave room for a poorer start.
+REFINE_ITERATIONS = 2
+
+#: Precision of `refine_batch`. The cutouts' pixmaps are positions inside
+#: the reference cutout (< 100 px), so float32 holds them to ~4e-6 px; on the
+#: standard cases float32 gives the float64 RMS error to 1e-6 px at S/N 20
+#: and 1000 (largest difference per source 1.4e-4 px = 0.005 sigma at S/N
+#: 20, 1.3e-6 px at 1000) in 0.37-0.38 ms per 25x25 source instead of
+#: 0.78-0.89 ms.
+REFINE_DTYPE = jnp.float32
+
+
 @functools.partial(jax.jit, static_argnames=("interp", "n_iter"))
 def refine_batch(
-    batch: CutoutBatch, dxdy0: jax.Array, *, interp: str = "poly5", n_iter: int = 10
+    batch: CutoutBatch,
+    dxdy0: jax.Array,
+    *,
+    interp: str = "poly5",
+    n_iter: int = REFINE_ITERATIONS,
 ) -> RefinedDisplacements:
     """Refine a batch's displacements by least squares through the blot.
 
@@ -129,7 +149,7 @@ def refine_batch(
     interp : str, optional
         Blot interpolation kernel.
     n_iter : int, optional
-        Levenberg-Marquardt iterations.
+        Levenberg-Marquardt iterations (default `REFINE_ITERATIONS`).
 
     Returns
     -------
@@ -138,17 +158,17 @@ def refine_batch(
     """
     _, h, w = batch.image.shape
     pixmap = batch.pixmap[:, 0::2, 0::2][:, :h, :w]
-    start = jnp.where(jnp.isfinite(dxdy0), dxdy0, 0.0).astype(batch.pixmap.dtype)
+    start = jnp.where(jnp.isfinite(dxdy0), dxdy0, 0.0)
     return refine_displacements(
-        batch.image,
-        batch.variance,
+        batch.image.astype(REFINE_DTYPE),
+        batch.variance.astype(REFINE_DTYPE),
         batch.image_valid & batch.valid[:, None, None],
-        batch.ref,
+        batch.ref.astype(REFINE_DTYPE),
         jnp.ones(batch.ref.shape, dtype=bool),
-        pixmap,
-        _centre_jacobian(batch.pixmap, batch.shape),
-        batch.iscale,
-        start,
+        pixmap.astype(REFINE_DTYPE),
+        _centre_jacobian(batch.pixmap, batch.shape).astype(REFINE_DTYPE),
+        batch.iscale.astype(REFINE_DTYPE),
+        start.astype(REFINE_DTYPE),
         interp=interp,
         n_iter=n_iter,
     )
