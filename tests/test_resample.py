@@ -369,6 +369,39 @@ def test_worker_processes_drizzle_the_same_products(scene, caplog):
     assert pooled.workers == 1
 
 
+def test_a_worker_job_is_not_held_while_it_drizzles(monkeypatch):
+    """An exposure's inputs are freed once sent, not when the worker replies."""
+    import pickle
+    import weakref
+
+    from subpixal_jax.reference import drizzle_workers
+
+    n = 64
+    yy, xx = np.mgrid[0:n, 0:n].astype(float)
+    data = np.full((n, n), 3.0, np.float32)
+    chip = {
+        "data": data,
+        "exptime": 1.0,
+        "pixmap": np.dstack([xx, yy]),
+        "weight_map": np.ones_like(data),
+    }
+    alive = weakref.ref(data)
+    held_at_reply = []
+    real_load = pickle.load
+
+    def load(stream):
+        held_at_reply.append(alive() is not None)
+        return real_load(stream)
+
+    monkeypatch.setattr(drizzle_workers.pickle, "load", load)
+    with drizzle_workers.DrizzlePool(1) as pool:
+        future = pool.submit((n, n), "square", [chip])
+        del chip, data
+        sci, _ = future.result()
+    assert held_at_reply == [False]
+    np.testing.assert_allclose(sci[1:-1, 1:-1], 3.0)
+
+
 def test_lanczos_drizzles_combine_without_negative_weights():
     """The Lanczos kernel's negative lobes never reach a combination.
 

@@ -98,11 +98,18 @@ class _Worker:
             env=env,
         )
 
-    def call(self, args: tuple):
-        """Run ``drizzle_chips(*args)`` in the worker; re-raise its error."""
+    def call(self, job: list):
+        """Run ``drizzle_chips(*job.pop())`` in the worker; re-raise its error.
+
+        The arguments are taken out of ``job`` and dropped once sent, so an
+        exposure's inputs (a 4096x2048 chip's map, rate and weights: 200 MB)
+        are not held here while the worker drizzles them.
+        """
         try:
+            args = job.pop()
             pickle.dump(args, self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             self.process.stdin.flush()
+            del args
             ok, value = pickle.load(self.process.stdout)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             code = self.process.poll()
@@ -162,10 +169,10 @@ class DrizzlePool:
                 return worker
         return self._idle.get()
 
-    def _run(self, args: tuple):
+    def _run(self, job: list):
         worker = self._checkout()
         try:
-            result = worker.call(args)
+            result = worker.call(job)
         except WorkerError:
             with self._lock:
                 self._all.remove(worker)
@@ -176,7 +183,8 @@ class DrizzlePool:
 
     def submit(self, out_shape, kernel, chips) -> concurrent.futures.Future:
         """Queue one exposure's :func:`drizzle_chips`; returns its future."""
-        return self._threads.submit(self._run, (tuple(out_shape), kernel, chips))
+        # The job's only reference is this list, emptied when it is sent.
+        return self._threads.submit(self._run, [(tuple(out_shape), kernel, chips)])
 
     def close(self) -> None:
         """Stop the workers (waits for running jobs)."""
