@@ -293,8 +293,6 @@ def prefer_refined(dxdy0, sigma0, refined, min_snr: float = MIN_REFINED_SNR):
     dxdy, sigma : numpy.ndarray, shape (N, 2)
         ``refined`` where its S/N reaches ``min_snr`` (or the start is not
         finite), the start elsewhere.
-    kept : numpy.ndarray of bool, shape (N,)
-        Where the refined answer was taken.
 
     Examples
     --------
@@ -303,9 +301,9 @@ def prefer_refined(dxdy0, sigma0, refined, min_snr: float = MIN_REFINED_SNR):
     >>> out = RefinedDisplacements(
     ...     dxdy=two, covariance=None, sigma=two / 10, chi2_red=None,
     ...     flux_scale=None, background=None, snr=np.array([50.0, 5.0]), flags=None)
-    >>> dxdy, sigma, kept = prefer_refined(np.zeros((2, 2)), np.ones((2, 2)), out)
-    >>> dxdy.tolist(), kept.tolist()
-    ([[0.1, 0.1], [0.0, 0.0]], [True, False])
+    >>> dxdy, sigma = prefer_refined(np.zeros((2, 2)), np.ones((2, 2)), out)
+    >>> dxdy.tolist(), sigma.tolist()
+    ([[0.1, 0.1], [0.0, 0.0]], [[0.01, 0.01], [1.0, 1.0]])
     """
     dxdy0 = np.asarray(dxdy0, dtype=float)
     snr = np.asarray(refined.snr, dtype=float)
@@ -314,7 +312,7 @@ def prefer_refined(dxdy0, sigma0, refined, min_snr: float = MIN_REFINED_SNR):
     sigma = np.where(
         kept[:, None], np.asarray(refined.sigma, dtype=float), np.asarray(sigma0)
     )
-    return dxdy, sigma, kept
+    return dxdy, sigma
 
 
 @functools.partial(jax.jit, static_argnames=("interp", "n_iter"))

@@ -150,7 +150,7 @@ def _refined(batch, found, interp):
     flags = np.asarray(refined.flags).astype(np.int64)
     ok = (flags & ~FLAG_NOT_CONVERGED) == 0
     ok &= np.all(np.isfinite(np.asarray(refined.dxdy)), axis=1)
-    dxdy, sigma, _ = prefer_refined(found.dxdy, found.sigma, refined)
+    dxdy, sigma = prefer_refined(found.dxdy, found.sigma, refined)
     dxdy = np.where(ok[:, None], dxdy, np.nan)
     sigma = np.where(ok[:, None], sigma, np.nan)
     failed = np.asarray(found.flags).astype(np.int64) | refine_flags(flags)
